@@ -1,0 +1,204 @@
+"""The ``fanroute`` command line.
+
+Every flag can also be given as an environment variable ``FANROUTE_<FLAG>`` (upper
+case, dashes as underscores: ``--ping-interval`` is ``FANROUTE_PING_INTERVAL``), so
+the Helm chart and a shell use the same names. A flag on the command line wins over
+the environment. A bad value stops start-up with one sentence that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import trio
+
+from cluster.config import ConfigError, GatewayConfig, RouterConfig, parse_routers
+
+log = logging.getLogger("fanroute")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fanroute: {message}\n")
+
+
+def _env_name(flag: str) -> str:
+    return "FANROUTE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str) -> None:
+    """A flag whose default may come from its FANROUTE_* variable."""
+    env = _env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None:
+        try:
+            default = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{env}={raw!r} is not a valid value for {flag}") from None
+    parser.add_argument(flag, type=kind, default=default, help=f"{help} (env {env}; default {default})")
+
+
+def _optional_port(value: str) -> int | None:
+    return None if value.lower() in ("", "none", "off") else int(value)
+
+
+def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int) -> None:
+    _flag(p, "--host", str, "127.0.0.1", "address for WebSocket clients")
+    _flag(p, "--port", int, port, "port for WebSocket clients")
+    _flag(p, "--admin-host", str, "127.0.0.1", "address of the admin HTTP port")
+    _flag(p, "--admin-port", _optional_port, admin_port, "admin HTTP port (/metrics, /healthz, /readyz); 'off' for none")
+    _flag(p, "--ping-interval", float, 25.0, "seconds between WebSocket pings to each client")
+    _flag(p, "--ping-timeout", float, 8.0, "seconds a client may stay silent after a ping")
+    _flag(p, "--outbox-limit", int, 1 << 20, "bytes a connection may have waiting before it is closed with 4008")
+    _flag(p, "--max-frame", int, 64 * 1024, "largest client frame in bytes (larger: close 1009)")
+
+
+def _add_history_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--history-size", int, 1000, "messages kept per topic for recovery")
+    _flag(p, "--history-ttl", float, 300.0, "seconds a message stays in history")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fanroute", description="A sharded WebSocket pub/sub cluster.")
+    _flag(parser, "--log-level", str, "info", "logging level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("standalone", help="gateway and shards in one process")
+    _add_gateway_flags(p, 8080, 9100)
+    _add_history_flags(p)
+    _flag(p, "--shards", int, 4, "number of router shards inside the process")
+
+    p = sub.add_parser("gateway", help="a gateway that links to router shards")
+    _add_gateway_flags(p, 8081, 9101)
+    _flag(p, "--routers", str, "tcp://127.0.0.1:7101", "router shards: name=url,... or url,... (the same list on every gateway)")
+    _flag(p, "--inbox", str, "tcp://127.0.0.1:0", "nng address this gateway receives deliveries on")
+    _flag(p, "--advertise", str, "", "inbox address the shards should dial, if not --inbox")
+
+    p = sub.add_parser("router", help="one router shard")
+    _flag(p, "--listen", str, "tcp://127.0.0.1:7101", "nng address gateways send to")
+    _flag(p, "--name", str, "router-0", "shard name")
+    _flag(p, "--admin-host", str, "127.0.0.1", "address of the admin HTTP port")
+    _flag(p, "--admin-port", _optional_port, 9201, "admin HTTP port; 'off' for none")
+    _flag(p, "--gateway-timeout", float, 10.0, "seconds of gateway silence before it is forgotten")
+    _add_history_flags(p)
+
+    p = sub.add_parser("local-cluster", help="gateways and routers as processes on loopback")
+    _flag(p, "--gateways", int, 2, "number of gateway processes")
+    _flag(p, "--routers", int, 3, "number of router processes")
+    _flag(p, "--base-port", int, 8081, "first gateway client port")
+    _flag(p, "--admin-base-port", int, 9101, "first gateway admin port (routers follow at +100)")
+    _flag(p, "--router-base-port", int, 7101, "first router nng port")
+    _flag(p, "--ping-interval", float, 25.0, "seconds between WebSocket pings")
+    _flag(p, "--ping-timeout", float, 8.0, "seconds a client may stay silent after a ping")
+
+    p = sub.add_parser("bench", help="benchmarks (see ops/README.md)")
+    from cluster.bench import add_bench_commands
+
+    add_bench_commands(p, _flag)
+    return parser
+
+
+def gateway_config(args: argparse.Namespace, routers: list[tuple[str, str]]) -> GatewayConfig:
+    return GatewayConfig(
+        routers=routers,
+        host=args.host,
+        port=args.port,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        outbox_limit=args.outbox_limit,
+        max_frame=args.max_frame,
+        inbox=getattr(args, "inbox", "tcp://127.0.0.1:0"),
+        advertise=getattr(args, "advertise", "") or None,
+    )
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        listen=getattr(args, "listen", "inproc://unused"),
+        name=getattr(args, "name", "shard"),
+        admin_host=args.admin_host,
+        admin_port=getattr(args, "admin_port", None),
+        history_size=args.history_size,
+        history_ttl=args.history_ttl,
+        gateway_timeout=getattr(args, "gateway_timeout", 10.0),
+    )
+
+
+async def _run_until_signal(serve: Callable[..., Any], describe: Callable[[Any], str]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve)
+            print(describe(bound), flush=True)
+            async for signum in signals:
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _describe(kind: str) -> Callable[[Any], str]:
+    def text(bound: Any) -> str:
+        parts = [kind]
+        if bound.port is not None:
+            parts.append(f"ws://127.0.0.1:{bound.port}/")
+        if bound.admin_port is not None:
+            parts.append(f"admin http://127.0.0.1:{bound.admin_port}/metrics")
+        return "fanroute " + " ".join(parts)
+
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"fanroute: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. an unknown --log-level
+        print(f"fanroute: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from cluster import node
+
+    if args.command == "standalone":
+        gw = gateway_config(args, [("unused", "inproc://unused")])
+        rc = router_config(args)
+        rc.check()
+        log.info("anonymous access is allowed (standalone default)")
+        trio.run(_run_until_signal, partial(node.serve_standalone, gw, rc, args.shards), _describe("standalone"))
+    elif args.command == "gateway":
+        routers = parse_routers(args.routers)
+        trio.run(_run_until_signal, partial(node.serve_gateway, gateway_config(args, routers)), _describe("gateway"))
+    elif args.command == "router":
+        trio.run(_run_until_signal, partial(node.serve_router, router_config(args)), _describe(f"router {args.name} {args.listen}"))
+    elif args.command == "local-cluster":
+        from cluster.localcluster import run_local_cluster
+
+        return run_local_cluster(args)
+    elif args.command == "bench":
+        return args.bench_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

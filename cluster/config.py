@@ -1,0 +1,101 @@
+"""Settings of each process, with their defaults and their checks.
+
+The command line (``cluster.cli``) fills these from flags and ``FANROUTE_*``
+environment variables; tests build them directly. A setting that cannot work raises
+:class:`ConfigError` with one sentence that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the message is one sentence naming it."""
+
+
+@dataclass
+class GatewayConfig:
+    routers: list[tuple[str, str]]  # (shard name, nng URL)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = 9100
+    inbox: str = "tcp://127.0.0.1:0"  # where shards send to this gateway
+    advertise: str | None = None  # the inbox address shards dial, if not ``inbox``
+    ping_interval: float = 25.0
+    ping_timeout: float = 8.0
+    outbox_limit: int = 1 << 20  # bytes per connection, as Centrifugo
+    max_frame: int = 64 * 1024
+    shard_beat: float = 1.0
+    shard_timeout: float = 3.5
+    backlog_limit: int = 4096  # frames waiting for one shard before publishers wait
+
+    def check(self) -> None:
+        if not self.routers:
+            raise ConfigError("--routers must name at least one router")
+        names = [n for n, _ in self.routers]
+        if len(set(names)) != len(names):
+            raise ConfigError("--routers lists the same router twice")
+        for name, url in self.routers:
+            _check_nng_url("--routers", url)
+        _check_nng_url("--inbox", self.inbox)
+        _check_port("--port", self.port)
+        if self.admin_port is not None:
+            _check_port("--admin-port", self.admin_port)
+        if self.ping_interval <= 0 or self.ping_timeout <= 0:
+            raise ConfigError("--ping-interval and --ping-timeout must be positive numbers of seconds")
+        if self.outbox_limit < 1024:
+            raise ConfigError("--outbox-limit must be at least 1024 bytes")
+        if self.max_frame < 256:
+            raise ConfigError("--max-frame must be at least 256 bytes")
+
+
+@dataclass
+class RouterConfig:
+    listen: str = "tcp://127.0.0.1:7101"
+    name: str = "router-0"
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = 9201
+    history_size: int = 1000
+    history_ttl: float = 300.0
+    gateway_timeout: float = 10.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _check_nng_url("--listen", self.listen)
+        if not self.name:
+            raise ConfigError("--name must not be empty")
+        if self.admin_port is not None:
+            _check_port("--admin-port", self.admin_port)
+        if self.history_size < 0 or self.history_ttl < 0:
+            raise ConfigError("--history-size and --history-ttl must not be negative")
+        if self.gateway_timeout <= 0:
+            raise ConfigError("--gateway-timeout must be a positive number of seconds")
+
+
+def parse_routers(value: str) -> list[tuple[str, str]]:
+    """``name=url,name=url`` or plain ``url,url`` (the URL is then the shard's name).
+
+    All gateways must list the same names, since the ring hashes names.
+    """
+    out = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        if not sep:
+            name, url = item, item
+        out.append((name.strip(), url.strip()))
+    return out
+
+
+def _check_nng_url(flag: str, url: str) -> None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("tcp", "tcp4", "tcp6", "ipc", "inproc") or not rest:
+        raise ConfigError(f"{flag} has {url!r}, which is not an nng address like tcp://127.0.0.1:7101")
+
+
+def _check_port(flag: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} must be a port number from 0 to 65535, not {port}")

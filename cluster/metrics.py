@@ -1,0 +1,234 @@
+"""Prometheus metrics: one registry per process, names prefixed ``fanroute_``.
+
+Counters on the per-message hot path (deliveries, publications, fan-out sends) are
+plain integers in the pure core (``HubStats``, ``ShardStats``) and are read by a
+collector only when Prometheus scrapes, so the hot path pays no lock per message.
+Everything else uses prometheus-client's own metric types. Labels have bounded
+values only: a reason, a close code, a command type, a shard name — never a topic
+or a user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.hub import Hub
+    from router.shard import Shard
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+LIFETIME_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections = Gauge(
+            "fanroute_gateway_connections", "Open client connections.", registry=registry
+        )
+        self.connections_opened = Counter(
+            "fanroute_gateway_connections_opened_total",
+            "Client connections accepted.",
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "fanroute_gateway_connections_closed_total",
+            "Client connections closed, by reason and close code.",
+            ["reason", "code"],
+            registry=registry,
+        )
+        self.connections_rejected = Counter(
+            "fanroute_gateway_connections_rejected_total",
+            "Handshakes refused, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.connection_lifetime = Histogram(
+            "fanroute_gateway_connection_lifetime_seconds",
+            "How long client connections lasted.",
+            buckets=LIFETIME_BUCKETS,
+            registry=registry,
+        )
+        self.commands = Counter(
+            "fanroute_gateway_commands_total",
+            "Client commands received, by type.",
+            ["type"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "fanroute_gateway_delivery_latency_seconds",
+            "Publish-to-delivery latency, from the publishing gateway to the delivering one.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.heartbeat_timeouts = Counter(
+            "fanroute_gateway_heartbeat_timeouts_total",
+            "Connections closed because nothing arrived within the ping timeout.",
+            registry=registry,
+        )
+        self.slow_consumer_closes = Counter(
+            "fanroute_gateway_slow_consumer_closes_total",
+            "Connections closed because their outbound buffer overflowed.",
+            registry=registry,
+        )
+        self.shard_link_up = Gauge(
+            "fanroute_gateway_shard_link_up",
+            "1 when this gateway reaches the shard, else 0.",
+            ["shard"],
+            registry=registry,
+        )
+        self.shard_link_changes = Counter(
+            "fanroute_gateway_shard_link_changes_total",
+            "Shard link state changes, by new state.",
+            ["shard", "state"],
+            registry=registry,
+        )
+        self.inter_node_rejected = Counter(
+            "fanroute_gateway_wire_rejected_total",
+            "Inter-node messages from shards that could not be decoded and were dropped.",
+            registry=registry,
+        )
+
+    def watch(self, hub: Hub, outbox_bytes: Callable[[], int], bytes_out: Callable[[], int]) -> None:
+        self.registry.register(_HubCollector(hub, outbox_bytes, bytes_out))
+
+
+class _HubCollector(Collector):
+    def __init__(self, hub: Hub, outbox_bytes: Callable[[], int], bytes_out: Callable[[], int]):
+        self.hub = hub
+        self.outbox_bytes = outbox_bytes
+        self.bytes_out = bytes_out
+
+    def collect(self) -> Iterator[Metric]:
+        hub, s = self.hub, self.hub.stats
+        counters = [
+            ("deliveries_received", "Deliveries received from shards (one per publication).", s.deliveries_received),
+            ("deliveries_unrouted", "Deliveries received for topics with no local subscriber (dropped).", s.deliveries_unrouted),
+            ("messages_out", "Message frames written to subscribers.", s.deliveries_sent),
+            ("publishes", "Publications forwarded to shards.", s.publishes),
+            ("subscribes", "Subscribe commands accepted.", s.subscribes),
+            ("unsubscribes", "Unsubscribe commands.", s.unsubscribes),
+            ("resumes", "Subscribes that asked for recovery (with since).", s.resumes),
+            ("seq_gaps", "Deliveries whose seq did not follow the previous one.", s.gaps),
+            ("wire_frames_rejected", "Inter-node frames from shards that failed validation (dropped).", s.frames_rejected),
+        ]
+        for name, doc, value in counters:
+            c = CounterMetricFamily(f"fanroute_gateway_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        rec = CounterMetricFamily(
+            "fanroute_gateway_recoveries", "Recovery outcomes, by outcome.", labels=["outcome"]
+        )
+        rec.add_metric(["recovered"], s.recovered)
+        rec.add_metric(["not_recovered"], s.not_recovered)
+        yield rec
+        err = CounterMetricFamily("fanroute_gateway_errors", "Error frames sent, by code.", labels=["code"])
+        for code, value in sorted(s.errors.items()):
+            err.add_metric([code], value)
+        yield err
+        b = CounterMetricFamily("fanroute_gateway_bytes_out", "Bytes written to client sockets.")
+        b.add_metric([], self.bytes_out())
+        yield b
+        gauges = [
+            ("topics", "Topics with local subscribers.", len(hub.topics)),
+            ("subscriptions", "Subscriptions held by local connections.",
+             sum(len(e.subscribers) + len(e.pending) for e in hub.topics.values())),
+            ("pending_requests", "Requests waiting for a shard's answer.", len(hub.requests)),
+            ("outbox_bytes", "Bytes waiting in connection outbound buffers.", self.outbox_bytes()),
+        ]
+        for name, doc, value in gauges:
+            g = GaugeMetricFamily(f"fanroute_gateway_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
+
+class RouterMetrics:
+    """Router metrics; several shards in one process (standalone) share one set."""
+
+    _by_registry: WeakKeyDictionary[CollectorRegistry, RouterMetrics] = WeakKeyDictionary()
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> RouterMetrics:
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls(registry)
+        return metrics
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.collector = _ShardCollector()
+        registry.register(self.collector)
+        self.batch_size = Histogram(
+            "fanroute_router_batch_frames",
+            "Frames per inter-node message sent to gateways.",
+            ["shard"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=registry,
+        )
+        self.gateway_overflows = Counter(
+            "fanroute_router_gateway_overflows_total",
+            "Gateways dropped because their send queue overflowed (they resynchronize).",
+            ["shard"],
+            registry=registry,
+        )
+        self.wire_rejected = Counter(
+            "fanroute_router_wire_rejected_total",
+            "Inter-node messages from gateways that could not be decoded and were dropped.",
+            ["shard"],
+            registry=registry,
+        )
+
+    def watch(self, shard: Shard) -> None:
+        self.collector.shards.append(shard)
+
+
+class _ShardCollector(Collector):
+    def __init__(self) -> None:
+        self.shards: list[Shard] = []
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+
+        def family(kind: type, name: str, doc: str, labels: list[str]) -> Metric:
+            if name not in families:
+                families[name] = kind(name, doc, labels=labels)
+            return families[name]
+
+        for sh in self.shards:
+            self._collect_one(sh, family)
+        yield from families.values()
+
+    @staticmethod
+    def _collect_one(sh: Shard, family: Callable[..., Metric]) -> None:
+        s = sh.stats
+        counters = [
+            ("publications", "Publications sequenced by the shard.", s.publications),
+            ("fanout_sends", "Deliveries sent to gateways (one per interested gateway per publication).", s.fanout_sends),
+            ("subscribes", "Subscribe requests from gateways.", s.subscribes),
+            ("wire_frames_rejected", "Inter-node frames from gateways that failed validation (dropped).", s.frames_rejected),
+            ("gateways_forgotten", "Gateways forgotten (silent past the heartbeat deadline, or gone).", s.gateways_forgotten),
+            ("topics_evicted", "Idle topics whose state was dropped.", s.topics_evicted),
+        ]
+        for name, doc, value in counters:
+            family(CounterMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)
+        rec = family(
+            CounterMetricFamily, "fanroute_router_recoveries", "Recovery answers, by outcome.", ["shard", "outcome"]
+        )
+        rec.add_metric([sh.name, "recovered"], s.recovered)
+        rec.add_metric([sh.name, "not_recovered"], s.not_recovered)
+        gauges = [
+            ("topics", "Topics the shard holds state for.", len(sh.topics)),
+            ("interest_entries", "(topic, gateway) interest pairs.", sh.interest_entries()),
+            ("history_messages", "Messages kept in history across topics.", sh.history_messages()),
+            ("gateways", "Gateways the shard knows.", len(sh.gateways)),
+        ]
+        for name, doc, value in gauges:
+            family(GaugeMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)

@@ -1,0 +1,101 @@
+"""Whole processes, composed from the servers: standalone, gateway, router.
+
+Each ``serve_*`` coroutine starts its servers and the admin port, reports what it
+bound through ``task_status`` and runs until cancelled. The command line and the
+in-process tests both use these, so a test runs exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from cluster.admin import AdminServer
+from cluster.config import ConfigError, GatewayConfig, RouterConfig
+from gateway.server import GatewayServer
+from router.server import RouterServer
+
+
+@dataclass
+class Bound:
+    """What a process listens on, once started."""
+
+    port: int | None = None
+    admin_port: int | None = None
+    gateway: GatewayServer | None = None
+    routers: tuple[RouterServer, ...] = ()
+
+
+async def _serve_admin(
+    nursery: trio.Nursery, admin: AdminServer, host: str, port: int | None
+) -> int | None:
+    if port is None:
+        return None
+    try:
+        return await nursery.start(admin.serve, host, port)
+    except OSError as exc:
+        raise ConfigError(f"--admin-port {port} on {host} cannot be listened on: {exc.strerror}") from None
+
+
+async def serve_router(
+    config: RouterConfig, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
+) -> None:
+    router = RouterServer(config)
+    router.listen()
+    admin = AdminServer(router.registry, router.ready)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.run)
+        admin_port = await _serve_admin(nursery, admin, config.admin_host, config.admin_port)
+        task_status.started(Bound(admin_port=admin_port, routers=(router,)))
+
+
+async def serve_gateway(
+    config: GatewayConfig, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
+) -> None:
+    gateway = GatewayServer(config)
+    admin = AdminServer(gateway.registry, gateway.ready)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        admin_port = await _serve_admin(nursery, admin, config.admin_host, config.admin_port)
+        task_status.started(Bound(port=gateway.port, admin_port=admin_port, gateway=gateway))
+
+
+async def serve_standalone(
+    gateway_config: GatewayConfig,
+    router_config: RouterConfig,
+    shards: int,
+    *,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A gateway and ``shards`` router shards in one process, linked over inproc://."""
+    if shards < 1:
+        raise ConfigError("--shards must be at least 1")
+    tag = secrets.token_hex(4)
+    registry = CollectorRegistry()
+    names = [(f"shard-{i}", f"inproc://fanroute-{tag}-shard-{i}") for i in range(shards)]
+    routers = [
+        RouterServer(replace(router_config, name=name, listen=url, admin_port=None), registry)
+        for name, url in names
+    ]
+    gateway = GatewayServer(
+        replace(gateway_config, routers=names, inbox=f"inproc://fanroute-{tag}-gateway", advertise=None),
+        registry,
+    )
+
+    def ready() -> tuple[bool, str]:
+        return gateway.ready()
+
+    admin = AdminServer(registry, ready)
+    async with trio.open_nursery() as nursery:
+        for router in routers:
+            await nursery.start(router.run)
+        await nursery.start(gateway.run)
+        admin_port = await _serve_admin(
+            nursery, admin, gateway_config.admin_host, gateway_config.admin_port
+        )
+        task_status.started(
+            Bound(port=gateway.port, admin_port=admin_port, gateway=gateway, routers=tuple(routers))
+        )

@@ -1,0 +1,218 @@
+"""The client protocol (version 1) as plain data: commands in, events out.
+
+This module does no I/O. The gateway hands it a decoded frame (a dict from JSON or
+msgpack) and gets back a command dataclass or a :class:`ProtocolError` that carries
+the error code and the command's ``id``, so that every bad command is answered with
+an ``error`` frame and never with silence. ``gateway/PROTOCOL.md`` is the prose
+version of the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MSGPACK_SUBPROTOCOL = "fanroute.msgpack"
+
+# Error codes (the ``code`` field of an ``error`` frame).
+BAD_REQUEST = "bad_request"
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+# Close codes (RFC 6455 and the 4xxx range fanroute owns).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+CLOSE_TRY_AGAIN = 1013
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_HEARTBEAT_TIMEOUT = 4009
+CLOSE_RATE_LIMIT = 4029
+
+MAX_TOPIC_LENGTH = 256
+# Topic characters: letters, digits and a small set of separators. Anything else
+# (spaces, control characters, quotes) is refused so topics stay safe to log,
+# to put in URLs and to use as namespace keys.
+_TOPIC_EXTRA = frozenset("._:-/@=+,#~")
+
+
+class ProtocolError(Exception):
+    """A command that cannot be carried out, with the code the client is told."""
+
+    def __init__(self, code: str, message: str, id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+@dataclass(slots=True, frozen=True)
+class Since:
+    """A recovery cursor: the last message the client saw of a topic."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(slots=True)
+class Connect:
+    token: str | None
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class Subscribe:
+    topic: str
+    id: int | None = None
+    since: Since | None = None
+
+
+@dataclass(slots=True)
+class Unsubscribe:
+    topic: str
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class Publish:
+    topic: str
+    payload: Any
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class Ping:
+    ts: Any
+    id: int | None = None
+
+
+Command = Connect | Subscribe | Unsubscribe | Publish | Ping
+
+
+def check_topic(topic: Any, id: int | None = None) -> str:
+    """Return ``topic`` if it is a valid topic name, else raise ``bad_request``."""
+    if not isinstance(topic, str) or not topic:
+        raise ProtocolError(BAD_REQUEST, "topic must be a non-empty string", id)
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise ProtocolError(BAD_REQUEST, f"topic is longer than {MAX_TOPIC_LENGTH} characters", id)
+    if not topic.isascii() or not all(c.isalnum() or c in _TOPIC_EXTRA for c in topic):
+        raise ProtocolError(
+            BAD_REQUEST, "topic may hold only letters, digits and . _ : - / @ = + , # ~", id
+        )
+    return topic
+
+
+def _check_id(frame: dict[str, Any]) -> int | None:
+    if "id" not in frame:
+        return None
+    value = frame["id"]
+    # bool is an int subclass in Python; a JSON true is not an id.
+    if type(value) is not int or not (0 <= value < 2**53):
+        raise ProtocolError(BAD_REQUEST, "id must be a non-negative integer")
+    return value
+
+
+def _parse_since(value: Any, id: int | None) -> Since:
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_REQUEST, "since must be an object with epoch and seq", id)
+    epoch, seq = value.get("epoch"), value.get("seq")
+    if not isinstance(epoch, str) or len(epoch) > 64:
+        raise ProtocolError(BAD_REQUEST, "since.epoch must be a string", id)
+    if type(seq) is not int or seq < 0:
+        raise ProtocolError(BAD_REQUEST, "since.seq must be a non-negative integer", id)
+    return Since(epoch, seq)
+
+
+def parse_command(frame: Any) -> Command:
+    """Turn one decoded client frame into a command, or raise :class:`ProtocolError`."""
+    if not isinstance(frame, dict):
+        raise ProtocolError(BAD_REQUEST, "a frame must be a JSON object (or msgpack map)")
+    id = _check_id(frame)
+    kind = frame.get("type")
+    if kind is None:
+        # The plain style of the source design: {"topic": ..., "payload": ...}.
+        if "topic" in frame and "payload" in frame:
+            kind = "publish"
+        else:
+            raise ProtocolError(BAD_REQUEST, "frame has no type (and is not {topic, payload})", id)
+    if kind == "publish":
+        if "payload" not in frame:
+            raise ProtocolError(BAD_REQUEST, "publish needs a payload", id)
+        return Publish(check_topic(frame.get("topic"), id), frame["payload"], id)
+    if kind == "subscribe":
+        topic = check_topic(frame.get("topic"), id)
+        since = frame.get("since")
+        return Subscribe(topic, id, None if since is None else _parse_since(since, id))
+    if kind == "unsubscribe":
+        return Unsubscribe(check_topic(frame.get("topic"), id), id)
+    if kind == "ping":
+        return Ping(frame.get("ts"), id)
+    if kind == "connect":
+        token = frame.get("token")
+        if token is not None and not isinstance(token, str):
+            raise ProtocolError(BAD_REQUEST, "token must be a string", id)
+        return Connect(token, id)
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_REQUEST, "type must be a string", id)
+    raise ProtocolError(BAD_REQUEST, f"unknown command type {kind[:40]!r}", id)
+
+
+# --- server events, as plain dicts ready for either encoding -------------------
+
+
+def _with_id(event: dict[str, Any], id: int | None) -> dict[str, Any]:
+    if id is not None:
+        event["id"] = id
+    return event
+
+
+def error_event(code: str, message: str, id: int | None = None) -> dict[str, Any]:
+    return _with_id({"type": "error", "code": code, "message": message}, id)
+
+
+def subscribed_event(
+    topic: str, epoch: str, seq: int, recovered: bool, id: int | None = None
+) -> dict[str, Any]:
+    return _with_id(
+        {"type": "subscribed", "topic": topic, "epoch": epoch, "seq": seq, "recovered": recovered},
+        id,
+    )
+
+
+def unsubscribed_event(topic: str, id: int | None = None) -> dict[str, Any]:
+    return _with_id({"type": "unsubscribed", "topic": topic}, id)
+
+
+def published_event(topic: str, seq: int, id: int) -> dict[str, Any]:
+    return {"type": "published", "topic": topic, "id": id, "seq": seq}
+
+
+def pong_event(ts: Any, id: int | None = None) -> dict[str, Any]:
+    return _with_id({"type": "pong", "ts": ts}, id)
+
+
+def connected_event(
+    session: str, ping_interval: float, ping_timeout: float, id: int | None = None
+) -> dict[str, Any]:
+    return _with_id(
+        {
+            "type": "connected",
+            "session": session,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "version": PROTOCOL_VERSION,
+        },
+        id,
+    )
+
+
+def message_event(topic: str, payload: Any, seq: int) -> dict[str, Any]:
+    return {"topic": topic, "payload": payload, "seq": seq}

@@ -1,0 +1,359 @@
+"""The gateway's routing rules: local index, interest, requests and fan-out.
+
+The hub does no I/O. Client commands and shard frames come in as method calls; what
+must go out is left in two places the I/O shell drains:
+
+* :attr:`Hub.to_shards` — inter-node frames per shard name, batched by the link task;
+* each :class:`Session`'s outbox, with the session added to :attr:`Hub.dirty` so the
+  shell flushes every touched socket once per batch rather than once per frame.
+
+Ordering rests on one property of the shard link: a shard answers a subscribe (SUBOK)
+on the same ordered channel as its deliveries (MSG). So a subscriber waiting for its
+SUBOK is simply skipped by live deliveries; every message it missed meanwhile has a seq
+at or below the SUBOK's seq and comes inside the SUBOK's history, and every later
+delivery comes after it. No buffering, no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cluster import protocol as p
+from cluster import wire
+from cluster.codec import Encoding, FrameCache
+from cluster.ring import Ring
+
+
+class Outbox(Protocol):
+    def push(self, frame: bytes) -> None: ...
+
+
+PENDING, ACTIVE = 0, 1
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One client connection as the hub sees it."""
+
+    id: str
+    encoding: Encoding
+    outbox: Outbox
+    topics: dict[str, int] = field(default_factory=dict)  # topic -> PENDING | ACTIVE
+    closed: bool = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        self.outbox.push(self.encoding.encode(event))
+
+
+@dataclass(slots=True)
+class TopicEntry:
+    """A topic with local subscribers: who they are and where the stream stands."""
+
+    subscribers: dict[Session, None] = field(default_factory=dict)  # ordered set
+    pending: dict[Session, int] = field(default_factory=dict)  # session -> request
+    epoch: str | None = None
+    seq: int = 0
+    synced: bool = False  # epoch/seq confirmed by the shard since the link last came up
+
+
+@dataclass(slots=True)
+class Request:
+    kind: int  # wire.SUB or wire.PUB
+    shard: str
+    session: Session
+    client_id: int | None
+    topic: str
+    since: p.Since | None = None
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Hot-path counters, read by the metrics collector at scrape time."""
+
+    deliveries_received: int = 0  # MSG frames from shards
+    deliveries_unrouted: int = 0  # MSG frames for topics with no local subscriber
+    deliveries_sent: int = 0  # frames written to subscribers (one per subscriber)
+    gaps: int = 0
+    publishes: int = 0
+    subscribes: int = 0
+    unsubscribes: int = 0
+    resumes: int = 0
+    recovered: int = 0
+    not_recovered: int = 0
+    frames_rejected: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Hub:
+    def __init__(
+        self,
+        ring: Ring,
+        *,
+        inbox: str,
+        instance: str,
+        observe_latency: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self.ring = ring
+        self.inbox = inbox
+        self.instance = instance
+        self.topics: dict[str, TopicEntry] = {}
+        self.requests: dict[int, Request] = {}
+        self.to_shards: dict[str, list[list[Any]]] = {name: [] for name in ring.shards}
+        self.shard_up: dict[str, bool] = {name: False for name in ring.shards}
+        self.dirty: set[Session] = set()
+        self.stats = HubStats()
+        self._observe_latency = observe_latency
+        self._req_ids = itertools.count(1)
+        self._hello_pending: set[str] = set()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _error(self, session: Session, code: str, message: str, id: int | None) -> None:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        session.send(p.error_event(code, message, id))
+        self.dirty.add(session)
+
+    def _reply(self, session: Session, event: dict[str, Any]) -> None:
+        session.send(event)
+        self.dirty.add(session)
+
+    def reject(self, session: Session, err: p.ProtocolError) -> None:
+        """Answer a command that failed validation."""
+        self._error(session, err.code, err.message, err.id)
+
+    def _shard_for(self, session: Session, topic: str, id: int | None) -> str | None:
+        shard = self.ring.owner(topic)
+        if not self.shard_up[shard]:
+            self._error(session, p.UNAVAILABLE, f"the shard for {topic!r} is unreachable", id)
+            return None
+        return shard
+
+    def backlog(self, shard: str) -> int:
+        return len(self.to_shards[shard])
+
+    # --- client commands -----------------------------------------------------------
+
+    def subscribe(self, session: Session, cmd: p.Subscribe) -> None:
+        topic, since = cmd.topic, cmd.since
+        if topic in session.topics:
+            self._error(session, p.BAD_REQUEST, f"already subscribed to {topic!r}", cmd.id)
+            return
+        shard = self._shard_for(session, topic, cmd.id)
+        if shard is None:
+            return
+        self.stats.subscribes += 1
+        if since is not None:
+            self.stats.resumes += 1
+        entry = self.topics.get(topic)
+        if entry is None:
+            entry = self.topics[topic] = TopicEntry()
+        elif entry.synced and (
+            since is None or (since.epoch == entry.epoch and since.seq == entry.seq)
+        ):
+            # The gateway already follows this topic and knows where it stands:
+            # answer here, without a round trip to the shard.
+            recovered = since is not None
+            if recovered:
+                self.stats.recovered += 1
+            entry.subscribers[session] = None
+            session.topics[topic] = ACTIVE
+            self._reply(session, p.subscribed_event(topic, entry.epoch, entry.seq, recovered, cmd.id))
+            return
+        req = next(self._req_ids)
+        self.requests[req] = Request(wire.SUB, shard, session, cmd.id, topic, since)
+        entry.pending[session] = req
+        session.topics[topic] = PENDING
+        self.to_shards[shard].append(_sub_frame(topic, req, since))
+
+    def unsubscribe(self, session: Session, cmd: p.Unsubscribe) -> None:
+        self._leave(session, cmd.topic)
+        self.stats.unsubscribes += 1
+        self._reply(session, p.unsubscribed_event(cmd.topic, cmd.id))
+
+    def publish(self, session: Session, cmd: p.Publish) -> None:
+        shard = self._shard_for(session, cmd.topic, cmd.id)
+        if shard is None:
+            return
+        self.stats.publishes += 1
+        req = 0
+        if cmd.id is not None:
+            req = next(self._req_ids)
+            self.requests[req] = Request(wire.PUB, shard, session, cmd.id, cmd.topic)
+        self.to_shards[shard].append([wire.PUB, cmd.topic, cmd.payload, req, time.time()])
+
+    def ping(self, session: Session, cmd: p.Ping) -> None:
+        self._reply(session, p.pong_event(cmd.ts, cmd.id))
+
+    def close_session(self, session: Session) -> None:
+        """Withdraw everything a closed connection held."""
+        session.closed = True
+        for topic in list(session.topics):
+            self._leave(session, topic)
+        self.dirty.discard(session)
+
+    def _leave(self, session: Session, topic: str) -> None:
+        state = session.topics.pop(topic, None)
+        if state is None:
+            return
+        entry = self.topics[topic]
+        entry.subscribers.pop(session, None)
+        entry.pending.pop(session, None)
+        if not entry.subscribers and not entry.pending:
+            # Last local subscriber out: the shard stops sending this topic here.
+            del self.topics[topic]
+            shard = self.ring.owner(topic)
+            if self.shard_up[shard]:
+                self.to_shards[shard].append([wire.UNSUB, topic])
+
+    # --- shard links ---------------------------------------------------------------
+
+    def link_up(self, shard: str) -> None:
+        """A shard link (re)connected: introduce this gateway with its whole interest.
+
+        Topics with subscribers are listed with the position this gateway reached, so
+        the shard can send what was missed (or say it cannot); subscribes still
+        waiting for an answer are sent again.
+        """
+        interest = []
+        for topic, entry in self.topics.items():
+            if entry.subscribers and self.ring.owner(topic) == shard:
+                interest.append([topic, entry.epoch, entry.seq])
+        frames: list[list[Any]] = [[wire.HELLO, self.inbox, self.instance, interest]]
+        for req, r in self.requests.items():
+            if r.kind == wire.SUB and r.shard == shard:
+                frames.append(_sub_frame(r.topic, req, r.since))
+        self.to_shards[shard] = frames
+        self._hello_pending.add(shard)
+
+    def link_down(self, shard: str) -> None:
+        """A shard became unreachable: fail what cannot be answered any more."""
+        self.shard_up[shard] = False
+        self.to_shards[shard] = []
+        for topic, entry in self.topics.items():
+            if self.ring.owner(topic) == shard:
+                entry.synced = False
+        lost = [req for req, r in self.requests.items() if r.kind == wire.PUB and r.shard == shard]
+        for req in lost:
+            r = self.requests.pop(req)
+            if not r.session.closed:
+                self._error(
+                    r.session,
+                    p.UNAVAILABLE,
+                    f"lost the shard for {r.topic!r}; the publication may not have been applied",
+                    r.client_id,
+                )
+
+    def on_shard_frames(self, shard: str, frames: list[Any]) -> None:
+        """Apply one batch of frames from a shard."""
+        for frame in frames:
+            try:
+                kind = wire.check_shard_frame(frame)
+            except wire.WireError:
+                self.stats.frames_rejected += 1
+                continue
+            if kind == wire.MSG:
+                self._deliver(frame[1], frame[2], frame[3], frame[4])
+            elif kind == wire.SUBOK:
+                if frame[2]:
+                    self._subscribed(frame)
+                else:
+                    self._resynced(frame)
+            elif kind == wire.PUBOK:
+                r = self.requests.pop(frame[2], None)
+                if r is not None and not r.session.closed:
+                    self._reply(r.session, p.published_event(r.topic, frame[3], r.client_id))
+            elif kind == wire.WELCOME:
+                if frame[2] == self.instance:
+                    self.shard_up[shard] = True
+                    self._hello_pending.discard(shard)
+                elif shard not in self._hello_pending:
+                    # The shard does not know this gateway (it restarted, or forgot
+                    # it after missed heartbeats): introduce ourselves again.
+                    self.shard_up[shard] = False
+                    self.link_up(shard)
+            elif kind == wire.NACK:
+                r = self.requests.pop(frame[1], None)
+                if r is not None and not r.session.closed:
+                    self._error(r.session, frame[2], frame[3], r.client_id)
+
+    def _deliver(self, topic: str, seq: int, payload: Any, ts: float) -> None:
+        self.stats.deliveries_received += 1
+        entry = self.topics.get(topic)
+        if entry is None or not entry.subscribers:
+            self.stats.deliveries_unrouted += 1
+            return
+        if entry.synced and seq != entry.seq + 1:
+            self.stats.gaps += 1
+        entry.seq = seq
+        self._observe_latency(time.time() - ts)
+        self._fan_out(entry.subscribers, FrameCache(p.message_event(topic, payload, seq)))
+
+    def _fan_out(self, sessions: Any, frames: FrameCache) -> None:
+        dirty = self.dirty
+        json_frame = None
+        for session in sessions:
+            if session.encoding is Encoding.JSON:
+                if json_frame is None:
+                    json_frame = frames.get(Encoding.JSON)
+                session.outbox.push(json_frame)
+            else:
+                session.outbox.push(frames.get(session.encoding))
+            dirty.add(session)
+        self.stats.deliveries_sent += len(sessions)
+
+    def _subscribed(self, frame: list[Any]) -> None:
+        _, topic, req, epoch, seq, recovered, missed = frame
+        r = self.requests.pop(req, None)
+        entry = self.topics.get(topic)
+        if entry is None:
+            return
+        if entry.subscribers and entry.epoch != epoch:
+            self._epoch_changed(topic, entry, epoch, seq)
+        entry.epoch, entry.seq, entry.synced = epoch, seq, True
+        if r is None or r.session.closed or entry.pending.get(r.session) != req:
+            return  # answered already, or the subscriber left meanwhile
+        session = r.session
+        del entry.pending[session]
+        entry.subscribers[session] = None
+        session.topics[topic] = ACTIVE
+        if r.since is not None:
+            if recovered:
+                self.stats.recovered += 1
+            else:
+                self.stats.not_recovered += 1
+        session.send(p.subscribed_event(topic, epoch, seq, recovered, r.client_id))
+        for m_seq, payload, _ts in missed:
+            session.send(p.message_event(topic, payload, m_seq))
+        self.dirty.add(session)
+
+    def _resynced(self, frame: list[Any]) -> None:
+        """The answer to HELLO for one topic: fill the gap, or say it cannot be filled."""
+        _, topic, _, epoch, seq, recovered, missed = frame
+        entry = self.topics.get(topic)
+        if entry is None:
+            return
+        if recovered and epoch == entry.epoch:
+            for m_seq, payload, _ts in missed:
+                if m_seq > entry.seq:
+                    entry.seq = m_seq
+                    self._fan_out(entry.subscribers, FrameCache(p.message_event(topic, payload, m_seq)))
+        elif entry.subscribers:
+            self._epoch_changed(topic, entry, epoch, seq)
+        entry.epoch, entry.seq, entry.synced = epoch, seq, True
+
+    def _epoch_changed(self, topic: str, entry: TopicEntry, epoch: str, seq: int) -> None:
+        # The stream these subscribers followed is gone (the shard restarted or the
+        # gap outgrew its history). Each is told with an unsolicited `subscribed`
+        # carrying the new epoch and recovered:false, then the stream goes on.
+        self.stats.not_recovered += len(entry.subscribers)
+        self._fan_out(entry.subscribers, FrameCache(p.subscribed_event(topic, epoch, seq, False)))
+
+
+def _sub_frame(topic: str, req: int, since: p.Since | None) -> list[Any]:
+    if since is None:
+        return [wire.SUB, topic, req, None, 0]
+    return [wire.SUB, topic, req, since.epoch, since.seq]

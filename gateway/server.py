@@ -1,0 +1,311 @@
+"""The gateway process: WebSocket clients on one side, shard links on the other.
+
+This is the I/O shell around :class:`gateway.hub.Hub`. It accepts connections
+(trio-websocket), decodes frames and hands commands to the hub, receives shard
+batches from its nng inbox (Pull0) and hands them to the hub, and after every
+command or batch flushes each touched socket once. One task sweeps all connections
+for heartbeats; there is no timer task per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import partial
+from dataclasses import dataclass, field
+
+import pynng
+import trio
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from cluster import protocol as p
+from cluster import wire
+from cluster.codec import PING_FRAME, Encoding
+from cluster.config import ConfigError, GatewayConfig
+from cluster.metrics import GatewayMetrics
+from cluster.ring import Ring
+from gateway import wsconn
+from gateway.hub import Hub, Session
+from gateway.links import ShardLink
+from gateway.outbox import SocketOutbox
+
+log = logging.getLogger("fanroute.gateway")
+
+_CLOSE_TIMEOUT = 2.0
+
+
+@dataclass(eq=False)
+class Conn:
+    """The I/O side of one client connection."""
+
+    session: Session
+    ws: WebSocketConnection
+    activity: wsconn.ActivityStream
+    outbox: SocketOutbox
+    opened: float
+    last_ping: float
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    close_code: int | None = None
+    close_reason: str = ""
+    why: str = "client"
+
+    def kill(self, code: int, reason: str, why: str) -> None:
+        """Close from the server side; safe to call from synchronous code."""
+        if self.close_code is None:
+            self.close_code, self.close_reason, self.why = code, reason, why
+        self.cancel.cancel()
+
+
+class GatewayServer:
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        config.check()
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.instance = secrets.token_hex(6)
+        self.conns: dict[Session, Conn] = {}
+        self.draining = False
+        self.port: int | None = None
+        self._inbox_sock: pynng.Pull0 | None = None
+        self.hub: Hub | None = None
+        self.links: dict[str, ShardLink] = {}
+        self._bytes_closed = 0  # bytes written by connections that are gone
+
+    # --- start-up ------------------------------------------------------------------
+
+    def _open_inbox(self) -> str:
+        cfg = self.config
+        sock = pynng.Pull0(recv_buffer_size=128)
+        try:
+            listener = sock.listen(cfg.inbox)
+        except pynng.NNGException as exc:
+            sock.close()
+            raise ConfigError(f"--inbox {cfg.inbox} cannot be listened on: {exc}") from None
+        self._inbox_sock = sock
+        if cfg.advertise:
+            return cfg.advertise
+        if cfg.inbox.startswith("tcp") and cfg.inbox.endswith(":0"):
+            port = listener.local_address.port
+            return cfg.inbox[: -len(":0")] + f":{port}"
+        return cfg.inbox
+
+    async def run(self, *, task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        inbox = self._open_inbox()
+        self.hub = hub = Hub(
+            Ring(name for name, _ in cfg.routers),
+            inbox=inbox,
+            instance=self.instance,
+            observe_latency=self.metrics.latency.observe,
+        )
+        self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
+        for name, url in cfg.routers:
+            self.metrics.shard_link_up.labels(name).set(0)
+            self.links[name] = ShardLink(
+                hub,
+                name,
+                url,
+                beat_interval=cfg.shard_beat,
+                timeout=cfg.shard_timeout,
+                on_state=self._link_state,
+            )
+        try:
+            async with trio.open_nursery() as nursery:
+                for link in self.links.values():
+                    nursery.start_soon(link.run)
+                nursery.start_soon(self._receive_from_shards)
+                nursery.start_soon(self._sweep)
+                try:
+                    server = await nursery.start(
+                        partial(
+                            serve_websocket,
+                            self._handle,
+                            cfg.host,
+                            cfg.port,
+                            None,
+                            max_message_size=cfg.max_frame,
+                            message_queue_size=4,
+                        )
+                    )
+                except OSError as exc:
+                    raise ConfigError(f"--port {cfg.port} on {cfg.host} cannot be listened on: {exc.strerror}") from None
+                self.port = server.port
+                log.info("gateway %s listening on ws://%s:%d/", self.instance, cfg.host, self.port)
+                task_status.started(self)
+        finally:
+            if self._inbox_sock is not None:
+                self._inbox_sock.close()
+
+    def _link_state(self, shard: str, up: bool) -> None:
+        self.metrics.shard_link_up.labels(shard).set(1 if up else 0)
+        self.metrics.shard_link_changes.labels(shard, "up" if up else "down").inc()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.hub is None:
+            return False, "starting"
+        if self.draining:
+            return False, "draining"
+        down = [name for name, up in self.hub.shard_up.items() if not up]
+        if down:
+            return False, "unreachable shards: " + ", ".join(sorted(down))
+        return True, f"ready: {len(self.hub.shard_up)} shards"
+
+    def _outbox_bytes(self) -> int:
+        return sum(c.outbox.size for c in self.conns.values())
+
+    def _bytes_out(self) -> int:
+        return self._bytes_closed + sum(c.outbox.bytes_sent for c in self.conns.values())
+
+    # --- moving bytes --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write out what the hub queued: client frames, then shard frames."""
+        hub = self.hub
+        for session in hub.dirty:
+            session.outbox.flush()
+        hub.dirty.clear()
+        for name, frames in hub.to_shards.items():
+            if frames:
+                self.links[name].wake.set()
+
+    async def _receive_from_shards(self) -> None:
+        sock = self._inbox_sock
+        while True:
+            self._on_inbox(await sock.arecv())
+            # Take whatever else is already queued before flushing, so a burst
+            # becomes one write per socket instead of one per delivery.
+            for _ in range(63):
+                try:
+                    data = sock.recv(block=False)
+                except pynng.TryAgain:
+                    break
+                self._on_inbox(data)
+            self.flush()
+            # arecv returns a queued message without checkpointing.
+            await trio.lowlevel.checkpoint()
+
+    def _on_inbox(self, data: bytes) -> None:
+        try:
+            sender, frames, _ = wire.unpack(data)
+        except wire.WireError:
+            self.metrics.inter_node_rejected.inc()
+            return
+        link = self.links.get(sender)
+        if link is None:
+            self.metrics.inter_node_rejected.inc()
+            return
+        self.hub.on_shard_frames(sender, frames)
+        link.heard()
+
+    async def _sweep(self) -> None:
+        """Heartbeats for every connection, from one task."""
+        cfg = self.config
+        interval = max(0.02, min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conn in list(self.conns.values()):
+                last_rx = conn.activity.last_rx
+                if last_rx < conn.last_ping and now - conn.last_ping > cfg.ping_timeout:
+                    self.metrics.heartbeat_timeouts.inc()
+                    conn.kill(p.CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat_timeout")
+                elif now - conn.last_ping >= cfg.ping_interval and last_rx >= conn.last_ping:
+                    conn.outbox.push(PING_FRAME)
+                    conn.outbox.flush()
+                    conn.last_ping = now
+
+    # --- one client connection -----------------------------------------------------
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        if self.draining:
+            self.metrics.connections_rejected.labels("draining").inc()
+            await request.reject(503, body=b"draining\n")
+            return
+        encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
+        ws = await request.accept(subprotocol=encoding.subprotocol)
+        sock, lock, activity = wsconn.attach(ws)
+        now = trio.current_time()
+        conn: Conn
+        outbox = SocketOutbox(
+            sock,
+            lock,
+            self.config.outbox_limit,
+            on_overflow=lambda: self._overflow(conn),
+        )
+        session = Session(secrets.token_hex(8), encoding, outbox)
+        conn = Conn(session, ws, activity, outbox, opened=now, last_ping=now)
+        self.conns[session] = conn
+        self.metrics.connections.inc()
+        self.metrics.connections_opened.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbox.run)
+                with conn.cancel:
+                    await self._read_loop(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.hub.close_session(session)
+            del self.conns[session]
+            self._bytes_closed += outbox.bytes_sent
+            self.flush()
+            code = conn.close_code
+            if code is not None:
+                with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                    scope.shield = True
+                    await ws.aclose(code, conn.close_reason)
+            else:
+                reason = ws.closed
+                code = reason.code if reason is not None else 1006
+            self.metrics.connections.dec()
+            self.metrics.connections_closed.labels(conn.why, str(code)).inc()
+            self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
+
+    def _overflow(self, conn: Conn) -> None:
+        self.metrics.slow_consumer_closes.inc()
+        conn.kill(p.CLOSE_SLOW_CONSUMER, "slow consumer", "slow_consumer")
+
+    async def _read_loop(self, conn: Conn) -> None:
+        hub, session, ws = self.hub, conn.session, conn.ws
+        encoding = session.encoding
+        commands = self.metrics.commands
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return
+            try:
+                cmd = p.parse_command(encoding.decode(message))
+            except p.ProtocolError as err:
+                commands.labels("invalid").inc()
+                hub.reject(session, err)
+                self.flush()
+                continue
+            if type(cmd) is p.Publish:
+                commands.labels("publish").inc()
+                hub.publish(session, cmd)
+                self.flush()
+                shard = hub.ring.owner(cmd.topic)
+                while hub.backlog(shard) > self.config.backlog_limit:
+                    # The shard link is behind: stop reading this client until
+                    # it catches up (TCP pushes back on the publisher).
+                    await self.links[shard].room.wait()
+                continue
+            if type(cmd) is p.Subscribe:
+                commands.labels("subscribe").inc()
+                hub.subscribe(session, cmd)
+            elif type(cmd) is p.Unsubscribe:
+                commands.labels("unsubscribe").inc()
+                hub.unsubscribe(session, cmd)
+            elif type(cmd) is p.Ping:
+                commands.labels("ping").inc()
+                hub.ping(session, cmd)
+            elif type(cmd) is p.Connect:
+                commands.labels("connect").inc()
+                session.send(
+                    p.connected_event(
+                        session.id, self.config.ping_interval, self.config.ping_timeout, cmd.id
+                    )
+                )
+                hub.dirty.add(session)
+            self.flush()

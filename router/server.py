@@ -1,0 +1,150 @@
+"""The router shard process: an nng inbox in, one nng link out per gateway.
+
+The I/O shell around :class:`router.shard.Shard`. The inbox is a Pull0 listener that
+every gateway pushes to. Each receive turn takes every message already queued (up to
+a bound), applies them all, then sends each gateway one batched message. Each
+gateway has its own Push0 link with a bounded queue and its own sender task, so a
+slow or dead gateway never holds up the others: when its queue overflows the shard
+forgets it, and the gateway, finding itself unknown at its next heartbeat, introduces
+itself again and recovers from history.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pynng
+import trio
+from prometheus_client import CollectorRegistry
+
+from cluster import wire
+from cluster.config import ConfigError, RouterConfig
+from cluster.metrics import RouterMetrics
+from router.shard import Shard
+
+log = logging.getLogger("fanroute.router")
+
+_QUEUE_MESSAGES = 1024
+_SWEEP_INTERVAL = 1.0
+
+
+class GatewayLink:
+    def __init__(self, inbox: str) -> None:
+        self.inbox = inbox
+        self.sock = pynng.Push0(send_buffer_size=64, reconnect_time_min=50, reconnect_time_max=1000)
+        self.sock.dial(inbox, block=False)
+        self.send_q, self._recv_q = trio.open_memory_channel[bytes](_QUEUE_MESSAGES)
+        self.cancel = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self.cancel:
+            async for data in self._recv_q:
+                await self.sock.asend(data)
+
+    def close(self) -> None:
+        self.cancel.cancel()
+        self.sock.close()
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
+        config.check()
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RouterMetrics.for_registry(self.registry)
+        self.shard = Shard(
+            config.name,
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            gateway_timeout=config.gateway_timeout,
+        )
+        self.metrics.watch(self.shard)
+        self.links: dict[str, GatewayLink] = {}
+        self._nursery: trio.Nursery | None = None
+        self._sock: pynng.Pull0 | None = None
+
+    def listen(self) -> None:
+        """Bind the inbox (separately from :meth:`run`, so a bad address fails early)."""
+        sock = pynng.Pull0(recv_buffer_size=128)
+        try:
+            sock.listen(self.config.listen)
+        except pynng.NNGException as exc:
+            sock.close()
+            raise ConfigError(f"--listen {self.config.listen} cannot be listened on: {exc}") from None
+        self._sock = sock
+
+    def ready(self) -> tuple[bool, str]:
+        ok = self._sock is not None
+        return ok, f"shard {self.shard.name} epoch {self.shard.epoch}" if ok else "starting"
+
+    async def run(self, *, task_status: trio.TaskStatus[RouterServer] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._sock is None:
+            self.listen()
+        sock = self._sock
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._sweep)
+                log.info("shard %s (epoch %s) listening on %s", self.shard.name, self.shard.epoch, self.config.listen)
+                task_status.started(self)
+                while True:
+                    self._on_message(await sock.arecv())
+                    for _ in range(63):
+                        try:
+                            data = sock.recv(block=False)
+                        except pynng.TryAgain:
+                            break
+                        self._on_message(data)
+                    self._flush()
+                    await trio.lowlevel.checkpoint()
+        finally:
+            for link in self.links.values():
+                link.close()
+            sock.close()
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            sender, frames, reply_as = wire.unpack(data)
+        except wire.WireError:
+            self.metrics.wire_rejected.labels(self.shard.name).inc()
+            return
+        self.shard.receive(sender, frames, trio.current_time(), reply_as)
+
+    def _flush(self) -> None:
+        shard = self.shard
+        batch_size = self.metrics.batch_size.labels(shard.name)
+        for inbox, frames in shard.take_outbound().items():
+            gw = shard.gateways.get(inbox)
+            if gw is None:
+                continue
+            link = self.links.get(inbox)
+            if link is None:
+                link = self.links[inbox] = GatewayLink(inbox)
+                self._nursery.start_soon(link.run)
+            step = 256
+            for i in range(0, len(frames), step):
+                chunk = frames[i : i + step]
+                batch_size.observe(len(chunk))
+                try:
+                    link.send_q.send_nowait(wire.pack(gw.reply_as, chunk))
+                except trio.WouldBlock:
+                    log.warning("gateway %s is not keeping up; forgetting it", inbox)
+                    self.metrics.gateway_overflows.labels(shard.name).inc()
+                    shard.forget(inbox)
+                    self._drop_link(inbox)
+                    break
+
+    def _drop_link(self, inbox: str) -> None:
+        link = self.links.pop(inbox, None)
+        if link is not None:
+            link.close()
+
+    async def _sweep(self) -> None:
+        interval = min(_SWEEP_INTERVAL, max(0.05, self.config.gateway_timeout / 4))
+        while True:
+            await trio.sleep(interval)
+            for inbox in self.shard.sweep(trio.current_time()):
+                log.info("forgot gateway %s (silent past %.1fs)", inbox, self.config.gateway_timeout)
+                self._drop_link(inbox)
+            for inbox in [i for i in self.links if i not in self.shard.gateways]:
+                self._drop_link(inbox)

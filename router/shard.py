@@ -1,0 +1,227 @@
+"""The state of one router shard, as a plain state machine with no I/O.
+
+A shard owns a slice of the topic space. For each topic it keeps the sequence
+counter and epoch, a bounded history, and the set of gateways that have at least one
+subscriber for it. It turns frames from gateways (``cluster.wire``) into frames for
+gateways, collected per gateway in :attr:`Shard.outbound` so the I/O shell can send
+each gateway one batched nng message per turn.
+
+Gateways are known by their inbox address (where the shard sends to them); a gateway
+that restarts on the same address introduces itself with a new instance id, and the
+old instance's interest is dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster import wire
+from cluster.history import Entry, History
+
+
+@dataclass(slots=True)
+class Topic:
+    epoch: str
+    history: History
+    seq: int = 0
+    gateways: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Gateway:
+    inbox: str
+    instance: str
+    last_seen: float
+    reply_as: str = ""  # the name this gateway knows the shard by
+    topics: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """Counters read by the metrics collector at scrape time (no locks on the hot path)."""
+
+    publications: int = 0
+    fanout_sends: int = 0
+    subscribes: int = 0
+    recovered: int = 0
+    not_recovered: int = 0
+    frames_rejected: int = 0
+    gateways_forgotten: int = 0
+    topics_evicted: int = 0
+
+
+class Shard:
+    def __init__(
+        self,
+        name: str,
+        *,
+        history_size: int = 1000,
+        history_ttl: float = 300.0,
+        gateway_timeout: float = 10.0,
+        epoch: str | None = None,
+    ) -> None:
+        self.name = name
+        # The shard epoch changes on every start: a restarted shard has lost its
+        # counters and history, and clients must be able to tell.
+        self.epoch = epoch or secrets.token_hex(4)
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.gateway_timeout = gateway_timeout
+        self.topics: dict[str, Topic] = {}
+        self.gateways: dict[str, Gateway] = {}
+        self.outbound: defaultdict[str, list[list[Any]]] = defaultdict(list)
+        self.stats = ShardStats()
+        self._generation = 0
+
+    # --- entry point ---------------------------------------------------------------
+
+    def receive(self, sender: str, frames: list[Any], now: float, reply_as: str = "") -> None:
+        """Apply one batch of frames from the gateway whose inbox is ``sender``.
+
+        ``now`` is monotonic time. Malformed frames are counted and skipped.
+        """
+        gw = self.gateways.get(sender)
+        if gw is None:
+            # Frames queued before a (re)connect can precede the HELLO; the inbox
+            # is all the shard needs to answer them.
+            gw = self.gateways[sender] = Gateway(sender, "", now)
+        gw.last_seen = now
+        gw.reply_as = reply_as or self.name
+        for frame in frames:
+            try:
+                kind = wire.check_gateway_frame(frame)
+            except wire.WireError:
+                self.stats.frames_rejected += 1
+                continue
+            if kind == wire.PUB:
+                self.publish(gw, frame[1], frame[2], frame[3], frame[4], now)
+            elif kind == wire.SUB:
+                self.subscribe(gw, frame[1], frame[2], frame[3], frame[4], now)
+            elif kind == wire.UNSUB:
+                self.unsubscribe(gw, frame[1])
+            elif kind == wire.BEAT:
+                self.outbound[gw.inbox].append([wire.WELCOME, self.epoch, gw.instance])
+            elif kind == wire.HELLO:
+                self.hello(gw, frame[2], frame[3], now)
+            elif kind == wire.BYE:
+                self.forget(gw.inbox)
+                return
+
+    def take_outbound(self) -> dict[str, list[list[Any]]]:
+        """Everything to send, per gateway inbox, since the last call."""
+        out, self.outbound = self.outbound, defaultdict(list)
+        return out
+
+    # --- commands ------------------------------------------------------------------
+
+    def _topic(self, name: str) -> Topic:
+        topic = self.topics.get(name)
+        if topic is None:
+            # A topic that was forgotten and comes back gets a new epoch: its seq
+            # restarts, and cursors from before must not be taken for current ones.
+            self._generation += 1
+            topic = self.topics[name] = Topic(
+                f"{self.epoch}-{self._generation}", History(self.history_size, self.history_ttl)
+            )
+        return topic
+
+    def publish(self, gw: Gateway, name: str, payload: Any, req: int, ts: float, now: float) -> None:
+        topic = self._topic(name)
+        topic.seq += 1
+        topic.history.append(Entry(topic.seq, payload, ts, now))
+        self.stats.publications += 1
+        if topic.gateways:
+            frame = [wire.MSG, name, topic.seq, payload, ts]
+            outbound = self.outbound
+            for inbox in topic.gateways:
+                outbound[inbox].append(frame)
+            self.stats.fanout_sends += len(topic.gateways)
+        if req:
+            self.outbound[gw.inbox].append([wire.PUBOK, name, req, topic.seq])
+
+    def subscribe(
+        self, gw: Gateway, name: str, req: int, since_epoch: str | None, since_seq: int, now: float
+    ) -> None:
+        topic = self._topic(name)
+        topic.gateways.add(gw.inbox)
+        gw.topics.add(name)
+        self.stats.subscribes += 1
+        recovered, missed = self._recover(topic, since_epoch, since_seq, now)
+        self.outbound[gw.inbox].append(
+            [wire.SUBOK, name, req, topic.epoch, topic.seq, recovered, missed]
+        )
+
+    def unsubscribe(self, gw: Gateway, name: str) -> None:
+        gw.topics.discard(name)
+        topic = self.topics.get(name)
+        if topic is not None:
+            topic.gateways.discard(gw.inbox)
+
+    def hello(self, gw: Gateway, instance: str, interest: list[list[Any]], now: float) -> None:
+        """A gateway (re)connected: its interest is exactly what it lists now."""
+        if gw.instance != instance:
+            gw.instance = instance
+        for name in gw.topics:
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.gateways.discard(gw.inbox)
+        gw.topics = set()
+        out = self.outbound[gw.inbox]
+        out.append([wire.WELCOME, self.epoch, instance])
+        for name, epoch, seq in interest:
+            topic = self._topic(name)
+            topic.gateways.add(gw.inbox)
+            gw.topics.add(name)
+            if epoch is not None:
+                recovered, missed = self._recover(topic, epoch, seq, now)
+                out.append([wire.SUBOK, name, 0, topic.epoch, topic.seq, recovered, missed])
+
+    def _recover(
+        self, topic: Topic, epoch: str | None, seq: int, now: float
+    ) -> tuple[bool, list[list[Any]]]:
+        if epoch is None:
+            return False, []
+        entries = topic.history.after(seq, topic.seq, now) if epoch == topic.epoch else None
+        if entries is None:
+            self.stats.not_recovered += 1
+            return False, []
+        self.stats.recovered += 1
+        return True, [[e.seq, e.payload, e.ts] for e in entries]
+
+    # --- housekeeping --------------------------------------------------------------
+
+    def forget(self, inbox: str) -> None:
+        gw = self.gateways.pop(inbox, None)
+        if gw is None:
+            return
+        self.stats.gateways_forgotten += 1
+        for name in gw.topics:
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.gateways.discard(inbox)
+        self.outbound.pop(inbox, None)
+
+    def sweep(self, now: float) -> list[str]:
+        """Forget silent gateways and idle topics; return the inboxes forgotten."""
+        silent = [g.inbox for g in self.gateways.values() if now - g.last_seen > self.gateway_timeout]
+        for inbox in silent:
+            self.forget(inbox)
+        idle = []
+        for name, topic in self.topics.items():
+            if not topic.gateways:
+                topic.history.trim(now)
+                if not len(topic.history):
+                    idle.append(name)
+        for name in idle:
+            del self.topics[name]
+        self.stats.topics_evicted += len(idle)
+        return silent
+
+    def interest_entries(self) -> int:
+        return sum(len(t.gateways) for t in self.topics.values())
+
+    def history_messages(self) -> int:
+        return sum(len(t.history) for t in self.topics.values())
