@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from functools import partial
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pynng
 import trio
 from prometheus_client import CollectorRegistry
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from cluster import protocol as p
+from cluster.admin import HttpApp
 from cluster import wire
 from cluster.codec import PING_FRAME, Encoding
 from cluster.config import ConfigError, GatewayConfig
@@ -33,6 +34,8 @@ from gateway.outbox import SocketOutbox
 log = logging.getLogger("fanroute.gateway")
 
 _CLOSE_TIMEOUT = 2.0
+_HEAD_TIMEOUT = 10.0
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 @dataclass(eq=False)
@@ -41,7 +44,7 @@ class Conn:
 
     session: Session
     ws: WebSocketConnection
-    activity: wsconn.ActivityStream
+    activity: wsconn.ClientStream
     outbox: SocketOutbox
     opened: float
     last_ping: float
@@ -71,6 +74,10 @@ class GatewayServer:
         self.hub: Hub | None = None
         self.links: dict[str, ShardLink] = {}
         self._bytes_closed = 0  # bytes written by connections that are gone
+        self._ws_server: WebSocketServer | None = None
+        # Plain HTTP on the client port: the browser client and the demo pages.
+        self.http = HttpApp()
+        self.http.add_static(STATIC_DIR)
 
     # --- start-up ------------------------------------------------------------------
 
@@ -117,20 +124,18 @@ class GatewayServer:
                 nursery.start_soon(self._receive_from_shards)
                 nursery.start_soon(self._sweep)
                 try:
-                    server = await nursery.start(
-                        partial(
-                            serve_websocket,
-                            self._handle,
-                            cfg.host,
-                            cfg.port,
-                            None,
-                            max_message_size=cfg.max_frame,
-                            message_queue_size=4,
-                        )
-                    )
+                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
                 except OSError as exc:
                     raise ConfigError(f"--port {cfg.port} on {cfg.host} cannot be listened on: {exc.strerror}") from None
-                self.port = server.port
+                self._ws_server = WebSocketServer(
+                    self._handle,
+                    listeners,
+                    message_queue_size=4,
+                    max_message_size=cfg.max_frame,
+                    receive_buffer_size=65536,
+                )
+                await nursery.start(trio.serve_listeners, self._accept, listeners)
+                self.port = listeners[0].socket.getsockname()[1]
                 log.info("gateway %s listening on ws://%s:%d/", self.instance, cfg.host, self.port)
                 task_status.started(self)
         finally:
@@ -217,6 +222,20 @@ class GatewayServer:
 
     # --- one client connection -----------------------------------------------------
 
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        """The client port's front door: WebSocket upgrades, or plain HTTP."""
+        head = None
+        with trio.move_on_after(_HEAD_TIMEOUT):
+            head = await wsconn.read_head(stream)
+        if head is None:
+            await stream.aclose()
+            return
+        client = wsconn.ClientStream(stream, head)
+        if wsconn.is_websocket_upgrade(head):
+            await wsconn.serve_connection(self._ws_server, client)
+        else:
+            await self.http.handle(client)
+
     async def _handle(self, request: WebSocketRequest) -> None:
         if self.draining:
             self.metrics.connections_rejected.labels("draining").inc()
@@ -224,7 +243,8 @@ class GatewayServer:
             return
         encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=encoding.subprotocol)
-        sock, lock, activity = wsconn.attach(ws)
+        activity = wsconn.stream_of(ws)
+        sock, lock = activity.socket, wsconn.write_lock(ws)
         now = trio.current_time()
         conn: Conn
         outbox = SocketOutbox(
