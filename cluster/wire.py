@@ -90,7 +90,7 @@ def _check(ok: bool, frame: Any) -> None:
 
 def check_gateway_frame(frame: Any) -> int:
     """Validate a frame a shard received from a gateway; return its kind."""
-    _check(isinstance(frame, list) and frame and frame[0] in GATEWAY_KINDS, frame)
+    _check(isinstance(frame, list) and frame and type(frame[0]) is int and frame[0] in GATEWAY_KINDS, frame)
     kind, n = frame[0], len(frame)
     if kind == PUB:
         _check(n == 5 and _is_str(frame[1]) and _is_int(frame[3]) and _is_num(frame[4]), frame)
@@ -123,7 +123,7 @@ def check_gateway_frame(frame: Any) -> int:
 
 def check_shard_frame(frame: Any) -> int:
     """Validate a frame a gateway received from a shard; return its kind."""
-    _check(isinstance(frame, list) and frame and frame[0] in SHARD_KINDS, frame)
+    _check(isinstance(frame, list) and frame and type(frame[0]) is int and frame[0] in SHARD_KINDS, frame)
     kind, n = frame[0], len(frame)
     if kind == MSG:
         _check(n == 5 and _is_str(frame[1]) and _is_int(frame[2]) and _is_num(frame[4]), frame)
