@@ -35,6 +35,7 @@ import orjson
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    DisconnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -278,16 +279,12 @@ class Client:
             url = self.urls[attempt % len(self.urls)]
             healthy_since: float | None = None
             try:
-                with trio.fail_after(self.connect_timeout):
-                    ws_cm = open_websocket_url(url, connect_timeout=self.connect_timeout)
-                    ws = await ws_cm.__aenter__()
-                try:
+                async with open_websocket_url(
+                    url, connect_timeout=self.connect_timeout, disconnect_timeout=1
+                ) as ws:
                     healthy_since = trio.current_time()
                     await self._session(ws, url)
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await ws_cm.__aexit__(None, None, None)
-            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+            except (OSError, HandshakeError, ConnectionClosed, DisconnectionTimeout, trio.TooSlowError) as exc:
                 log.debug("connection to %s ended: %r", url, exc)
             self._disconnected()
             if self._terminal is not None:

@@ -93,6 +93,11 @@ async def serve_standalone(
         for router in routers:
             await nursery.start(router.run)
         await nursery.start(gateway.run)
+        # In one process the shards are reachable at once: report started only when
+        # the gateway is ready, so the printed URL works the moment it appears.
+        with trio.fail_after(10):
+            while not gateway.ready()[0]:
+                await trio.sleep(0.005)
         admin_port = await _serve_admin(
             nursery, admin, gateway_config.admin_host, gateway_config.admin_port
         )

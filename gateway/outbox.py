@@ -48,9 +48,19 @@ class SocketOutbox:
         self.size += len(frame)
         if self.size > self.limit:
             self.overflowed = True
-            self._chunks.clear()
-            self.size = 0
+            self._drop_whole_frames()
             self._on_overflow()
+
+    def _drop_whole_frames(self) -> None:
+        # A frame already partly on the wire must be finished, or the close frame
+        # that follows would land inside it and the client would see garbage.
+        chunks = self._chunks
+        head = chunks[0] if chunks and isinstance(chunks[0], memoryview) else None
+        chunks.clear()
+        self.size = 0
+        if head is not None:
+            chunks.append(head)
+            self.size = len(head)
 
     def flush(self) -> None:
         """Write what is queued without blocking; leave the rest to the writer."""
@@ -100,6 +110,14 @@ class SocketOutbox:
         self.broken = True
         self._chunks.clear()
         self.size = 0
+
+    async def drain(self) -> None:
+        """Write everything still queued, waiting for the socket as needed (before a close)."""
+        async with self._lock:
+            while self._chunks and not self.broken:
+                self._write_nowait()
+                if self._chunks:
+                    await trio.lowlevel.wait_writable(self._sock)
 
     async def run(self) -> None:
         """The writer: drains the buffer whenever a flush could not finish."""

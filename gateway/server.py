@@ -33,7 +33,7 @@ from gateway.outbox import SocketOutbox
 
 log = logging.getLogger("fanroute.gateway")
 
-_CLOSE_TIMEOUT = 2.0
+_CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _HEAD_TIMEOUT = 10.0
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -273,6 +273,7 @@ class GatewayServer:
             if code is not None:
                 with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
                     scope.shield = True
+                    await outbox.drain()
                     await ws.aclose(code, conn.close_reason)
             else:
                 reason = ws.closed
