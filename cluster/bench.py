@@ -598,7 +598,14 @@ def start_target(name: str, logdir: Path) -> Target:
             admin = _free_block([*range(gateways), *(100 + i for i in range(routers))])
             nng = _free_block(list(range(routers)))
             plans = plan_cluster(gateways, routers, base_port=client, admin_base_port=admin, router_base_port=nng)
+            inboxes = _free_block(list(range(gateways)))
             for plan in plans:
+                if plan.kind == "gateway":
+                    # An explicit inbox port for each gateway: with tcp://...:0 the
+                    # gateway advertises the port pynng reports, which comes back
+                    # byte-swapped (pynng 0.9 SockAddr.port), and no shard reaches it.
+                    i = int(plan.name.rsplit("-", 1)[1])
+                    plan.argv += ["--inbox", f"tcp://127.0.0.1:{inboxes + i}"]
                 _spawn(target, plan.name, plan.argv, logdir)
             target.endpoints = [("127.0.0.1", client + i) for i in range(gateways)]
             ready = [plan.admin_url.replace("/metrics", "/readyz") for plan in plans if plan.kind == "gateway"]
