@@ -411,6 +411,7 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
             wait_demo(page, "d.client.state === 'connecting' && d.log.some(e => e.event === 'disconnected')")
             assert page.get_attribute("#status", "data-state") == "reconnecting"
             assert "reconnecting" in page.text_content("#status .text")
+            screenshot(page, "comments-reconnecting.png")
             # Published while the page has no connection at all.
             for i in range(6, 26):
                 assert other.publish(topic, {"nick": "feed", "text": f"meanwhile {i}"}) == i
