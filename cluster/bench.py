@@ -266,6 +266,7 @@ def subscriber_worker(
             if i < 0:
                 cmd = control.recv()
                 if cmd[0] == "phase":
+                    print("PHASE", cmd[1], time.monotonic(), file=sys.stderr, flush=True)
                     latency_mode = cmd[1] == "latency"
                     for s in subs:
                         s.count, s.last_seq, s.gaps, s.duplicates = 0, -1, 0, 0
@@ -330,12 +331,14 @@ def subscriber_worker(
                                     s.gaps += seq - s.last_seq - 1
                             s.last_seq = seq
                 elif op == 0x9:  # ping: answer with a pong carrying the same data
+                    print("PING", i, time.monotonic(), latency_mode, file=sys.stderr, flush=True)
                     try:
                         s.sock.send(client_frame(bytes(buf[start:stop]), 0xA))
                     except OSError:
                         pass
                 elif op == 0x8:
                     code = int.from_bytes(buf[start : start + 2], "big") if stop - start >= 2 else 1005
+                    print("CLOSE", i, code, time.monotonic(), latency_mode, file=sys.stderr, flush=True)
                     s.count += n
                     total += n
                     n = 0

@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ConfigError(f"--log-level {args.log_level!r} is not one of debug, info, warning, error")
         logging.basicConfig(
             level=args.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -168,8 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fanroute: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # e.g. an unknown --log-level
-        print(f"fanroute: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:
+        # Raised inside trio nurseries, a ConfigError arrives wrapped in a group.
+        match, _ = group.split(ConfigError)
+        if match is None:
+            raise
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        print(f"fanroute: {match}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

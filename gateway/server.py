@@ -93,7 +93,8 @@ class GatewayServer:
         if cfg.advertise:
             return cfg.advertise
         if cfg.inbox.startswith("tcp") and cfg.inbox.endswith(":0"):
-            port = listener.local_address.port
+            # pynng's InAddr.port is in network byte order; its str() is right.
+            port = int(str(listener.local_address).rsplit(":", 1)[1])
             return cfg.inbox[: -len(":0")] + f":{port}"
         return cfg.inbox
 

@@ -406,11 +406,14 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
 
             # Freeze the page's timers: once the connection drops, the reconnect
             # cannot happen until the test says so.
-            page.clock.pause_at(demo(page, "Date.now()") + 10)
+            # (pause_at takes seconds since the epoch, as Python's time() does.)
+            page.clock.pause_at((demo(page, "Date.now()") + 10) / 1000)
             victim.popen.send_signal(signal.SIGKILL)
             wait_demo(page, "d.client.state === 'connecting' && d.log.some(e => e.event === 'disconnected')")
             assert page.get_attribute("#status", "data-state") == "reconnecting"
             assert "reconnecting" in page.text_content("#status .text")
+            # Noticed from the socket closing, not from a heartbeat deadline.
+            assert demo(page, "d.log.find(e => e.event === 'disconnected').code") == 1006
             screenshot(page, "comments-reconnecting.png")
             # Published while the page has no connection at all.
             for i in range(6, 26):
