@@ -438,6 +438,30 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
         assert disconnect["reconnect"] is True and disconnect["url"] == victim.ws
 
 
+def test_page_detects_a_frozen_gateway_by_its_heartbeat_deadline(page: Any) -> None:
+    """SIGSTOP: the socket stays open, so only the client's own deadline can notice."""
+    topic = "comments.frozen"
+    with processes() as procs:
+        gateways = start_cluster(procs, gateways=2, routers=1)
+        urls = ",".join(g.ws for g in gateways)
+        page.goto(f"{gateways[0].http}/comments.html?room=frozen&gateways={urls}&minDelay=200&maxDelay=2000")
+        wait_demo(page, SUBSCRIBED)
+        victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
+        survivor = next(g for g in gateways if g is not victim)
+        with peer(survivor.ws) as other:
+            assert other.publish(topic, {"text": "before"}) == 1
+            wait_demo(page, "d.seqs.length === 1")
+            victim.popen.send_signal(signal.SIGSTOP)
+            # Nothing reaches the page through a frozen gateway: these are missed.
+            for i in range(2, 12):
+                assert other.publish(topic, {"text": f"while frozen {i}"}) == i
+            wait_demo(page, "d.client.state === 'connected' && d.seqs.length >= 11")
+            assert demo(page, "d.client.url") == survivor.ws
+        assert demo(page, "d.seqs") == list(range(1, 12))
+        event = demo(page, "d.log.find(e => e.event === 'disconnected')")
+        assert event["code"] == 4009 and event["reconnect"] is True
+
+
 # --- close codes, against a scripted server ----------------------------------------------
 
 
