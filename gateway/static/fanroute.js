@@ -540,7 +540,7 @@ export class FanrouteClient {
     const tick = Math.max(10, Math.min(interval, deadline / 4));
     this._timers.heartbeat = setInterval(() => {
       const now = Date.now();
-      if (false) {
+      if (now - this._lastRx > deadline) {
         this._drop(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout");
         return;
       }
