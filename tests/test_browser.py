@@ -155,13 +155,7 @@ def start_cluster(procs: list[Proc], gateways: int, routers: int) -> list[Proc]:
     gws = []
     for i in range(gateways):
         port, admin = free_port(), free_port()
-        # An explicit inbox: with tcp://...:0 the advertised port can come back
-        # byte-swapped from pynng, and no shard would reach the gateway.
-        inbox = f"tcp://127.0.0.1:{free_port()}"
-        args = [
-            "gateway", "--routers", ",".join(router_list), "--inbox", inbox,
-            "--port", str(port), "--admin-port", str(admin), *HEARTBEAT,
-        ]
+        args = ["gateway", "--routers", ",".join(router_list), "--port", str(port), "--admin-port", str(admin), *HEARTBEAT]
         gws.append(spawn(f"gateway-{i}", args, port, admin))
     procs.extend(gws)
     for proc in procs:
