@@ -7,8 +7,8 @@ small example of a back-end publisher written with the Python client SDK:
 
 Each symbol moves by a geometric random walk (about 0.2 % per step); every payload is
 ``{"symbol", "price", "open", "ts"}`` where ``open`` is the first price of the run, so
-a page that joins late can still show the change. With several ``--url`` (or a comma
-list) the SDK rotates to another gateway when one goes away.
+a page that joins late can still show the change. With several URLs (a comma list)
+the SDK rotates to another gateway when one goes away.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import trio
 
@@ -87,34 +89,42 @@ async def run(
     return acked
 
 
+def _plain_flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str) -> None:
+    parser.add_argument(flag, type=kind, default=default, help=f"{help} (default {default})")
+
+
+def add_arguments(parser: argparse.ArgumentParser, flag: Callable[..., None] = _plain_flag) -> None:
+    """The feed's flags. ``fanroute demo-feed`` passes its own ``flag`` helper, which
+    also reads each flag from its ``FANROUTE_*`` environment variable."""
+    flag(parser, "--url", str, "ws://127.0.0.1:8080/", "gateway WebSocket URL, or a comma-separated list to rotate through")
+    flag(parser, "--rate", float, 2.0, "price updates per second, for each symbol")
+    flag(parser, "--symbols", str, ",".join(DEFAULT_SYMBOLS), "comma-separated symbols, published on prices.<SYMBOL>")
+    flag(parser, "--token", str, "", "JWT for gateways that require one")
+    flag(parser, "--count", int, 0, "stop after this many rounds of updates; 0 runs until stopped")
+    flag(parser, "--seed", int, None, "random seed, for a reproducible walk")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fanroute demo-feed",
         description="Publish random-walk prices to prices.<SYMBOL> (for the ticker demo page).",
     )
-    parser.add_argument(
-        "--url", action="append", default=None,
-        help="gateway WebSocket URL; repeat it or give a comma list (default ws://127.0.0.1:8080/)",
-    )
-    parser.add_argument("--rate", type=float, default=2.0, help="updates per second for each symbol (default 2)")
-    parser.add_argument(
-        "--symbols", default=",".join(DEFAULT_SYMBOLS), help="comma-separated symbols (default %(default)s)"
-    )
-    parser.add_argument("--token", default=None, help="JWT for gateways that require one")
-    parser.add_argument("--count", type=int, default=None, help="stop after this many rounds (default: run until stopped)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible walk")
+    add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    urls = [u.strip() for arg in (args.url or ["ws://127.0.0.1:8080/"]) for u in arg.split(",") if u.strip()]
+def run_args(args: argparse.Namespace) -> int:
+    """Run the feed from parsed flags (see :func:`add_arguments`); returns an exit status."""
+    urls = [u.strip() for u in args.url.split(",") if u.strip()]
     symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+    if not urls:
+        print("fanroute demo-feed: --url is empty", file=sys.stderr)
+        return 2
     if not 0 < args.rate <= 10000:
         print("fanroute demo-feed: --rate must be between 0 and 10000 updates per second", file=sys.stderr)
         return 2
-    if args.count is not None and args.count < 1:
-        print("fanroute demo-feed: --count must be at least 1", file=sys.stderr)
+    if args.count < 0:
+        print("fanroute demo-feed: --count must be 0 (no limit) or more", file=sys.stderr)
         return 2
     if not symbols:
         print("fanroute demo-feed: --symbols is empty", file=sys.stderr)
@@ -128,11 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        acked = trio.run(lambda: run(urls, args.rate, symbols, token=args.token, count=args.count, seed=args.seed))
+        acked = trio.run(
+            partial(run, urls, args.rate, symbols, token=args.token or None, count=args.count or None, seed=args.seed)
+        )
     except KeyboardInterrupt:
         return 130
     log.info("demo feed: %d publications acknowledged", acked)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
