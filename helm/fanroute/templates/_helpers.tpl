@@ -1,0 +1,67 @@
+{{/* Name prefix of every object: the release name unless overridden. */}}
+{{- define "fanroute.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fanroute.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fanroute.labels" -}}
+helm.sh/chart: {{ include "fanroute.chart" . }}
+app.kubernetes.io/name: fanroute
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: call with (list $ "gateway"). */}}
+{{- define "fanroute.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: fanroute
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "fanroute.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "fanroute.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fanroute.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fanroute.routerHeadless" -}}
+{{- printf "%s-router-headless" (include "fanroute.fullname" .) -}}
+{{- end -}}
+
+{{/*
+The shard list every gateway gets: router-N=tcp://<fullname>-router-N.<headless>.<ns>.svc.cluster.local:PORT.
+The names are hashed by the ring, so they depend only on the index, never on the
+release, and every gateway computes the same list.
+*/}}
+{{- define "fanroute.routerList" -}}
+{{- $full := include "fanroute.fullname" . -}}
+{{- $headless := include "fanroute.routerHeadless" . -}}
+{{- $items := list -}}
+{{- range $i := until (int .Values.router.replicas) -}}
+{{- $items = append $items (printf "router-%d=tcp://%s-router-%d.%s.%s.svc.%s:%d" $i $full $i $headless $.Release.Namespace $.Values.clusterDomain (int $.Values.router.port)) -}}
+{{- end -}}
+{{- join "," $items -}}
+{{- end -}}
+
+{{- define "fanroute.secretName" -}}
+{{- default (printf "%s-auth" (include "fanroute.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "fanroute.hasSecret" -}}
+{{- if or .Values.auth.existingSecret .Values.auth.jwtSecret .Values.auth.jwtPublicKey .Values.auth.apiKey -}}true{{- end -}}
+{{- end -}}
+
+{{- define "fanroute.hasPublicKey" -}}
+{{- if or .Values.auth.jwtPublicKey (and .Values.auth.existingSecret .Values.auth.existingSecretHasPublicKey) -}}true{{- end -}}
+{{- end -}}
