@@ -57,6 +57,7 @@ def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int) -
     _flag(p, "--ping-timeout", float, 8.0, "seconds a client may stay silent after a ping")
     _flag(p, "--outbox-limit", int, 1 << 20, "bytes a connection may have waiting before it is closed with 4008")
     _flag(p, "--max-frame", int, 64 * 1024, "largest client frame in bytes (larger: close 1009)")
+    _flag(p, "--drain-window", float, 10.0, "seconds over which SIGTERM closes clients with 1012 before exit")
 
 
 def _add_history_flags(p: argparse.ArgumentParser) -> None:
@@ -115,6 +116,7 @@ def gateway_config(args: argparse.Namespace, routers: list[tuple[str, str]]) -> 
         ping_timeout=args.ping_timeout,
         outbox_limit=args.outbox_limit,
         max_frame=args.max_frame,
+        drain_window=args.drain_window,
         inbox=getattr(args, "inbox", "tcp://127.0.0.1:0"),
         advertise=getattr(args, "advertise", "") or None,
     )
@@ -133,14 +135,28 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
 
 
 async def _run_until_signal(serve: Callable[..., Any], describe: Callable[[Any], str]) -> None:
+    """Run a process until SIGTERM or SIGINT; a gateway drains first, a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(serve)
             print(describe(bound), flush=True)
             async for signum in signals:
                 log.info("received %s; stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
                 break
+            if bound.gateway is not None:
+                with trio.CancelScope() as drain_scope:
+                    async with trio.open_nursery() as draining:
+
+                        async def second_signal() -> None:
+                            async for _ in signals:
+                                log.info("second signal: stopping now")
+                                drain_scope.cancel()
+
+                        draining.start_soon(second_signal)
+                        await bound.gateway.drain()
+                        draining.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
 
 
 def _describe(kind: str) -> Callable[[Any], str]:

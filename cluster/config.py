@@ -30,6 +30,7 @@ class GatewayConfig:
     shard_beat: float = 1.0
     shard_timeout: float = 3.5
     backlog_limit: int = 4096  # frames waiting for one shard before publishers wait
+    drain_window: float = 10.0  # seconds over which SIGTERM closes clients with 1012
 
     def check(self) -> None:
         if not self.routers:
@@ -47,6 +48,8 @@ class GatewayConfig:
             raise ConfigError("--ping-interval and --ping-timeout must be positive numbers of seconds")
         if self.outbox_limit < 1024:
             raise ConfigError("--outbox-limit must be at least 1024 bytes")
+        if self.drain_window < 0:
+            raise ConfigError("--drain-window must not be negative")
         if self.max_frame < 256:
             raise ConfigError("--max-frame must be at least 256 bytes")
 

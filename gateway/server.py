@@ -143,6 +143,25 @@ class GatewayServer:
             if self._inbox_sock is not None:
                 self._inbox_sock.close()
 
+    async def drain(self, window: float | None = None) -> None:
+        """Close every client with 1012, spread evenly over ``window`` seconds.
+
+        Readiness turns false and new connections are refused first, so a load
+        balancer stops sending clients here; spreading the closes means a rolling
+        update moves clients over gradually instead of in one reconnect storm.
+        """
+        window = self.config.drain_window if window is None else window
+        self.draining = True
+        conns = list(self.conns.values())
+        log.info("draining %d connections over %.1fs", len(conns), window)
+        start = trio.current_time()
+        for i, conn in enumerate(conns):
+            await trio.sleep_until(start + window * i / max(1, len(conns)))
+            conn.kill(p.CLOSE_RESTART, "service restart", "drain")
+        with trio.move_on_after(_CLOSE_TIMEOUT + 1):
+            while self.conns:
+                await trio.sleep(0.02)
+
     def _link_state(self, shard: str, up: bool) -> None:
         self.metrics.shard_link_up.labels(shard).set(1 if up else 0)
         self.metrics.shard_link_changes.labels(shard, "up" if up else "down").inc()

@@ -94,8 +94,9 @@ export interface ClientOptions {
   resetAfter?: number;
   /** Interval of the client's `ping` (default: the gateway's ping_interval). */
   pingInterval?: number;
-  /** The connection is dead after pingInterval + pingTimeout of silence
-   * (default: the gateway's ping_timeout). */
+  /** The connection is dead when nothing arrived for this long after a ping
+   * (so silence is noticed within about pingInterval + pingTimeout;
+   * default: the gateway's ping_timeout). */
   pingTimeout?: number;
   /** An attempt that got no `connected` within this is abandoned (default 10000). */
   connectTimeout?: number;

@@ -15,9 +15,10 @@
  *
  * - one WebSocket to one gateway at a time, rotating through the URLs it was given
  *   (it starts at a random one so that pages spread over the gateways);
- * - an application-level `ping` every `pingInterval`; a connection from which nothing
- *   arrived for `pingInterval + pingTimeout` is dead (a browser cannot see the
- *   gateway's WebSocket pings, so the client keeps its own deadline);
+ * - an application-level `ping` every `pingInterval`; a connection that answers a ping
+ *   with nothing at all for `pingTimeout` is dead, so silence is noticed within about
+ *   `pingInterval + pingTimeout` (a browser cannot see the gateway's WebSocket pings,
+ *   so the client keeps its own deadline);
  * - reconnection with exponential backoff and full jitter; the attempt count resets
  *   only after a connection stayed healthy for `resetAfter` ms, so a gateway that
  *   accepts and drops at once cannot pull pages into a tight loop;
@@ -536,12 +537,15 @@ export class FanrouteClient {
   }
 
   _startHeartbeat(interval, timeout) {
-    const deadline = interval + timeout;
-    const tick = Math.max(10, Math.min(interval, deadline / 4));
+    // Dead means: a ping went out, nothing at all came back since, for `timeout`.
+    // Judged from the last ping rather than from a fixed silence window, because a
+    // background tab's timers may fire a minute late: a late tick then sends a
+    // fresh ping instead of mistaking the browser's own throttling for silence.
+    const tick = Math.max(10, Math.min(interval, timeout) / 4);
     this._timers.heartbeat = setInterval(() => {
       const now = Date.now();
-      if (now - this._lastRx > deadline) {
-        this._drop(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout");
+      if (this._lastRx < this._lastPing) {
+        if (now - this._lastPing > timeout) this._drop(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout");
         return;
       }
       if (now - this._lastPing >= interval) {

@@ -203,6 +203,12 @@ class FakeSocket {
   }
 }
 
+// Node 20's mock.timers.tick(ms) moves Date.now() to the end before it runs the due
+// callbacks; advancing in small steps keeps the clock right inside each callback.
+function advance(ms, step = 25) {
+  for (let done = 0; done < ms; done += step) mock.timers.tick(Math.min(step, ms - done));
+}
+
 function makeClient(urls = ["ws://a/", "ws://b/"], options = {}) {
   return new FanrouteClient(urls, { WebSocket: FakeSocket, random: () => 0.5, minDelay: 100, maxDelay: 1000, ...options });
 }
@@ -337,15 +343,32 @@ describe("FanrouteClient", () => {
     c.connect();
     const ws = FakeSocket.all[0];
     ws.accept();
-    mock.timers.tick(1000);
+    advance(1000);
     assert.equal(ws.frames("ping").length, 1);
     ws.deliver({ type: "pong", ts: 1 }); // alive
-    mock.timers.tick(1400);
+    advance(1000); // the next ping goes out, and nothing comes back...
+    assert.equal(ws.frames("ping").length, 2);
+    advance(450);
     assert.equal(c.state, "connected");
-    mock.timers.tick(400); // 1600 ms without a frame > 1500
+    advance(200); // ...for more than pingTimeout after it (checked every 125 ms)
     assert.equal(disconnects.length, 1);
     assert.equal(disconnects[0].code, 4009);
     assert.equal(ws.closed.code, 4009);
+  });
+
+  test("any frame counts as an answer to a ping", () => {
+    const c = makeClient(["ws://a/"], { pingInterval: 1000, pingTimeout: 500 });
+    c.subscribe("t", () => {});
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    ws.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 0, recovered: false });
+    for (let seq = 1; seq <= 40; seq++) {
+      advance(100);
+      ws.deliver({ topic: "t", payload: seq, seq }); // messages, never a pong
+    }
+    assert.equal(c.state, "connected");
+    assert.ok(ws.frames("ping").length >= 3);
   });
 
   test("a healthy connection resets the backoff", () => {
@@ -360,9 +383,10 @@ describe("FanrouteClient", () => {
     const ws = FakeSocket.all.at(-1);
     ws.accept();
     for (let i = 0; i < 6; i++) {
-      mock.timers.tick(1000);
+      advance(1000);
       ws.deliver({ type: "pong", ts: i });
     }
+    assert.equal(c.state, "connected");
     ws.serverClose(1001);
     assert.deepEqual(delays, [50, 100, 200, 50]);
   });
