@@ -144,7 +144,7 @@ def start_standalone(procs: list[Proc]) -> Proc:
     return proc
 
 
-def start_cluster(procs: list[Proc], gateways: int, routers: int) -> list[Proc]:
+def start_cluster(procs: list[Proc], gateways: int, routers: int, gateway_args: tuple[str, ...] = ()) -> list[Proc]:
     """Routers and gateways as separate processes; returns the gateways."""
     router_list = []
     for i in range(routers):
@@ -155,7 +155,7 @@ def start_cluster(procs: list[Proc], gateways: int, routers: int) -> list[Proc]:
     gws = []
     for i in range(gateways):
         port, admin = free_port(), free_port()
-        args = ["gateway", "--routers", ",".join(router_list), "--port", str(port), "--admin-port", str(admin), *HEARTBEAT]
+        args = ["gateway", "--routers", ",".join(router_list), "--port", str(port), "--admin-port", str(admin), *HEARTBEAT, *gateway_args]
         gws.append(spawn(f"gateway-{i}", args, port, admin))
     procs.extend(gws)
     for proc in procs:
@@ -454,6 +454,33 @@ def test_page_detects_a_frozen_gateway_by_its_heartbeat_deadline(page: Any) -> N
         assert demo(page, "d.seqs") == list(range(1, 12))
         event = demo(page, "d.log.find(e => e.event === 'disconnected')")
         assert event["code"] == 4009 and event["reconnect"] is True
+
+
+def test_draining_gateway_sends_the_page_elsewhere_promptly(page: Any) -> None:
+    """SIGTERM: the gateway closes its clients with 1012; the page is back within a second."""
+    topic = "comments.drain"
+    with processes() as procs:
+        gateways = start_cluster(procs, gateways=2, routers=1, gateway_args=("--drain-window", "0.2"))
+        urls = ",".join(g.ws for g in gateways)
+        # A backoff this slow would keep the page away for seconds; 1012 must not.
+        page.goto(f"{gateways[0].http}/comments.html?room=drain&gateways={urls}&minDelay=5000&maxDelay=30000")
+        wait_demo(page, SUBSCRIBED)
+        victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
+        survivor = next(g for g in gateways if g is not victim)
+        with peer(survivor.ws) as other:
+            assert other.publish(topic, {"text": "before"}) == 1
+            wait_demo(page, "d.seqs.length === 1")
+            victim.popen.send_signal(signal.SIGTERM)
+            wait_demo(page, "d.log.some(e => e.event === 'disconnected')")
+            for i in range(2, 7):
+                assert other.publish(topic, {"text": f"during the restart {i}"}) == i
+            wait_demo(page, "d.client.state === 'connected' && d.seqs.length >= 6")
+            assert demo(page, "d.client.url") == survivor.ws
+        assert demo(page, "d.seqs") == list(range(1, 7))
+        event = demo(page, "d.log.find(e => e.event === 'disconnected')")
+        assert event["code"] == 1012 and event["reconnect"] is True
+        assert 0 <= event["delay"] < 1000
+        assert victim.popen.wait(timeout=DEADLINE) == 0  # and the gateway exits cleanly
 
 
 # --- close codes, against a scripted server ----------------------------------------------
