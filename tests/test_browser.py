@@ -144,14 +144,20 @@ def start_standalone(procs: list[Proc]) -> Proc:
     return proc
 
 
-def start_cluster(procs: list[Proc], gateways: int, routers: int, gateway_args: tuple[str, ...] = ()) -> list[Proc]:
+def start_cluster(
+    procs: list[Proc],
+    gateways: int,
+    routers: int,
+    gateway_args: tuple[str, ...] = (),
+    router_args: tuple[str, ...] = (),
+) -> list[Proc]:
     """Routers and gateways as separate processes; returns the gateways."""
     router_list = []
     for i in range(routers):
         url = f"tcp://127.0.0.1:{free_port()}"
         router_list.append(f"router-{i}={url}")
         admin = free_port()
-        procs.append(spawn(f"router-{i}", ["router", "--listen", url, "--name", f"router-{i}", "--admin-port", str(admin)], None, admin))
+        procs.append(spawn(f"router-{i}", ["router", "--listen", url, "--name", f"router-{i}", "--admin-port", str(admin), *router_args], None, admin))
     gws = []
     for i in range(gateways):
         port, admin = free_port(), free_port()
@@ -382,6 +388,17 @@ def test_ticker_page_updates_in_place_from_the_demo_feed(page: Any, standalone: 
         assert price == f"{rows[symbol]['price']:,.2f}"
 
 
+def test_ticker_page_can_publish_its_own_prices(page: Any, standalone: Proc) -> None:
+    page.goto(standalone.http + "/ticker.html?symbols=DEMO1,DEMO2")
+    assert demo(page, "d.symbols") == ["DEMO1", "DEMO2"]
+    wait_demo(page, "d.log.filter(e => e.event === 'subscribed').length === 2")
+    page.click("#feed")
+    wait_demo(page, "d.symbols.every(s => d.rows[s].updates >= 3)")
+    page.click("#feed")  # stop
+    assert page.text_content("#feed") == "Publish demo prices from this page"
+    assert page.locator("#quotes tbody tr").count() == 2
+
+
 def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: Any) -> None:
     topic = "comments.failover"
     with processes() as procs:
@@ -430,6 +447,37 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
         assert demo(page, "d.log.filter(e => e.event === 'unrecovered').length") == 0
         disconnect = demo(page, "d.log.find(e => e.event === 'disconnected')")
         assert disconnect["reconnect"] is True and disconnect["url"] == victim.ws
+
+
+def test_page_is_told_when_history_cannot_cover_the_outage(page: Any) -> None:
+    """Recovery has limits: with a history of 3, missing 10 is shown, not hidden."""
+    topic = "comments.short"
+    with processes() as procs:
+        gateways = start_cluster(procs, gateways=2, routers=1, router_args=("--history-size", "3"))
+        urls = ",".join(g.ws for g in gateways)
+        page.clock.install()
+        page.goto(f"{gateways[0].http}/comments.html?room=short&gateways={urls}&minDelay=200&maxDelay=2000")
+        wait_demo(page, SUBSCRIBED)
+        victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
+        survivor = next(g for g in gateways if g is not victim)
+        with peer(survivor.ws) as other:
+            for i in range(1, 6):
+                other.publish(topic, {"text": f"before {i}"})
+            wait_demo(page, "d.seqs.length === 5")
+            page.clock.pause_at((demo(page, "Date.now()") + 10) / 1000)
+            victim.popen.send_signal(signal.SIGKILL)
+            wait_demo(page, "d.client.state === 'connecting'")
+            for i in range(6, 16):
+                other.publish(topic, {"text": f"meanwhile {i}"})
+            page.clock.resume()
+            wait_demo(page, "d.log.some(e => e.event === 'unrecovered')")
+            lost = demo(page, "d.log.find(e => e.event === 'unrecovered')")
+            assert lost["topic"] == topic and lost["seq"] == 15 and lost["previous"]["seq"] == 5
+            assert "6…15 could not be recovered" in page.text_content("#recent li.lost")
+            assert other.publish(topic, {"text": "after"}) == 16
+            wait_demo(page, "d.seqs.length === 6")
+        assert demo(page, "d.seqs") == [1, 2, 3, 4, 5, 16]
+        assert demo(page, "d.client.stats.unrecovered") == 1
 
 
 def test_page_detects_a_frozen_gateway_by_its_heartbeat_deadline(page: Any) -> None:
