@@ -61,6 +61,15 @@ REFERENCE_SERVER = REPO / "ops" / "bench" / "reference_server.py"
 TARGETS = ("standalone", "cluster", "reference")
 CLOSE_SLOW_CONSUMER = 4008
 _READY_TIMEOUT = 30.0
+# The benchmark measures the data path, not the abuse limits: per-connection and
+# per-gateway rate limits are turned off (0) in the targets' environment. A flag
+# that a version of fanroute does not have is simply not read.
+SERVER_ENV = {
+    "FANROUTE_LOG_LEVEL": "warning",
+    "FANROUTE_PUBLISH_RATE": "0",
+    "FANROUTE_COMMAND_RATE": "0",
+    "FANROUTE_CONNECTION_RATE": "0",
+}
 _STOP_TIMEOUT = 5.0
 
 
@@ -210,13 +219,17 @@ class _Sub:
 
 
 def subscriber_worker(
-    w: int, endpoints: list[tuple[str, int]], topic: str, shared: Any, control: Any
+    w: int, endpoints: list[tuple[str, int]], topic: str, heartbeat: float, shared: Any, control: Any
 ) -> None:
     """One subscriber process: subscribes its connections, then counts deliveries.
 
     Commands arrive on ``control`` (a Pipe end, polled in the same epoll loop):
     ``("phase", name)`` resets the per-phase counts, ``("report",)`` answers with the
     phase's statistics and latency histogram, ``("close",)`` ends the process.
+    Every ``heartbeat`` seconds (0: never) each connection sends an application
+    ``ping``, as a client SDK does; it answers WebSocket pings in any case.
+    In the latency phase, deliveries whose payload carries no send time (left over
+    from saturation) are counted as ``stale``, not as latency-phase deliveries.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     from hdrh.histogram import HdrHistogram
@@ -243,6 +256,9 @@ def subscriber_worker(
     open_subs = len(subs)
     closes: dict[int, int] = {}
     last_publish = 0.0
+    last_beat = time.monotonic()
+    stale = 0
+    app_ping = client_frame(b'{"type":"ping","ts":0}')
     marker = b'"payload":"'
     seq_key = b'"seq":'
 
@@ -266,11 +282,12 @@ def subscriber_worker(
             if i < 0:
                 cmd = control.recv()
                 if cmd[0] == "phase":
-                    print("PHASE", cmd[1], time.monotonic(), file=sys.stderr, flush=True)
                     latency_mode = cmd[1] == "latency"
                     for s in subs:
                         s.count, s.last_seq, s.gaps, s.duplicates = 0, -1, 0, 0
                     hist.reset()
+                    closes.clear()
+                    stale = 0
                     shared[base + 1] = 0 if open_subs else _NO_PROGRESS
                     shared[base + 3] += 1
                     control.send(("phase", cmd[1]))
@@ -286,6 +303,7 @@ def subscriber_worker(
                                 "gaps": sum(s.gaps for s in subs),
                                 "duplicates": sum(s.duplicates for s in subs),
                                 "closes": dict(closes),
+                                "stale": stale,
                                 "histogram": hist.encode() if latency_mode else None,
                             },
                         )
@@ -311,12 +329,16 @@ def subscriber_worker(
             n = 0
             for op, start, stop in frames:
                 if op == 0x1 or op == 0x2:
-                    n += 1
+                    if buf[start + 3] == 121 and buf.startswith(b'{"type":"pong"', start):
+                        continue  # the answer to our heartbeat, not a delivery
                     if latency_mode:
                         at = buf.find(marker, start, stop)
-                        if at >= 0:
-                            sent = int(buf[at + 11 : at + 31])
-                            hist.record_value(max(1, (now - sent) // 1000))
+                        sent = int(buf[at + 11 : at + 31]) if at >= 0 else 0
+                        if not sent:
+                            stale += 1
+                            continue
+                        n += 1
+                        hist.record_value(max(1, (now - sent) // 1000))
                         at = buf.rfind(seq_key, start, stop)
                         if at >= 0:
                             j = at + 6
@@ -330,15 +352,15 @@ def subscriber_worker(
                                 elif seq != s.last_seq + 1:
                                     s.gaps += seq - s.last_seq - 1
                             s.last_seq = seq
+                    else:
+                        n += 1
                 elif op == 0x9:  # ping: answer with a pong carrying the same data
-                    print("PING", i, time.monotonic(), latency_mode, file=sys.stderr, flush=True)
                     try:
                         s.sock.send(client_frame(bytes(buf[start:stop]), 0xA))
                     except OSError:
                         pass
                 elif op == 0x8:
                     code = int.from_bytes(buf[start : start + 2], "big") if stop - start >= 2 else 1005
-                    print("CLOSE", i, code, time.monotonic(), latency_mode, file=sys.stderr, flush=True)
                     s.count += n
                     total += n
                     n = 0
@@ -349,6 +371,14 @@ def subscriber_worker(
                 total += n
         shared[base] = total
         t = time.monotonic()
+        if heartbeat and t - last_beat >= heartbeat:
+            last_beat = t
+            for s in subs:
+                if s.closed is None:
+                    try:
+                        s.sock.send(app_ping)
+                    except OSError:
+                        pass
         if t - last_publish >= 0.001:
             last_publish = t
             counts = [s.count for s in subs if s.closed is None]
@@ -419,6 +449,8 @@ def publisher_worker(
     sub_progress = [_sub_base(w) + 1 for w in range(workers)]
     pub_counts = [_pub_base(workers, q) for q in range(publishers)]
     while True:
+        while not control.poll(0.2):
+            drain()  # idle between phases: still answer the gateway's pings
         cmd = control.recv()
         if cmd[0] == "close":
             break
@@ -436,7 +468,7 @@ def publisher_worker(
                     time.sleep(0.0002)
                 else:
                     batch = min(room, 256)
-                    one = frame(time.monotonic_ns())
+                    one = frame(0)  # no send time: saturation measures counts only
                     sock.sendall(one * batch)
                     sent += batch
                     shared[base] = sent
@@ -546,7 +578,7 @@ class Target:
 
 def _spawn(target: Target, name: str, argv: list[str], logdir: Path) -> None:
     log = logdir / f"{target.name}-{name}.log"
-    env = dict(os.environ, FANROUTE_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **SERVER_ENV)
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
     target.procs.append((name, proc))
@@ -604,9 +636,8 @@ def start_target(name: str, logdir: Path) -> Target:
             inboxes = _free_block(list(range(gateways)))
             for plan in plans:
                 if plan.kind == "gateway":
-                    # An explicit inbox port for each gateway: with tcp://...:0 the
-                    # gateway advertises the port pynng reports, which comes back
-                    # byte-swapped (pynng 0.9 SockAddr.port), and no shard reaches it.
+                    # An explicit inbox port for each gateway, so every port the
+                    # cluster uses was chosen (and checked free) here.
                     i = int(plan.name.rsplit("-", 1)[1])
                     plan.argv += ["--inbox", f"tcp://127.0.0.1:{inboxes + i}"]
                 _spawn(target, plan.name, plan.argv, logdir)
@@ -636,7 +667,10 @@ class Settings:
     duration: float
     warmup: float
     rate: float
+    rate_deliveries: int
     window: int
+    window_deliveries: int
+    heartbeat: float
     publishers: int
     client_procs: int
     payload: int
@@ -698,6 +732,20 @@ def _wait_until(predicate: Any, timeout: float, alive: Any) -> bool:
     return True
 
 
+def cell_window(s: Settings, subscribers: int) -> int:
+    """Publications in flight at saturation: ``--window``, but no more than
+    ``--window-deliveries`` deliveries in flight over all subscribers (at least 16),
+    so that at high fan-out what is buffered stays small and drains in time."""
+    return max(16, min(s.window, s.window_deliveries // subscribers))
+
+
+def cell_rate(s: Settings, subscribers: int) -> float:
+    """Publications/s in the latency phase: ``--rate``, but no more than
+    ``--rate-deliveries`` deliveries/s, so that every target is measured below
+    saturation at every fan-out (latency above saturation is only queueing)."""
+    return min(s.rate, s.rate_deliveries / subscribers)
+
+
 def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> dict[str, Any]:
     from hdrh.histogram import HdrHistogram
 
@@ -713,7 +761,7 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
     try:
         progress(f"{target.name} × {subscribers}: connecting subscribers")
         for w in range(workers):
-            pool.start(subscriber_worker, (w, plan[w::workers], topic, shared), pool.subs)
+            pool.start(subscriber_worker, (w, plan[w::workers], topic, s.heartbeat, shared), pool.subs)
         for pipe in pool.subs:
             pool.expect(pipe, "ready", 60 + subscribers * 0.05)
         host, port = endpoints[0]
@@ -749,8 +797,9 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
         progress(f"{target.name} × {subscribers}: saturation")
         phase("saturation")
         shared[_STOP] = 0
+        window = cell_window(s, subscribers)
         for pipe in pool.pubs:
-            pipe.send(("saturate", s.window))
+            pipe.send(("saturate", window))
         time.sleep(s.warmup)  # a measurement interval, not synchronisation
         alive()
         cpu0, d0, p0, t0 = target.cpu(), delivered(), published(), time.monotonic()
@@ -766,7 +815,10 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
             total_published += msg[1]
             pub_closes += msg[3]
         progress(f"{target.name} × {subscribers}: draining")
-        drained = _wait_until(lambda: progress_of_slowest() >= total_published, max(10.0, s.duration), alive)
+        # Bounded: what is in flight is at most one window, so at the measured rate
+        # it drains in window/rate seconds; allow three times that, at least 10 s.
+        pub_rate = max(1.0, (p1 - p0) / (t1 - t0))
+        drained = _wait_until(lambda: progress_of_slowest() >= total_published, max(10.0, 3 * window / pub_rate), alive)
         reports = report()
         elapsed = t1 - t0
         by_proc = {name: round((cpu1[name] - cpu0.get(name, 0.0)) / elapsed, 3) for name in cpu1}
@@ -774,6 +826,7 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
             "deliveries_per_s": round((d1 - d0) / elapsed),
             "publications_per_s": round((p1 - p0) / elapsed),
             "seconds": round(elapsed, 3),
+            "window": window,
             "published": total_published,
             "expected": total_published * subscribers,
             "delivered": sum(r["received"] for r in reports),
@@ -786,10 +839,11 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
         }
 
         # (b) latency at a fixed rate
-        count = max(1, round(s.rate * s.duration))
-        progress(f"{target.name} × {subscribers}: latency at {s.rate:g}/s")
+        rate = cell_rate(s, subscribers)
+        count = max(1, round(rate * s.duration))
+        progress(f"{target.name} × {subscribers}: latency at {rate:g}/s")
         phase("latency")
-        pool.pubs[0].send(("rate", s.rate, count))
+        pool.pubs[0].send(("rate", rate, count))
         msg = pool.expect(pool.pubs[0], "done", s.duration * 3 + 30)
         sent, seconds = msg[1], msg[2]
         _wait_until(lambda: progress_of_slowest() >= sent, max(10.0, s.duration), alive)
@@ -800,7 +854,7 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
                 hist.add(HdrHistogram.decode(r["histogram"]))
         received = sum(r["received"] for r in reports)
         result["latency"] = {
-            "rate": s.rate,
+            "rate": rate,
             "achieved_rate": round(sent / seconds, 1) if seconds else 0.0,
             "published": sent,
             "expected": sent * subscribers,
@@ -809,6 +863,7 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
             "gaps": sum(r["gaps"] for r in reports),
             "duplicates": sum(r["duplicates"] for r in reports),
             "samples": hist.get_total_count(),
+            "stale": sum(r["stale"] for r in reports),
             "p50_ms": round(hist.get_value_at_percentile(50) / 1000, 3),
             "p99_ms": round(hist.get_value_at_percentile(99) / 1000, 3),
             "max_ms": round(hist.get_max_value() / 1000, 3),
@@ -846,6 +901,8 @@ def machine() -> dict[str, Any]:
         "cpu": model or platform.processor(),
         "python": platform.python_version(),
         "system": f"{platform.system()} {platform.release()}",
+        # Other work on the machine skews every figure: recorded, not corrected for.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -882,13 +939,14 @@ def render(report: dict[str, Any], console: Any) -> None:
     table = Table(
         title=f"fanroute bench fanout — {c['payload']}-byte payloads, {m['nproc']} × {m['cpu']}",
         caption=(
-            f"saturation: window {c['window']} publications, {c['duration']:g} s after {c['warmup']:g} s warm-up; "
-            f"latency: {c['rate']:g} publications/s for {c['duration']:g} s. "
+            f"saturation: at most {c['window']} publications and {c['window_deliveries']:,} deliveries in flight, "
+            f"{c['duration']:g} s after {c['warmup']:g} s warm-up; latency: {c['rate']:g} publications/s "
+            f"(at most {c['rate_deliveries']:,} deliveries/s: column 'pub/s') for {c['duration']:g} s. "
             "×ref = fanroute ÷ reference (throughput: higher is better; latency: lower is better). "
             "CPU in cores, server and load generator share the machine."
         ),
     )
-    for col in ("target", "subs", "deliveries/s", "×ref", "server CPU", "load CPU", "p50 ms", "p99 ms", "×ref p99", "lost", "closes"):
+    for col in ("target", "subs", "deliveries/s", "×ref", "server CPU", "load CPU", "pub/s", "p50 ms", "p99 ms", "×ref p99", "lost", "closes"):
         table.add_column(col, justify="left" if col in ("target", "closes") else "right")
     for r in sorted(report["results"], key=lambda r: (r["subscribers"], TARGETS.index(r["target"]))):
         sat, lat = r["saturation"], r["latency"]
@@ -904,6 +962,7 @@ def render(report: dict[str, Any], console: Any) -> None:
             "" if x.get("throughput") is None else f"{x['throughput']:.2f}",
             f"{sat['server_cpu']:.2f}",
             f"{sat['loadgen_cpu']:.2f}",
+            f"{lat['rate']:g}",
             f"{lat['p50_ms']:.2f}",
             f"{lat['p99_ms']:.2f}",
             "" if x.get("p99") is None else f"{x['p99']:.2f}",
@@ -941,7 +1000,10 @@ def fanout_main(args: argparse.Namespace) -> int:
         duration=args.duration,
         warmup=args.warmup,
         rate=args.rate,
+        rate_deliveries=args.rate_deliveries,
         window=args.window,
+        window_deliveries=args.window_deliveries,
+        heartbeat=args.client_heartbeat,
         publishers=args.publishers,
         client_procs=args.client_procs,
         payload=args.payload,
@@ -953,6 +1015,7 @@ def fanout_main(args: argparse.Namespace) -> int:
     if s.payload < 21:
         print("fanroute: --payload must be at least 21 bytes (it carries a 20-digit send time)", file=sys.stderr)
         return 2
+    facts = machine()
     err = Console(stderr=True)
     out = Console()
     if not out.is_terminal:
@@ -991,14 +1054,17 @@ def fanout_main(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "fanout",
         "argv": sys.argv[1:],
-        "machine": machine(),
+        "machine": facts,
         "config": {
             "subscribers": s.subscribers,
             "targets": s.targets,
             "duration": s.duration,
             "warmup": s.warmup,
             "rate": s.rate,
+            "rate_deliveries": s.rate_deliveries,
             "window": s.window,
+            "window_deliveries": s.window_deliveries,
+            "client_heartbeat": s.heartbeat,
             "publishers": s.publishers,
             "client_procs": s.client_procs,
             "payload": s.payload,
@@ -1026,7 +1092,10 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Any) -> None:
     flag(p, "--duration", float, 5.0, "seconds measured per phase (saturation, then latency) per cell")
     flag(p, "--warmup", float, 1.0, "seconds of saturation before the measurement starts")
     flag(p, "--rate", float, 100.0, "publications per second in the latency phase")
+    flag(p, "--rate-deliveries", int, 20000, "cap on deliveries per second in the latency phase (the rate is lowered at high fan-out)")
     flag(p, "--window", int, 1000, "most publications in flight (ahead of the slowest subscriber) at saturation")
+    flag(p, "--window-deliveries", int, 200000, "cap on deliveries in flight at saturation (the window shrinks at high fan-out)")
+    flag(p, "--client-heartbeat", float, 3.0, "seconds between application pings from each subscriber; 0 for none")
     flag(p, "--publishers", int, 1, "publisher processes at saturation")
     flag(p, "--client-procs", int, 2, "subscriber processes of the load generator")
     flag(p, "--payload", int, 64, "payload size in bytes")
