@@ -1072,6 +1072,8 @@ def fanout_main(args: argparse.Namespace) -> int:
         "results": results,
         "ratios": ratios(results),
     }
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -1100,4 +1102,5 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Any) -> None:
     flag(p, "--client-procs", int, 2, "subscriber processes of the load generator")
     flag(p, "--payload", int, 64, "payload size in bytes")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(bench_main=fanout_main)

@@ -48,7 +48,7 @@ def _optional_port(value: str) -> int | None:
     return None if value.lower() in ("", "none", "off") else int(value)
 
 
-def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int) -> None:
+def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int, anonymous: str) -> None:
     _flag(p, "--host", str, "127.0.0.1", "address for WebSocket clients")
     _flag(p, "--port", int, port, "port for WebSocket clients")
     _flag(p, "--admin-host", str, "127.0.0.1", "address of the admin HTTP port")
@@ -58,6 +58,20 @@ def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int) -
     _flag(p, "--outbox-limit", int, 1 << 20, "bytes a connection may have waiting before it is closed with 4008")
     _flag(p, "--max-frame", int, 64 * 1024, "largest client frame in bytes (larger: close 1009)")
     _flag(p, "--drain-window", float, 10.0, "seconds over which SIGTERM closes clients with 1012 before exit")
+    _flag(p, "--config", str, "", "namespaces file (TOML or YAML): permissions and history per namespace")
+    _flag(p, "--jwt-secret", str, "", "HS256 secret for client tokens")
+    _flag(p, "--jwt-public-key-file", str, "", "PEM public key for RS256/ES256 client tokens (or FANROUTE_JWT_PUBLIC_KEY)")
+    _flag(p, "--jwt-audience", str, "", "required token audience (aud)")
+    _flag(p, "--jwt-issuer", str, "", "required token issuer (iss)")
+    _flag(p, "--anonymous", str, anonymous, "allow, deny, or auto (allow unless a JWT key is set)")
+    _flag(p, "--api-key", str, "", "key for the HTTP publish API (POST /api/publish on the admin port)")
+    _flag(p, "--auth-timeout", float, 5.0, "seconds to present a valid token when one is required (else 4001)")
+    _flag(p, "--allowed-origins", str, "", "comma-separated Origin allow-list for browsers (empty: any)")
+    _flag(p, "--max-subscriptions", int, 1000, "subscriptions per connection")
+    _flag(p, "--max-connections", int, 50000, "connections per gateway (beyond: close 1013)")
+    _flag(p, "--connection-rate", float, 5000.0, "new connections per second (beyond: close 1013); 0 for no limit")
+    _flag(p, "--command-rate", float, 0.0, "commands per second per connection; 0 for no limit")
+    _flag(p, "--publish-rate", float, 0.0, "publishes per second per connection; 0 for no limit")
 
 
 def _add_history_flags(p: argparse.ArgumentParser) -> None:
@@ -71,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("standalone", help="gateway and shards in one process")
-    _add_gateway_flags(p, 8080, 9100)
+    _add_gateway_flags(p, 8080, 9100, "allow")
     _add_history_flags(p)
     _flag(p, "--shards", int, 4, "number of router shards inside the process")
 
     p = sub.add_parser("gateway", help="a gateway that links to router shards")
-    _add_gateway_flags(p, 8081, 9101)
+    _add_gateway_flags(p, 8081, 9101, "auto")
     _flag(p, "--routers", str, "tcp://127.0.0.1:7101", "router shards: name=url,... or url,... (the same list on every gateway)")
     _flag(p, "--inbox", str, "tcp://127.0.0.1:0", "nng address this gateway receives deliveries on")
     _flag(p, "--advertise", str, "", "inbox address the shards should dial, if not --inbox")
@@ -87,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--admin-host", str, "127.0.0.1", "address of the admin HTTP port")
     _flag(p, "--admin-port", _optional_port, 9201, "admin HTTP port; 'off' for none")
     _flag(p, "--gateway-timeout", float, 10.0, "seconds of gateway silence before it is forgotten")
+    _flag(p, "--config", str, "", "namespaces file (TOML or YAML): history size and age per namespace")
     _add_history_flags(p)
 
     p = sub.add_parser("local-cluster", help="gateways and routers as processes on loopback")
@@ -117,6 +132,20 @@ def gateway_config(args: argparse.Namespace, routers: list[tuple[str, str]]) -> 
         outbox_limit=args.outbox_limit,
         max_frame=args.max_frame,
         drain_window=args.drain_window,
+        config_file=args.config or None,
+        jwt_secret=args.jwt_secret or None,
+        jwt_public_key_file=args.jwt_public_key_file or None,
+        jwt_audience=args.jwt_audience or None,
+        jwt_issuer=args.jwt_issuer or None,
+        anonymous=args.anonymous,
+        api_key=args.api_key or None,
+        auth_timeout=args.auth_timeout,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        max_subscriptions=args.max_subscriptions,
+        max_connections=args.max_connections,
+        connection_rate=args.connection_rate,
+        command_rate=args.command_rate,
+        publish_rate=args.publish_rate,
         inbox=getattr(args, "inbox", "tcp://127.0.0.1:0"),
         advertise=getattr(args, "advertise", "") or None,
     )
@@ -131,6 +160,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         history_size=args.history_size,
         history_ttl=args.history_ttl,
         gateway_timeout=getattr(args, "gateway_timeout", 10.0),
+        config_file=args.config or None,
     )
 
 
@@ -208,7 +238,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         gw = gateway_config(args, [("unused", "inproc://unused")])
         rc = router_config(args)
         rc.check()
-        log.info("anonymous access is allowed (standalone default)")
         trio.run(_run_until_signal, partial(node.serve_standalone, gw, rc, args.shards), _describe("standalone"))
     elif args.command == "gateway":
         routers = parse_routers(args.routers)

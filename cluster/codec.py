@@ -43,6 +43,12 @@ def ws_frame(opcode: int, data: bytes) -> bytes:
 PING_FRAME = ws_frame(OP_PING, b"")
 
 
+def ws_payload(frame: bytes) -> bytes:
+    """The payload of one unmasked frame built by :func:`ws_frame`."""
+    n = frame[1] & 0x7F
+    return frame[2 + {126: 2, 127: 8}.get(n, 0) :]
+
+
 class Encoding(Enum):
     """How one connection frames its messages; chosen by subprotocol at handshake."""
 

@@ -31,6 +31,25 @@ class GatewayConfig:
     shard_timeout: float = 3.5
     backlog_limit: int = 4096  # frames waiting for one shard before publishers wait
     drain_window: float = 10.0  # seconds over which SIGTERM closes clients with 1012
+    # Access control (see cluster/auth.py and cluster/permissions.py).
+    config_file: str | None = None  # namespaces: TOML or YAML
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    anonymous: str = "auto"  # allow | deny | auto (allow unless a JWT key is configured)
+    api_key: str | None = None
+    auth_timeout: float = 5.0  # seconds to present a valid token when one is required
+    allowed_origins: list[str] = field(default_factory=list)  # empty: any Origin
+    # Limits; 0 turns a rate limit off. Per-connection command and publish rates are
+    # off by default (back-end feeds publish thousands per second over one socket);
+    # a gateway open to browsers should set them (the Helm chart does).
+    max_subscriptions: int = 1000
+    max_connections: int = 50000
+    connection_rate: float = 5000.0  # new connections per second (burst: the same)
+    command_rate: float = 0.0  # per connection, all commands
+    publish_rate: float = 0.0  # per connection
+    abuse_limit: int = 100  # rate-limited commands within 10 s before closing with 4029
 
     def check(self) -> None:
         if not self.routers:
@@ -48,6 +67,14 @@ class GatewayConfig:
             raise ConfigError("--ping-interval and --ping-timeout must be positive numbers of seconds")
         if self.outbox_limit < 1024:
             raise ConfigError("--outbox-limit must be at least 1024 bytes")
+        if self.anonymous not in ("allow", "deny", "auto"):
+            raise ConfigError("--anonymous must be allow, deny or auto")
+        for flag, value in (("--max-subscriptions", self.max_subscriptions), ("--max-connections", self.max_connections)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1")
+        for flag, value in (("--connection-rate", self.connection_rate), ("--command-rate", self.command_rate), ("--publish-rate", self.publish_rate)):
+            if value < 0:
+                raise ConfigError(f"{flag} must not be negative (0 turns it off)")
         if self.drain_window < 0:
             raise ConfigError("--drain-window must not be negative")
         if self.max_frame < 256:
@@ -63,7 +90,7 @@ class RouterConfig:
     history_size: int = 1000
     history_ttl: float = 300.0
     gateway_timeout: float = 10.0
-    extra: dict[str, str] = field(default_factory=dict)
+    config_file: str | None = None  # namespaces: per-namespace history size and age
 
     def check(self) -> None:
         _check_nng_url("--listen", self.listen)

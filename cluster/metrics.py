@@ -91,6 +91,24 @@ class GatewayMetrics:
             ["shard", "state"],
             registry=registry,
         )
+        self.limit_hits = Counter(
+            "fanroute_gateway_limit_hits_total",
+            "Commands or connections refused by a limit, by limit.",
+            ["limit"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "fanroute_gateway_auth_failures_total",
+            "Authentication and authorization failures, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "fanroute_gateway_api_requests_total",
+            "HTTP publish API requests, by status code.",
+            ["status"],
+            registry=registry,
+        )
         self.inter_node_rejected = Counter(
             "fanroute_gateway_wire_rejected_total",
             "Inter-node messages from shards that could not be decoded and were dropped.",

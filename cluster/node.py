@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.admin import AdminServer
 from cluster.config import ConfigError, GatewayConfig, RouterConfig
+from gateway.api import PublishApi
 from gateway.server import GatewayServer
 from router.server import RouterServer
 
@@ -57,6 +58,7 @@ async def serve_gateway(
 ) -> None:
     gateway = GatewayServer(config)
     admin = AdminServer(gateway.registry, gateway.ready)
+    admin.route("POST", "/api/publish", PublishApi(gateway).handle)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run)
         admin_port = await _serve_admin(nursery, admin, config.admin_host, config.admin_port)
@@ -89,6 +91,7 @@ async def serve_standalone(
         return gateway.ready()
 
     admin = AdminServer(registry, ready)
+    admin.route("POST", "/api/publish", PublishApi(gateway).handle)
     async with trio.open_nursery() as nursery:
         for router in routers:
             await nursery.start(router.run)

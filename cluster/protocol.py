@@ -69,6 +69,12 @@ class Connect:
 
 
 @dataclass(slots=True)
+class Refresh:
+    token: str
+    id: int | None = None
+
+
+@dataclass(slots=True)
 class Subscribe:
     topic: str
     id: int | None = None
@@ -94,7 +100,7 @@ class Ping:
     id: int | None = None
 
 
-Command = Connect | Subscribe | Unsubscribe | Publish | Ping
+Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping
 
 
 def check_topic(topic: Any, id: int | None = None) -> str:
@@ -160,6 +166,11 @@ def parse_command(frame: Any) -> Command:
         if token is not None and not isinstance(token, str):
             raise ProtocolError(BAD_REQUEST, "token must be a string", id)
         return Connect(token, id)
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(BAD_REQUEST, "refresh needs a token string", id)
+        return Refresh(token, id)
     if not isinstance(kind, str):
         raise ProtocolError(BAD_REQUEST, "type must be a string", id)
     raise ProtocolError(BAD_REQUEST, f"unknown command type {kind[:40]!r}", id)
@@ -212,6 +223,10 @@ def connected_event(
         },
         id,
     )
+
+
+def refreshed_event(expires: float | None, id: int | None = None) -> dict[str, Any]:
+    return _with_id({"type": "refreshed", "expires": expires}, id)
 
 
 def message_event(topic: str, payload: Any, seq: int) -> dict[str, Any]:

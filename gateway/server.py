@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
+from urllib.parse import parse_qs
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -21,6 +23,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from cluster import protocol as p
 from cluster.admin import HttpApp
+from cluster.auth import ANONYMOUS, AuthError, Authenticator, Identity
+from cluster.permissions import load_policy
+from cluster.ratelimit import Strikes, TokenBucket
 from cluster import wire
 from cluster.codec import PING_FRAME, Encoding
 from cluster.config import ConfigError, GatewayConfig
@@ -33,6 +38,14 @@ from gateway.outbox import SocketOutbox
 
 log = logging.getLogger("fanroute.gateway")
 
+_COMMAND_NAMES = {
+    p.Publish: "publish",
+    p.Subscribe: "subscribe",
+    p.Unsubscribe: "unsubscribe",
+    p.Ping: "ping",
+    p.Connect: "connect",
+    p.Refresh: "refresh",
+}
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _HEAD_TIMEOUT = 10.0
 STATIC_DIR = Path(__file__).parent / "static"
@@ -48,6 +61,11 @@ class Conn:
     outbox: SocketOutbox
     opened: float
     last_ping: float
+    identity: Identity | None = None  # None: a token is required and not yet given
+    auth_deadline: float | None = None
+    commands: TokenBucket | None = None
+    publishes: TokenBucket | None = None
+    strikes: Strikes | None = None
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int | None = None
     close_reason: str = ""
@@ -58,6 +76,19 @@ class Conn:
         if self.close_code is None:
             self.close_code, self.close_reason, self.why = code, reason, why
         self.cancel.cancel()
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _query_param(target: str, name: str) -> str | None:
+    _, _, query = target.partition("?")
+    values = parse_qs(query).get(name)
+    return values[0] if values else None
 
 
 class GatewayServer:
@@ -75,6 +106,20 @@ class GatewayServer:
         self.links: dict[str, ShardLink] = {}
         self._bytes_closed = 0  # bytes written by connections that are gone
         self._ws_server: WebSocketServer | None = None
+        self.policy = load_policy(config.config_file)
+        self.auth = Authenticator.from_settings(
+            secret=config.jwt_secret,
+            public_key_file=config.jwt_public_key_file,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            allow_anonymous=False,
+            api_key=config.api_key,
+        )
+        anonymous = config.anonymous
+        self.auth.allow_anonymous = anonymous == "allow" or (anonymous == "auto" and not self.auth.tokens_enabled)
+        if not self.auth.allow_anonymous and not self.auth.tokens_enabled:
+            raise ConfigError("--anonymous deny needs a JWT key (--jwt-secret or --jwt-public-key-file)")
+        self._accepts = TokenBucket(config.connection_rate, max(1.0, config.connection_rate)) if config.connection_rate else None
         # Plain HTTP on the client port: the browser client and the demo pages.
         self.http = HttpApp()
         self.http.add_static(STATIC_DIR)
@@ -138,6 +183,10 @@ class GatewayServer:
                 await nursery.start(trio.serve_listeners, self._accept, listeners)
                 self.port = listeners[0].socket.getsockname()[1]
                 log.info("gateway %s listening on ws://%s:%d/", self.instance, cfg.host, self.port)
+                if self.auth.allow_anonymous:
+                    log.info("anonymous access is allowed%s", "" if self.auth.tokens_enabled else " (no JWT key configured)")
+                else:
+                    log.info("clients must present a valid token")
                 task_status.started(self)
         finally:
             if self._inbox_sock is not None:
@@ -230,7 +279,17 @@ class GatewayServer:
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
+            wall = time.time()
             for conn in list(self.conns.values()):
+                if conn.auth_deadline is not None and now > conn.auth_deadline:
+                    self.metrics.auth_failures.labels("timeout").inc()
+                    conn.kill(p.CLOSE_UNAUTHORIZED, "no valid token in time", "unauthorized")
+                    continue
+                expires = conn.identity.expires if conn.identity is not None else None
+                if expires is not None and wall > expires:
+                    self.metrics.auth_failures.labels("expired").inc()
+                    conn.kill(p.CLOSE_UNAUTHORIZED, "token expired", "unauthorized")
+                    continue
                 last_rx = conn.activity.last_rx
                 if last_rx < conn.last_ping and now - conn.last_ping > cfg.ping_timeout:
                     self.metrics.heartbeat_timeouts.inc()
@@ -261,8 +320,27 @@ class GatewayServer:
             self.metrics.connections_rejected.labels("draining").inc()
             await request.reject(503, body=b"draining\n")
             return
+        cfg = self.config
+        if cfg.allowed_origins:
+            origin = _header(request.headers, b"origin")
+            if origin is not None and origin not in cfg.allowed_origins:
+                # Cross-site WebSocket hijacking: a page from another site is refused.
+                self.metrics.connections_rejected.labels("origin").inc()
+                await request.reject(403, body=b"origin not allowed\n")
+                return
         encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=encoding.subprotocol)
+        refusal = None
+        if len(self.conns) >= cfg.max_connections:
+            refusal = "connections"
+        elif self._accepts is not None and not self._accepts.take(trio.current_time()):
+            refusal = "connection_rate"
+        if refusal is not None:
+            self.metrics.limit_hits.labels(refusal).inc()
+            self.metrics.connections_rejected.labels(refusal).inc()
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                await ws.aclose(p.CLOSE_TRY_AGAIN, "try again later")
+            return
         activity = wsconn.stream_of(ws)
         sock, lock = activity.socket, wsconn.write_lock(ws)
         now = trio.current_time()
@@ -275,6 +353,18 @@ class GatewayServer:
         )
         session = Session(secrets.token_hex(8), encoding, outbox)
         conn = Conn(session, ws, activity, outbox, opened=now, last_ping=now)
+        if cfg.command_rate:
+            conn.commands = TokenBucket(cfg.command_rate, cfg.command_rate)
+        if cfg.publish_rate:
+            conn.publishes = TokenBucket(cfg.publish_rate, cfg.publish_rate)
+        conn.strikes = Strikes(cfg.abuse_limit, 10.0)
+        token = _query_param(request.path, "token")
+        if token is not None:
+            self._authenticate(conn, token, None)
+        elif self.auth.allow_anonymous:
+            conn.identity = ANONYMOUS
+        else:
+            conn.auth_deadline = now + cfg.auth_timeout
         self.conns[session] = conn
         self.metrics.connections.inc()
         self.metrics.connections_opened.inc()
@@ -302,6 +392,45 @@ class GatewayServer:
             self.metrics.connections_closed.labels(conn.why, str(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
 
+    def _connect(self, conn: Conn, cmd: p.Connect) -> None:
+        if cmd.token is not None:
+            if not self._authenticate(conn, cmd.token, cmd.id):
+                return
+        elif conn.identity is None:
+            self.hub.reject(conn.session, p.ProtocolError(p.UNAUTHORIZED, "a token is required", cmd.id))
+            return
+        conn.session.send(
+            p.connected_event(conn.session.id, self.config.ping_interval, self.config.ping_timeout, cmd.id)
+        )
+        self.hub.dirty.add(conn.session)
+
+    def _authenticate(self, conn: Conn, token: str, id: int | None, refresh: bool = False) -> bool:
+        """Verify a token; on failure answer ``unauthorized`` and close with 4001."""
+        try:
+            identity = self.auth.verify(token)
+            if refresh and conn.identity is not None and conn.identity.subject not in (None, identity.subject):
+                raise AuthError("a refresh token must be for the same subject")
+        except AuthError as exc:
+            self.metrics.auth_failures.labels("refresh" if refresh else "token").inc()
+            self.hub.reject(conn.session, p.ProtocolError(p.UNAUTHORIZED, str(exc), id))
+            conn.kill(p.CLOSE_UNAUTHORIZED, "unauthorized", "unauthorized")
+            return False
+        conn.identity, conn.auth_deadline = identity, None
+        if refresh:
+            conn.session.send(p.refreshed_event(identity.expires, id))
+            self.hub.dirty.add(conn.session)
+        return True
+
+    def _forbidden(self, session: Session, why: str, id: int | None) -> None:
+        self.metrics.auth_failures.labels("forbidden").inc()
+        self.hub.reject(session, p.ProtocolError(p.FORBIDDEN, why, id))
+
+    def _rate_limited(self, conn: Conn, id: int | None, limit: str, now: float) -> None:
+        self.metrics.limit_hits.labels(limit).inc()
+        self.hub.reject(conn.session, p.ProtocolError(p.RATE_LIMITED, f"too many {limit}: slow down", id))
+        if conn.strikes is not None and conn.strikes.hit(now):
+            conn.kill(p.CLOSE_RATE_LIMIT, "rate limit exceeded repeatedly", "rate_limit")
+
     def _overflow(self, conn: Conn) -> None:
         self.metrics.slow_consumer_closes.inc()
         conn.kill(p.CLOSE_SLOW_CONSUMER, "slow consumer", "slow_consumer")
@@ -322,31 +451,41 @@ class GatewayServer:
                 hub.reject(session, err)
                 self.flush()
                 continue
-            if type(cmd) is p.Publish:
-                commands.labels("publish").inc()
-                hub.publish(session, cmd)
-                self.flush()
-                shard = hub.ring.owner(cmd.topic)
-                while hub.backlog(shard) > self.config.backlog_limit:
-                    # The shard link is behind: stop reading this client until
-                    # it catches up (TCP pushes back on the publisher).
-                    await self.links[shard].room.wait()
-                continue
-            if type(cmd) is p.Subscribe:
-                commands.labels("subscribe").inc()
-                hub.subscribe(session, cmd)
-            elif type(cmd) is p.Unsubscribe:
-                commands.labels("unsubscribe").inc()
-                hub.unsubscribe(session, cmd)
-            elif type(cmd) is p.Ping:
-                commands.labels("ping").inc()
+            kind = type(cmd)
+            commands.labels(_COMMAND_NAMES[kind]).inc()
+            now = trio.current_time()
+            if conn.commands is not None and not conn.commands.take(now):
+                self._rate_limited(conn, cmd.id, "commands", now)
+            elif kind is p.Ping:
                 hub.ping(session, cmd)
-            elif type(cmd) is p.Connect:
-                commands.labels("connect").inc()
-                session.send(
-                    p.connected_event(
-                        session.id, self.config.ping_interval, self.config.ping_timeout, cmd.id
-                    )
-                )
-                hub.dirty.add(session)
+            elif kind is p.Connect:
+                self._connect(conn, cmd)
+            elif kind is p.Refresh:
+                self._authenticate(conn, cmd.token, cmd.id, refresh=True)
+            elif conn.identity is None:
+                hub.reject(session, p.ProtocolError(p.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
+            elif kind is p.Publish:
+                if conn.publishes is not None and not conn.publishes.take(now):
+                    self._rate_limited(conn, cmd.id, "publishes", now)
+                elif (why := self.policy.can_publish(conn.identity, cmd.topic)) is not None:
+                    self._forbidden(session, why, cmd.id)
+                else:
+                    hub.publish(session, cmd)
+                    self.flush()
+                    shard = hub.ring.owner(cmd.topic)
+                    while hub.backlog(shard) > self.config.backlog_limit:
+                        # The shard link is behind: stop reading this client until
+                        # it catches up (TCP pushes back on the publisher).
+                        await self.links[shard].room.wait()
+                    continue
+            elif kind is p.Subscribe:
+                if (why := self.policy.can_subscribe(conn.identity, cmd.topic)) is not None:
+                    self._forbidden(session, why, cmd.id)
+                elif len(session.topics) >= self.config.max_subscriptions and cmd.topic not in session.topics:
+                    self.metrics.limit_hits.labels("subscriptions").inc()
+                    hub.reject(session, p.ProtocolError(p.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
+                else:
+                    hub.subscribe(session, cmd)
+            elif kind is p.Unsubscribe:
+                hub.unsubscribe(session, cmd)
             self.flush()

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from cluster import wire
 from cluster.config import ConfigError, RouterConfig
 from cluster.metrics import RouterMetrics
+from cluster.permissions import load_policy
 from router.shard import Shard
 
 log = logging.getLogger("fanroute.router")
@@ -57,6 +58,7 @@ class RouterServer:
             history_size=config.history_size,
             history_ttl=config.history_ttl,
             gateway_timeout=config.gateway_timeout,
+            history_for=load_policy(config.config_file).history_for,
         )
         self.metrics.watch(self.shard)
         self.links: dict[str, GatewayLink] = {}

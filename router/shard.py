@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class Shard:
         history_ttl: float = 300.0,
         gateway_timeout: float = 10.0,
         epoch: str | None = None,
+        history_for: Callable[[str], tuple[int | None, float | None]] = lambda topic: (None, None),
     ) -> None:
         self.name = name
         # The shard epoch changes on every start: a restarted shard has lost its
@@ -70,6 +72,7 @@ class Shard:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.gateway_timeout = gateway_timeout
+        self.history_for = history_for  # per-namespace overrides of size and age
         self.topics: dict[str, Topic] = {}
         self.gateways: dict[str, Gateway] = {}
         self.outbound: defaultdict[str, list[list[Any]]] = defaultdict(list)
@@ -123,9 +126,9 @@ class Shard:
             # A topic that was forgotten and comes back gets a new epoch: its seq
             # restarts, and cursors from before must not be taken for current ones.
             self._generation += 1
-            topic = self.topics[name] = Topic(
-                f"{self.epoch}-{self._generation}", History(self.history_size, self.history_ttl)
-            )
+            size, ttl = self.history_for(name)
+            history = History(self.history_size if size is None else size, self.history_ttl if ttl is None else ttl)
+            topic = self.topics[name] = Topic(f"{self.epoch}-{self._generation}", history)
         return topic
 
     def publish(self, gw: Gateway, name: str, payload: Any, req: int, ts: float, now: float) -> None:
