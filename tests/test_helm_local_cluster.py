@@ -115,7 +115,7 @@ class LocalRelease:
             else:
                 continue
             local = self.workdir / pod.name / mount["name"]
-            local.mkdir(parents=True)
+            local.mkdir(parents=True, exist_ok=True)
             for item in items or [{"key": k, "path": k} for k in data]:
                 if item["key"] in data:
                     (local / item["path"]).write_text(data[item["key"]])
