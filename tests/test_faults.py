@@ -33,7 +33,7 @@ asyncio.run(main())
 
 @pytest.fixture
 def cluster():
-    c = start_cluster(gateways=2, routers=2, gateway_args=FAST)
+    c = start_cluster(gateways=2, routers=2, gateway_args=FAST, router_args=["--gateway-timeout", "2"])
     yield c
     c.stop()
 
@@ -119,6 +119,13 @@ async def test_sigkill_a_gateway_under_a_running_publisher(cluster, nursery):
         assert [m.seq for m in got] == list(range(1, total + 1)), f"client {k}"
     # Those that were on the killed gateway came back with since and were recovered.
     assert metric(gw_b.metrics(), "fanroute_gateway_resumes_total") >= 1
+    # Every shard forgets the killed gateway once its heartbeats stop.
+    for router in cluster.routers:
+        await await_until(
+            lambda: metric(router.metrics(), "fanroute_router_gateways") == 1
+            and metric(router.metrics(), "fanroute_router_gateways_forgotten_total") >= 1,
+            what=f"{router.name} to forget the killed gateway",
+        )
 
 
 async def test_sigkill_a_shard_then_restart_it():

@@ -142,3 +142,24 @@ def _unframe(frame: bytes) -> bytes:
     if n == 127:
         return frame[10:]
     return frame[2:]
+
+
+frames = st.dictionaries(
+    st.sampled_from(["type", "topic", "payload", "id", "since", "ts", "token", "x"]),
+    st.one_of(
+        st.sampled_from(["subscribe", "unsubscribe", "publish", "ping", "connect", "refresh", "?"]),
+        json_values,
+        st.dictionaries(st.sampled_from(["epoch", "seq"]), json_values, max_size=2),
+    ),
+    max_size=6,
+)
+
+
+@given(frames)
+def test_any_frame_parses_to_a_command_or_a_protocol_error(frame):
+    try:
+        cmd = p.parse_command(frame)
+    except p.ProtocolError as err:
+        assert err.code == p.BAD_REQUEST and err.message
+    else:
+        assert type(cmd) in (p.Subscribe, p.Unsubscribe, p.Publish, p.Ping, p.Connect, p.Refresh)
