@@ -275,6 +275,13 @@ def wait_demo(pg: Any, expr: str, arg: Any = None) -> None:
 SUBSCRIBED = "d.log.some(e => e.event === 'subscribed')"
 
 
+def freeze_clock(pg: Any) -> None:
+    """Stop the page's timers (after a small jump ahead: pause_at cannot go back in
+    time, and the page's clock runs on while the command travels). pause_at takes
+    seconds since the epoch, as Python's time() does."""
+    pg.clock.pause_at((demo(pg, "Date.now()") + 500) / 1000)
+
+
 # --- the tests -----------------------------------------------------------------------------
 
 
@@ -417,8 +424,7 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
 
             # Freeze the page's timers: once the connection drops, the reconnect
             # cannot happen until the test says so.
-            # (pause_at takes seconds since the epoch, as Python's time() does.)
-            page.clock.pause_at((demo(page, "Date.now()") + 10) / 1000)
+            freeze_clock(page)
             victim.popen.send_signal(signal.SIGKILL)
             wait_demo(page, "d.client.state === 'connecting' && d.log.some(e => e.event === 'disconnected')")
             assert page.get_attribute("#status", "data-state") == "reconnecting"
@@ -464,7 +470,7 @@ def test_page_is_told_when_history_cannot_cover_the_outage(page: Any) -> None:
             for i in range(1, 6):
                 other.publish(topic, {"text": f"before {i}"})
             wait_demo(page, "d.seqs.length === 5")
-            page.clock.pause_at((demo(page, "Date.now()") + 10) / 1000)
+            freeze_clock(page)
             victim.popen.send_signal(signal.SIGKILL)
             wait_demo(page, "d.client.state === 'connecting'")
             for i in range(6, 16):

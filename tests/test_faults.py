@@ -202,3 +202,24 @@ async def test_sigterm_drains_clients_over_the_window_then_exits_zero():
         assert await trio.to_thread.run_sync(lambda: gw.popen.wait(timeout=DEADLINE)) == 0
     finally:
         cluster.stop()
+
+
+async def test_sdk_leaves_a_frozen_gateway_for_another(cluster):
+    gw_a, gw_b = cluster.gateways
+    async with Client([gw_a.url, gw_b.url], min_delay=0.02, max_delay=0.5) as client:
+        sub = await client.subscribe("frozen.gw")
+        assert client.url == gw_a.url
+        gw_a.kill(signal.SIGSTOP)
+        try:
+            frozen_at = trio.current_time()
+            # ping_interval + ping_timeout is 1 s here (from the gateway's connected reply).
+            with trio.fail_after(DEADLINE):
+                while client.url != gw_b.url:
+                    await trio.sleep(0.02)
+            noticed = trio.current_time() - frozen_at
+            assert noticed < 1.0 + 5.0, f"noticed after {noticed:.1f}s"
+            seq = await client.publish("frozen.gw", "after")
+            item = await sub.get()
+            assert isinstance(item, Message) and item.seq == seq
+        finally:
+            gw_a.kill(signal.SIGCONT)
