@@ -13,26 +13,31 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
 from tests.helpers import DEADLINE, free_port, http_get, metric, wait_until, ws_connect
 from tests.test_helm_chart import env_of, find, objects, one, production_values, render
 
-# Read by the gateway straight from its environment, not flags.
-ENV_ONLY = {"FANROUTE_JWT_SECRET", "FANROUTE_JWT_PUBLIC_KEY_FILE", "FANROUTE_API_KEY"}
-# Announced flags the chart already sets; while the CLI lacks one, the local run leaves
-# it out (and says so). Remove a name here once its flag exists.
-PENDING_FLAGS = {"FANROUTE_CONFIG"}
+# Variables fanroute reads directly rather than through a flag, if the chart sets any.
+ENV_ONLY: set[str] = {"FANROUTE_JWT_PUBLIC_KEY"}
+# Announced flags the chart may set before the CLI has them; the local run leaves them
+# out (and says so). Empty: every variable the chart sets is a flag today.
+PENDING_FLAGS: set[str] = set()
 
 FANROUTE = Path(sys.executable).with_name("fanroute")
 
@@ -75,6 +80,7 @@ class LocalRelease:
     def __init__(self, objs: list[dict[str, Any]], workdir: Path) -> None:
         self.objs = objs
         self.workdir = workdir
+        self.variant = ""
         sts, deploy = one(objs, "StatefulSet"), one(objs, "Deployment")
         hpa = find(objs, "HorizontalPodAutoscaler")
         gateways = deploy["spec"].get("replicas") or hpa[0]["spec"]["minReplicas"]
@@ -214,15 +220,47 @@ class LocalRelease:
                 pod.popen.stderr.close()
 
 
+JWT_SECRET = "local-test-jwt-secret-0123456789abcdef"
+API_KEY = "local-test-api-key"
+
+
+def operator_secret(name: str) -> dict[str, Any]:
+    """The Secret an operator creates before installing with auth.existingSecret."""
+    data = {"jwt-secret": JWT_SECRET, "api-key": API_KEY}
+    return {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
 @pytest.fixture(params=["default", "production"])
 def release(request, tmp_path):
-    values = None if request.param == "default" else production_values()
-    rel = LocalRelease(objects(render(values)), tmp_path)
+    if request.param == "default":
+        objs = objects(render())
+    else:
+        values = production_values()
+        objs = [*objects(render(values)), operator_secret(values["auth"]["existingSecret"])]
+    rel = LocalRelease(objs, tmp_path)
+    rel.variant = request.param
     rel.start()
     try:
         yield rel
     finally:
         rel.stop()
+
+
+def api_publish(port: int, topic: str, payload: Any, key: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/publish",
+        data=json.dumps({"topic": topic, "payload": payload}).encode(),
+        headers={"Content-Type": "application/json", "X-API-Key": key},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 async def test_rendered_release_runs_as_a_working_cluster(release):
@@ -246,22 +284,41 @@ async def test_rendered_release_runs_as_a_working_cluster(release):
         for r in release.routers:
             assert metric(text, "fanroute_gateway_shard_link_up", f'shard="router-{r.index}"') == 1
 
-    # Publications cross gateways through every shard: deliveries reach the shards'
-    # callbacks on the advertised inbox addresses.
-    topics = [f"t.{i}" for i in range(40)]
+    production = release.variant == "production"
     first, last = release.gateways[0], release.gateways[-1]
-    async with ws_connect(f"ws://127.0.0.1:{first.port('ws')}/") as sub, \
-            ws_connect(f"ws://127.0.0.1:{last.port('ws')}/") as pub:
+    query = ""
+    if production:
+        # The namespaces config and the Secret are in force: anonymous clients are
+        # refused, tokens signed with the Secret's key are accepted.
+        token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256")
+        query = f"?token={token}"
+        async with ws_connect(f"ws://127.0.0.1:{first.port('ws')}/") as anon:
+            await anon.send({"type": "subscribe", "topic": "chat.lobby", "id": 1})
+            assert (await anon.recv_type("error"))["code"] == "unauthorized"
+    namespace = "chat" if production else "t"
+    topics = [f"{namespace}.{i}" for i in range(40)]
+
+    # Publications cross gateways through every shard, and come back to the
+    # subscriber's gateway on the inbox address it advertised.
+    async with ws_connect(f"ws://127.0.0.1:{first.port('ws')}/{query}") as sub, \
+            ws_connect(f"ws://127.0.0.1:{last.port('ws')}/{query}") as pub:
         for i, topic in enumerate(topics):
             await sub.subscribe(topic, id=i + 1)
         for topic in topics:
             await pub.send({"type": "publish", "topic": topic, "payload": {"x": 1}})
+        if production:
+            await sub.subscribe("prices.ACME", id=100)
+            status, _ = await trio.to_thread.run_sync(api_publish, last.port("admin"), "prices.ACME", {"p": 1}, "wrong")
+            assert status == 401
+            status, body = await trio.to_thread.run_sync(api_publish, last.port("admin"), "prices.ACME", {"p": 1}, API_KEY)
+            assert (status, body["seq"]) == (200, 1)
+            topics.append("prices.ACME")
         got = set()
         with trio.fail_after(DEADLINE):
             while len(got) < len(topics):
                 msg = await sub.recv()
                 if "type" not in msg and "seq" in msg:  # a message frame
-                    assert msg["payload"] == {"x": 1}
+                    assert msg["payload"] in ({"x": 1}, {"p": 1})
                     got.add(msg["topic"])
     busy = 0
     for pod in release.routers:
