@@ -185,14 +185,19 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Clients: reconnects, auth and limits", [
         Panel("Reconnects", [
-            q(f"sum(rate(fanroute_gateway_reconnects_total{{{GW}}}[{RATE}]))", "reconnects"),
-        ], "cps", description="Connections that resumed a previous session."),
+            q(f"sum(rate(fanroute_gateway_resumes_total{{{GW}}}[{RATE}]))", "subscriptions resumed (since)"),
+            q(f'sum(rate(fanroute_gateway_connections_closed_total{{{GW}, code=~"1012|1013|4008"}}[{RATE}]))',
+              "closes that send clients back (1012, 1013, 4008)"),
+        ], "ops", description="Clients coming back: resumed subscriptions, and the closes that cause them."),
         Panel("Auth failures", [
-            q(f"sum by (reason) (rate(fanroute_gateway_auth_failures_total{{{GW}}}[{RATE}]))", "{{reason}}"),
-        ], "cps"),
-        Panel("Rate-limit hits", [
-            q(f"sum by (kind) (rate(fanroute_gateway_rate_limited_total{{{GW}}}[{RATE}]))", "{{kind}}"),
-        ], "ops"),
+            q(f"sum by (kind) (rate(fanroute_gateway_auth_failures_total{{{GW}}}[{RATE}]))", "{{kind}}"),
+        ], "ops", stack=True),
+        Panel("Limit hits", [
+            q(f"sum by (limit) (rate(fanroute_gateway_limit_hits_total{{{GW}}}[{RATE}]))", "{{limit}}"),
+        ], "ops", stack=True, description="Commands or connections refused by a rate or size limit."),
+        Panel("HTTP publish API", [
+            q(f"sum by (status) (rate(fanroute_gateway_api_requests_total{{{GW}}}[{RATE}]))", "{{status}}"),
+        ], "reqps", stack=True),
     ]),
 ]
 
