@@ -133,7 +133,7 @@ def processes() -> Iterator[list[Proc]]:
             proc.kill()
 
 
-HEARTBEAT = ["--ping-interval", "1", "--ping-timeout", "1"]
+HEARTBEAT = ["--ping-interval", "1", "--ping-timeout", "5"]
 
 
 def start_standalone(procs: list[Proc]) -> Proc:
@@ -273,6 +273,9 @@ def wait_demo(pg: Any, expr: str, arg: Any = None) -> None:
 
 
 SUBSCRIBED = "d.log.some(e => e.event === 'subscribed')"
+# The pages ping every second and allow ten of silence, so that a loaded machine
+# does not make them give up on a live gateway; the heartbeat test sets its own.
+CALM = "pingInterval=1000&pingTimeout=10000"
 
 
 def freeze_clock(pg: Any) -> None:
@@ -302,7 +305,7 @@ def test_gateway_serves_the_client_and_the_pages(standalone: Proc) -> None:
 
 
 def test_index_page_links_to_both_demos(page: Any, standalone: Proc) -> None:
-    page.goto(standalone.http + "/")
+    page.goto(standalone.http + "/?" + CALM)
     wait_demo(page, "d.client.state === 'connected'")
     assert page.get_attribute("#status", "data-state") == "connected"
     screenshot(page, "index.png")
@@ -317,7 +320,7 @@ def test_index_page_links_to_both_demos(page: Any, standalone: Proc) -> None:
 def test_comments_page_connects_subscribes_receives_and_publishes(page: Any, standalone: Proc) -> None:
     room = f"r{free_port()}"
     topic = f"comments.{room}"
-    page.goto(f"{standalone.http}/comments.html?room={room}")
+    page.goto(f"{standalone.http}/comments.html?room={room}&{CALM}")
     wait_demo(page, SUBSCRIBED)
     assert demo(page, "d.topic") == topic
     assert page.get_attribute("#status", "data-state") == "connected"
@@ -367,7 +370,7 @@ def test_comments_page_connects_subscribes_receives_and_publishes(page: Any, sta
 
 
 def test_ticker_page_updates_in_place_from_the_demo_feed(page: Any, standalone: Proc) -> None:
-    page.goto(standalone.http + "/ticker.html")
+    page.goto(standalone.http + "/ticker.html?" + CALM)
     symbols = demo(page, "d.symbols")
     assert len(symbols) >= 4
     wait_demo(page, f"d.log.filter(e => e.event === 'subscribed').length === {len(symbols)}")
@@ -396,7 +399,7 @@ def test_ticker_page_updates_in_place_from_the_demo_feed(page: Any, standalone: 
 
 
 def test_ticker_page_can_publish_its_own_prices(page: Any, standalone: Proc) -> None:
-    page.goto(standalone.http + "/ticker.html?symbols=DEMO1,DEMO2")
+    page.goto(standalone.http + "/ticker.html?symbols=DEMO1,DEMO2&" + CALM)
     assert demo(page, "d.symbols") == ["DEMO1", "DEMO2"]
     wait_demo(page, "d.log.filter(e => e.event === 'subscribed').length === 2")
     page.click("#feed")
@@ -412,7 +415,7 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
         gateways = start_cluster(procs, gateways=2, routers=2)
         urls = ",".join(g.ws for g in gateways)
         page.clock.install()  # time flows normally until the test pauses it
-        page.goto(f"{gateways[0].http}/comments.html?room=failover&gateways={urls}&minDelay=200&maxDelay=2000")
+        page.goto(f"{gateways[0].http}/comments.html?room=failover&gateways={urls}&{CALM}&minDelay=200&maxDelay=2000")
         wait_demo(page, SUBSCRIBED)
         first = demo(page, "d.client.url")
         victim = next(g for g in gateways if g.ws == first)
@@ -462,7 +465,7 @@ def test_page_is_told_when_history_cannot_cover_the_outage(page: Any) -> None:
         gateways = start_cluster(procs, gateways=2, routers=1, router_args=("--history-size", "3"))
         urls = ",".join(g.ws for g in gateways)
         page.clock.install()
-        page.goto(f"{gateways[0].http}/comments.html?room=short&gateways={urls}&minDelay=200&maxDelay=2000")
+        page.goto(f"{gateways[0].http}/comments.html?room=short&gateways={urls}&{CALM}&minDelay=200&maxDelay=2000")
         wait_demo(page, SUBSCRIBED)
         victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
         survivor = next(g for g in gateways if g is not victim)
@@ -492,7 +495,7 @@ def test_page_detects_a_frozen_gateway_by_its_heartbeat_deadline(page: Any) -> N
     with processes() as procs:
         gateways = start_cluster(procs, gateways=2, routers=1)
         urls = ",".join(g.ws for g in gateways)
-        page.goto(f"{gateways[0].http}/comments.html?room=frozen&gateways={urls}&minDelay=200&maxDelay=2000")
+        page.goto(f"{gateways[0].http}/comments.html?room=frozen&gateways={urls}&pingInterval=1000&pingTimeout=2000&minDelay=200&maxDelay=2000")
         wait_demo(page, SUBSCRIBED)
         victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
         survivor = next(g for g in gateways if g is not victim)
@@ -517,7 +520,7 @@ def test_draining_gateway_sends_the_page_elsewhere_promptly(page: Any) -> None:
         gateways = start_cluster(procs, gateways=2, routers=1, gateway_args=("--drain-window", "0.2"))
         urls = ",".join(g.ws for g in gateways)
         # A backoff this slow would keep the page away for seconds; 1012 must not.
-        page.goto(f"{gateways[0].http}/comments.html?room=drain&gateways={urls}&minDelay=5000&maxDelay=30000")
+        page.goto(f"{gateways[0].http}/comments.html?room=drain&gateways={urls}&{CALM}&minDelay=5000&maxDelay=30000")
         wait_demo(page, SUBSCRIBED)
         victim = next(g for g in gateways if g.ws == demo(page, "d.client.url"))
         survivor = next(g for g in gateways if g is not victim)
@@ -592,7 +595,7 @@ def scripted_gateway(*actions: tuple[Any, ...]) -> Iterator[tuple[ScriptedGatewa
 def test_terminal_close_code_stops_reconnecting(page: Any, standalone: Proc) -> None:
     with scripted_gateway(("close", 4001)) as (gw, url):
         page.clock.install()
-        page.goto(f"{standalone.http}/comments.html?gateways={url}&minDelay=50&maxDelay=200")
+        page.goto(f"{standalone.http}/comments.html?gateways={url}&{CALM}&minDelay=50&maxDelay=200")
         wait_demo(page, "d.log.some(e => e.event === 'disconnected')")
         event = demo(page, "d.log.find(e => e.event === 'disconnected')")
         assert event["code"] == 4001 and event["reconnect"] is False
@@ -613,7 +616,7 @@ def test_terminal_close_code_stops_reconnecting(page: Any, standalone: Proc) -> 
 def test_service_restart_reconnects_promptly(page: Any, standalone: Proc) -> None:
     with scripted_gateway(("close", 1012), ("serve",)) as (gw, url):
         # With a large maxDelay the backoff alone could wait seconds; 1012 must not.
-        page.goto(f"{standalone.http}/comments.html?gateways={url}&minDelay=5000&maxDelay=30000")
+        page.goto(f"{standalone.http}/comments.html?gateways={url}&{CALM}&minDelay=5000&maxDelay=30000")
         wait_demo(page, "d.client.state === 'connected' && " + SUBSCRIBED)
         event = demo(page, "d.log.find(e => e.event === 'disconnected')")
         assert event["code"] == 1012 and event["reconnect"] is True
