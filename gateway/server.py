@@ -438,7 +438,9 @@ class GatewayServer:
     async def _read_loop(self, conn: Conn) -> None:
         hub, session, ws = self.hub, conn.session, conn.ws
         encoding = session.encoding
-        commands = self.metrics.commands
+        # Label children bound once: a labels() lookup per command takes a lock.
+        counted = {kind: self.metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
+        invalid = self.metrics.commands.labels("invalid")
         while True:
             try:
                 message = await ws.get_message()
@@ -447,12 +449,12 @@ class GatewayServer:
             try:
                 cmd = p.parse_command(encoding.decode(message))
             except p.ProtocolError as err:
-                commands.labels("invalid").inc()
+                invalid.inc()
                 hub.reject(session, err)
                 self.flush()
                 continue
             kind = type(cmd)
-            commands.labels(_COMMAND_NAMES[kind]).inc()
+            counted[kind].inc()
             now = trio.current_time()
             if conn.commands is not None and not conn.commands.take(now):
                 self._rate_limited(conn, cmd.id, "commands", now)
