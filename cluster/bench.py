@@ -1035,21 +1035,23 @@ def fanout_main(args: argparse.Namespace) -> int:
             def say(text: str) -> None:
                 bar.update(task, description=text)
 
-            for name in s.targets:
-                say(f"{name}: starting")
-                try:
-                    target = start_target(name, logdir)
-                except BenchError as exc:
-                    print(f"fanroute: {exc}", file=sys.stderr)
-                    return 1
-                try:
-                    for n in s.subscribers:
-                        results.append(run_cell(target, n, s, say))
+            # Every target runs for the whole benchmark and the cells are
+            # interleaved (each fan-out through every target in turn), so that
+            # whatever else the machine does falls on all of them alike.
+            running: dict[str, Target] = {}
+            try:
+                for name in s.targets:
+                    say(f"{name}: starting")
+                    running[name] = start_target(name, logdir)
+                for n in s.subscribers:
+                    for name in s.targets:
+                        results.append(run_cell(running[name], n, s, say))
                         bar.advance(task)
-                except BenchError as exc:
-                    print(f"fanroute: {exc}", file=sys.stderr)
-                    return 1
-                finally:
+            except BenchError as exc:
+                print(f"fanroute: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                for target in running.values():
                     target.stop()
     report = {
         "benchmark": "fanout",
