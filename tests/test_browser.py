@@ -108,11 +108,18 @@ def spawn(name: str, args: list[str], port: int | None = None, admin: int | None
     return Proc(name, popen, port, admin)
 
 
+class PortTaken(Exception):
+    """A free port found by free_port() was taken by someone else before we bound it."""
+
+
 def wait_ready(proc: Proc) -> None:
     end = time.monotonic() + DEADLINE
     while time.monotonic() < end:
         if proc.popen.poll() is not None:
-            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}: {proc.stderr_tail()}")
+            err = proc.stderr_tail()
+            if "cannot be listened on" in err:
+                raise PortTaken(err)
+            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}: {err}")
         try:
             if http_get(f"http://127.0.0.1:{proc.admin}/readyz", timeout=1)[0] == 200:
                 return
@@ -136,6 +143,29 @@ def processes() -> Iterator[list[Proc]]:
 HEARTBEAT = ["--ping-interval", "1", "--ping-timeout", "5"]
 
 
+def with_free_ports(start: Any) -> Any:
+    """Run a start-up again (with new ports) when a port was taken meanwhile: other
+    test runs on the machine pick free ports too."""
+
+    def retrying(procs: list[Proc], *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(3):
+            mine: list[Proc] = []
+            try:
+                result = start(mine, *args, **kwargs)
+            except PortTaken:
+                for proc in mine:
+                    proc.kill()
+                if attempt == 2:
+                    raise
+                continue
+            finally:
+                procs.extend(mine)
+            return result
+
+    return retrying
+
+
+@with_free_ports
 def start_standalone(procs: list[Proc]) -> Proc:
     port, admin = free_port(), free_port()
     proc = spawn("standalone", ["standalone", "--port", str(port), "--admin-port", str(admin), *HEARTBEAT], port, admin)
@@ -144,6 +174,7 @@ def start_standalone(procs: list[Proc]) -> Proc:
     return proc
 
 
+@with_free_ports
 def start_cluster(
     procs: list[Proc],
     gateways: int,
