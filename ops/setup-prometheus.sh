@@ -21,5 +21,6 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   chmod +x /usr/sbin/policy-rc.d
   added_policy=1
 fi
-trap '[ -n "$added_policy" ] && rm -f /usr/sbin/policy-rc.d' EXIT
+cleanup() { if [ -n "$added_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; }
+trap cleanup EXIT
 apt-get install -y -q --no-install-recommends prometheus
