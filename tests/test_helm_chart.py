@@ -69,9 +69,21 @@ def pod_specs(objs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str
     return [(o, o["spec"]["template"]) for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
 
 
+def auth_values() -> dict[str, Any]:
+    """Keys given as values (the chart makes the Secret), origins, NodePort, no PDBs."""
+    return {
+        "auth": {"jwtSecret": "s3cret", "jwtPublicKey": "-----BEGIN PUBLIC KEY-----\n", "apiKey": "k3y",
+                 "jwtAudience": "feeds", "jwtIssuer": "https://id.example"},
+        "gateway": {"allowedOrigins": "https://app.example", "service": {"type": "NodePort"}, "pdb": {"enabled": False}},
+        "router": {"pdb": {"enabled": False}},
+        "serviceAccount": {"create": False},
+    }
+
+
 VARIANTS = {
     "default": lambda: None,
     "production": production_values,
+    "auth": auth_values,
 }
 
 
@@ -380,3 +392,60 @@ def test_service_monitor_scrapes_both_services_under_the_rules_job_names():
     assert jobs == {"fanroute-gateway", "fanroute-router"}
     rules_jobs = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
     assert rules_jobs == jobs
+
+
+# -- The image the chart runs --------------------------------------------------------
+
+DOCKERFILE = ROOT / "ops/Dockerfile"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+def test_image_runs_fanroute_as_the_chart_user():
+    steps = dockerfile_instructions()
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
+    assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim", final[0][1])
+    user = [arg for op, arg in final if op == "USER"][-1]
+    pod = one(objects(render()), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    # runAsNonRoot can only verify a numeric USER; it must be the chart's user.
+    assert user == f"{pod['runAsUser']}:{pod['runAsGroup']}"
+    assert json.loads(dict(final)["ENTRYPOINT"]) == ["fanroute"]
+
+
+def test_image_contents_build_the_package_with_its_entry_point(tmp_path):
+    """Exactly what the Dockerfile copies is enough to build fanroute and its `fanroute`
+    command (the wheel is built offline with the installed setuptools)."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for op, arg in dockerfile_instructions():
+        if op == "COPY" and not arg.startswith("--from"):
+            *sources, _ = arg.split()
+            for src in sources:
+                path = ROOT / src
+                if path.is_dir():
+                    shutil.copytree(path, context / src, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(path, context / src)
+    ignore = [line for line in (ROOT / "ops/Dockerfile.dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert ignore[0] == "*" and {f"!{p.name}" + ("/" if p.is_dir() else "") for p in context.iterdir()} <= set(ignore)
+    out = tmp_path / "wheel"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(context)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert build.returncode == 0, build.stderr
+    import zipfile
+
+    [wheel] = out.glob("fanroute-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cluster/cli.py" in names and "router/server.py" in names
+    assert any(n.startswith("gateway/static/") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "fanroute = cluster.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

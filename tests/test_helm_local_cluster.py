@@ -29,6 +29,7 @@ from typing import Any
 import jwt
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from tests.helpers import DEADLINE, free_port, http_get, metric, wait_until, ws_connect
 from tests.test_helm_chart import env_of, find, objects, one, production_values, render
@@ -325,3 +326,31 @@ async def test_rendered_release_runs_as_a_working_cluster(release):
         text = http_get(f"http://127.0.0.1:{pod.port('admin')}/metrics")[1]
         busy += metric(text, "fanroute_router_publications_total") > 0
     assert busy == len(release.routers)  # 40 topics touch every shard
+
+
+async def test_gateway_drains_within_its_grace_period(tmp_path):
+    """SIGTERM after preStop: the gateway closes its clients with 1012 (they reconnect
+    elsewhere) and exits before Kubernetes would kill it."""
+    values = {"router": {"replicas": 1}, "gateway": {"replicas": 1, "drainWindow": 2, "preStopSleep": 1}}
+    rel = LocalRelease(objects(render(values)), tmp_path)
+    rel.start()
+    try:
+        await trio.to_thread.run_sync(lambda: wait_until(lambda: all(rel.probe(p, "readinessProbe") for p in rel.pods)))
+        gw = rel.gateways[0]
+        spec = gw.template["spec"]
+        pre_stop = int(gw.container["lifecycle"]["preStop"]["exec"]["command"][1])
+        budget = spec["terminationGracePeriodSeconds"] - pre_stop
+        async with ws_connect(f"ws://127.0.0.1:{gw.port('ws')}/") as client:
+            await client.subscribe("t.1")
+            started = time.monotonic()
+            gw.popen.send_signal(signal.SIGTERM)
+            with trio.fail_after(budget):
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await client.conn.get_message()
+            assert closed.value.reason.code == 1012
+            code = await trio.to_thread.run_sync(lambda: gw.popen.wait(timeout=budget))
+        assert code == 0
+        assert time.monotonic() - started < budget
+    finally:
+        rel.stop()
