@@ -166,9 +166,10 @@ def with_free_ports(start: Any) -> Any:
 
 
 @with_free_ports
-def start_standalone(procs: list[Proc]) -> Proc:
+def start_standalone(procs: list[Proc], extra: tuple[str, ...] = ()) -> Proc:
     port, admin = free_port(), free_port()
-    proc = spawn("standalone", ["standalone", "--port", str(port), "--admin-port", str(admin), *HEARTBEAT], port, admin)
+    args = ["standalone", "--port", str(port), "--admin-port", str(admin), *HEARTBEAT, *extra]
+    proc = spawn("standalone", args, port, admin)
     procs.append(proc)
     wait_ready(proc)
     return proc
@@ -642,6 +643,29 @@ def test_terminal_close_code_stops_reconnecting(page: Any, standalone: Proc) -> 
         page.evaluate("() => { const c = window.fanrouteDemo.client; c.options.token = 'probe'; c.connect(); }")
         hellos = gw.wait_hellos(2)
         assert [h.get("token") for h in hellos] == [None, "probe"]
+
+
+def test_page_with_a_token_works_and_a_refused_token_stops_it(page: Any) -> None:
+    """Against a real gateway that requires tokens: 4001 ends the page's reconnecting."""
+    import jwt
+
+    secret = "browser-test-secret-of-at-least-32-bytes"
+    with processes() as procs:
+        gw = start_standalone(procs, ("--jwt-secret", secret))
+        good = jwt.encode({"sub": "viewer", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+        page.goto(f"{gw.http}/comments.html?room=auth&token={good}&{CALM}")
+        wait_demo(page, SUBSCRIBED)
+        page.fill("#text", "signed in")
+        page.click("#send")
+        wait_demo(page, "d.seqs.length === 1 && d.published.length === 1")
+
+        page.goto(f"{gw.http}/comments.html?room=auth&token=not-a-token&{CALM}&minDelay=50&maxDelay=200")
+        wait_demo(page, "d.log.some(e => e.event === 'disconnected')")
+        event = demo(page, "d.log.find(e => e.event === 'disconnected')")
+        assert event["code"] == 4001 and event["reconnect"] is False
+        assert demo(page, "d.client.state") == "disconnected"
+        assert demo(page, "d.log.filter(e => e.event === 'connecting').length") == 1
+        assert "4001" in page.text_content("#status .text")
 
 
 def test_service_restart_reconnects_promptly(page: Any, standalone: Proc) -> None:
