@@ -674,6 +674,7 @@ class Settings:
     publishers: int
     client_procs: int
     payload: int
+    repeat: int = 1
 
 
 class _Workers:
@@ -874,6 +875,41 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
     return result
 
 
+def combine(runs: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
+    """One result per cell from its ``--repeat`` runs: the saturation figures of the
+    run with the median deliveries/s, the latency figures of the run with the median
+    p99, and loss and closes summed over all runs (nothing hidden by the choice)."""
+    out = []
+    for n in s.subscribers:
+        for name in s.targets:
+            mine = [r for r in runs if r["target"] == name and r["subscribers"] == n]
+            if not mine:
+                continue
+            by_rate = sorted(mine, key=lambda r: r["saturation"]["deliveries_per_s"])
+            by_p99 = sorted(mine, key=lambda r: r["latency"]["p99_ms"])
+            cell = {
+                "target": name,
+                "subscribers": n,
+                "saturation": dict(by_rate[len(by_rate) // 2]["saturation"]),
+                "latency": dict(by_p99[len(by_p99) // 2]["latency"]),
+            }
+            if len(mine) > 1:
+                for phase in ("saturation", "latency"):
+                    cell[phase]["lost"] = sum(r[phase]["lost"] for r in mine)
+                    closes: dict[str, int] = {}
+                    for r in mine:
+                        for code, k in r[phase]["close_codes"].items():
+                            closes[code] = closes.get(code, 0) + k
+                    cell[phase]["close_codes"] = closes
+                cell["saturation"]["drained"] = all(r["saturation"]["drained"] for r in mine)
+                cell["latency"]["gaps"] = sum(r["latency"]["gaps"] for r in mine)
+                cell["runs"] = mine
+                cell["deliveries_per_s_all"] = [r["saturation"]["deliveries_per_s"] for r in mine]
+                cell["p99_ms_all"] = [r["latency"]["p99_ms"] for r in mine]
+            out.append(cell)
+    return out
+
+
 def _merge_closes(reports: list[dict[str, Any]], publisher: list[int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in reports:
@@ -944,6 +980,8 @@ def render(report: dict[str, Any], console: Any) -> None:
             f"(at most {c['rate_deliveries']:,} deliveries/s: column 'pub/s') for {c['duration']:g} s. "
             "×ref = fanroute ÷ reference (throughput: higher is better; latency: lower is better). "
             "CPU in cores, server and load generator share the machine."
+            + (f" Median of {c['repeat']} interleaved runs; lost and closes summed over them." if c.get("repeat", 1) > 1 else "")
+            + f" Load average at start: {', '.join(map(str, m.get('loadavg_at_start', [])))}."
         ),
     )
     for col in ("target", "subs", "deliveries/s", "×ref", "server CPU", "load CPU", "pub/s", "p50 ms", "p99 ms", "×ref p99", "lost", "closes"):
@@ -1007,8 +1045,9 @@ def fanout_main(args: argparse.Namespace) -> int:
         publishers=args.publishers,
         client_procs=args.client_procs,
         payload=args.payload,
+        repeat=args.repeat,
     )
-    for name, value in (("--duration", s.duration), ("--rate", s.rate), ("--window", s.window), ("--publishers", s.publishers), ("--client-procs", s.client_procs)):
+    for name, value in (("--duration", s.duration), ("--rate", s.rate), ("--window", s.window), ("--publishers", s.publishers), ("--client-procs", s.client_procs), ("--repeat", s.repeat)):
         if value <= 0:
             print(f"fanroute: {name} must be positive", file=sys.stderr)
             return 2
@@ -1025,10 +1064,10 @@ def fanout_main(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fanroute-bench-") as tmp:
         logdir = Path(tmp)
-        cells = len(s.targets) * len(s.subscribers)
+        cells = len(s.targets) * len(s.subscribers) * s.repeat
+        runs: list[dict[str, Any]] = []
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"), TimeElapsedColumn(), console=err, transient=args.json) as bar:
             task = bar.add_task("starting", total=cells)
 
@@ -1043,16 +1082,18 @@ def fanout_main(args: argparse.Namespace) -> int:
                 for name in s.targets:
                     say(f"{name}: starting")
                     running[name] = start_target(name, logdir)
-                for n in s.subscribers:
-                    for name in s.targets:
-                        results.append(run_cell(running[name], n, s, say))
-                        bar.advance(task)
+                for _ in range(s.repeat):
+                    for n in s.subscribers:
+                        for name in s.targets:
+                            runs.append(run_cell(running[name], n, s, say))
+                            bar.advance(task)
             except BenchError as exc:
                 print(f"fanroute: {exc}", file=sys.stderr)
                 return 1
             finally:
                 for target in running.values():
                     target.stop()
+    results = combine(runs, s)
     report = {
         "benchmark": "fanout",
         "argv": sys.argv[1:],
@@ -1070,6 +1111,7 @@ def fanout_main(args: argparse.Namespace) -> int:
             "publishers": s.publishers,
             "client_procs": s.client_procs,
             "payload": s.payload,
+            "repeat": s.repeat,
         },
         "results": results,
         "ratios": ratios(results),
@@ -1103,6 +1145,7 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Any) -> None:
     flag(p, "--publishers", int, 1, "publisher processes at saturation")
     flag(p, "--client-procs", int, 2, "subscriber processes of the load generator")
     flag(p, "--payload", int, 64, "payload size in bytes")
+    flag(p, "--repeat", int, 1, "runs of every cell (interleaved); the median is reported")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(bench_main=fanout_main)
