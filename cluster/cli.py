@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway_flags(p, 8080, 9100, "allow")
     _add_history_flags(p)
     _flag(p, "--shards", int, 4, "number of router shards inside the process")
+    _flag(p, "--demo-feed", float, 0.0, "publish random-walk prices for the ticker page, updates/s per symbol (0: off)")
 
     p = sub.add_parser("gateway", help="a gateway that links to router shards")
     _add_gateway_flags(p, 8081, 9101, "auto")
@@ -113,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--ping-interval", float, 25.0, "seconds between WebSocket pings")
     _flag(p, "--ping-timeout", float, 8.0, "seconds a client may stay silent after a ping")
 
-    p = sub.add_parser("bench", help="benchmarks (see ops/README.md)")
+    p = sub.add_parser("demo-feed", help="publish random-walk prices for the ticker demo page")
+    from cluster.demo_feed import add_arguments as add_demo_feed_arguments
+
+    add_demo_feed_arguments(p, _flag)
+
+    p = sub.add_parser("bench", help="benchmarks (see ops/bench/README.md)")
     from cluster.bench import add_bench_commands
 
     add_bench_commands(p, _flag)
@@ -238,7 +244,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         gw = gateway_config(args, [("unused", "inproc://unused")])
         rc = router_config(args)
         rc.check()
-        trio.run(_run_until_signal, partial(node.serve_standalone, gw, rc, args.shards), _describe("standalone"))
+        if args.demo_feed < 0:
+            raise ConfigError("--demo-feed must be 0 (off) or a positive rate")
+        serve = partial(node.serve_standalone, gw, rc, args.shards, demo_feed=args.demo_feed)
+        trio.run(_run_until_signal, serve, _describe("standalone"))
     elif args.command == "gateway":
         routers = parse_routers(args.routers)
         trio.run(_run_until_signal, partial(node.serve_gateway, gateway_config(args, routers)), _describe("gateway"))
@@ -248,6 +257,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cluster.localcluster import run_local_cluster
 
         return run_local_cluster(args)
+    elif args.command == "demo-feed":
+        from cluster.demo_feed import run_args
+
+        return run_args(args)
     elif args.command == "bench":
         return args.bench_main(args)
     return 0

@@ -296,6 +296,9 @@ class Client:
             if self.last_close_code == p.CLOSE_RESTART:
                 # A draining gateway: come back soon, but spread over a short window.
                 delay = min(delay, self.backoff.rng.uniform(0, 1.0))
+            elif self.last_close_code == p.CLOSE_RATE_LIMIT:
+                # Closed for abuse: stay away for the longest backoff (as fanroute.js).
+                delay = self.backoff.rng.uniform(self.backoff.max_delay, 1.5 * self.backoff.max_delay)
             await trio.sleep(delay)
 
     def _disconnected(self) -> None:

@@ -70,6 +70,7 @@ async def serve_standalone(
     router_config: RouterConfig,
     shards: int,
     *,
+    demo_feed: float = 0.0,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A gateway and ``shards`` router shards in one process, linked over inproc://."""
@@ -104,6 +105,10 @@ async def serve_standalone(
         admin_port = await _serve_admin(
             nursery, admin, gateway_config.admin_host, gateway_config.admin_port
         )
+        if demo_feed:
+            from cluster.demo_feed import run as run_demo_feed
+
+            nursery.start_soon(run_demo_feed, [f"ws://127.0.0.1:{gateway.port}/"], demo_feed)
         task_status.started(
             Bound(port=gateway.port, admin_port=admin_port, gateway=gateway, routers=tuple(routers))
         )
