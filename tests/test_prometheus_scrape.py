@@ -36,7 +36,6 @@ API_KEY = "scrape-test-key"
 RATE_INTERVAL = "20s"
 DEADLINE = 90.0  # Prometheus needs a few scrapes of traffic before rates exist
 
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is installed by ops/setup-prometheus.sh")
 
 # Metrics whose queries only have to parse, not return data. Keep this list short and
 # move a name out as soon as a run can produce it:
@@ -229,6 +228,7 @@ class Traffic:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """A 2-gateway, 3-router cluster under traffic, scraped by Prometheus."""
+    assert PROMETHEUS, "prometheus is missing: run ops/setup-prometheus.sh as root"
     workdir = tmp_path_factory.mktemp("prometheus")
     mp = pytest.MonkeyPatch()
     mp.setenv("FANROUTE_LOG_LEVEL", "warning")
