@@ -153,7 +153,7 @@ class Traffic:
     def _guard(self, fn) -> None:
         try:
             fn()
-        except BaseException as exc:  # reported by join()
+        except BaseException as exc:  # reported by the tests and the fixture
             self.errors.append(exc)
 
     @staticmethod
@@ -295,6 +295,7 @@ def test_every_dashboard_query_returns_data(scraped):
     for expr in parse_only:
         assert prom.query(expr)["status"] == "success", expr
     results = wait_for_data(prom, checked)
+    assert not traffic.errors, traffic.errors
     assert traffic.received > 0
     # A few values, not just presence: traffic really flowed through the cluster.
     by_title = {title: substitute(expr) for title, expr in dashboard_queries()}
@@ -339,3 +340,4 @@ def test_every_alert_rule_loads_and_evaluates(scraped):
     # renamed metric.
     names = sorted(set().union(*(metric_names(e) for e in exprs)) - NOT_YET_EXPORTED)
     wait_for_data(prom, [f'count({{__name__="{n}", job=~"fanroute-.*"}})' for n in names])
+    assert not scraped[2].errors, scraped[2].errors
