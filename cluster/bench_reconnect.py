@@ -677,13 +677,9 @@ def sdk_worker(w: int, specs: list[list[tuple[str, int, int]]], topic: str, opts
 # --- the publisher: acked publications at a steady rate ----------------------------------
 
 
-def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any, control: Any) -> None:
-    """Publishes ``{"type":"publish","id":i}`` at ``rate``/s between ``("start",)`` and
-    ``("stop",)``, then waits (bounded) for the last acks and answers
-    ``("done", sent, acked seqs, errors, closes)``. Shared: [0] acked, [1] last seq."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _publisher_connect(host: str, port: int) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection((host, port), timeout=5)
     try:
-        sock = socket.create_connection((host, port), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(_handshake(host, port))
         buf = b""
@@ -694,41 +690,79 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
             buf += chunk
         if not buf.startswith(b"HTTP/1.1 101"):
             raise BenchError(f"handshake refused: {buf[:60]!r}")
-        rest = buf.split(b"\r\n\r\n", 1)[1]
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, buf.split(b"\r\n\r\n", 1)[1]
+
+
+def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any, control: Any) -> None:
+    """Publishes ``{"type":"publish","id":i}`` at ``rate``/s between ``("start",)`` and
+    ``("stop",)``, then waits (bounded) for the last acks and answers
+    ``("done", sent, acked seqs, errors, closes)``. Shared: [0] acked, [1] last seq.
+
+    If the gateway closes the connection, the publisher reconnects (as an SDK
+    client would) and goes on; publications in flight then are never acked, and
+    every close is reported."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sock, rest = _publisher_connect(host, port)
     except Exception as exc:
         control.send(("error", f"publisher: {type(exc).__name__}: {exc}"))
         return
-    sock.setblocking(False)
     control.send(("ready",))
     prefix = b'{"type":"publish","topic":' + orjson.dumps(topic) + b',"payload":'
     acked: list[int] = []
     errors: list[str] = []
     closes: list[int] = []
+    lost_acks = 0
     sent = 0
     started: float | None = None
     stop_by: float | None = None
+    in_flight: set[int] = set()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
-    while True:
-        now = time.monotonic()
-        if control.poll(0):
-            cmd = control.recv()
-            if cmd[0] == "start":
-                started = now
-            elif cmd[0] == "stop":
-                stop_by = now + 10.0
-        if started is not None and stop_by is None and not closes:
-            while now >= started + sent / rate:
-                sent += 1
-                try:
-                    sock.send(client_frame(prefix + b"%d,\"id\":%d}" % (sent, sent)))
-                except OSError:
-                    closes.append(1006)
-                    break
-        if stop_by is not None and (len(acked) + len(errors) >= sent or now > stop_by or closes):
-            break
-        due = started + sent / rate if started is not None and stop_by is None else now + 0.05
-        if sel.select(max(0.0, min(0.05, due - time.monotonic()))):
+
+    def reconnect(code: int) -> None:
+        nonlocal sock, rest, lost_acks
+        closes.append(code)
+        lost_acks += len(in_flight)
+        in_flight.clear()
+        sel.unregister(sock)
+        sock.close()
+        while True:
+            try:
+                sock, rest = _publisher_connect(host, port)
+                break
+            except (OSError, BenchError):
+                if stop_by is not None and time.monotonic() > stop_by:
+                    raise
+                time.sleep(0.1)
+        sel.register(sock, selectors.EVENT_READ)
+
+    try:
+        while True:
+            now = time.monotonic()
+            if control.poll(0):
+                cmd = control.recv()
+                if cmd[0] == "start":
+                    started = now
+                elif cmd[0] == "stop":
+                    stop_by = now + 10.0
+            if started is not None and stop_by is None:
+                while now >= started + sent / rate:
+                    sent += 1
+                    in_flight.add(sent)
+                    try:
+                        sock.send(client_frame(prefix + b'%d,"id":%d}' % (sent, sent)))
+                    except OSError:
+                        break  # the read side sees the close and reconnects
+            if stop_by is not None and (not in_flight or now > stop_by):
+                break
+            due = started + sent / rate if started is not None and stop_by is None else now + 0.05
+            if not sel.select(max(0.0, min(0.05, due - time.monotonic()))):
+                continue
             try:
                 data = sock.recv(65536)
             except BlockingIOError:
@@ -736,10 +770,11 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
             except OSError:
                 data = b""
             if not data:
-                closes.append(1006)
+                reconnect(1006)
                 continue
             buf = rest + data
             pos, n = 0, len(buf)
+            closed = None
             while pos + 2 <= n:
                 ln = buf[pos + 1] & 0x7F
                 start = pos + 2
@@ -758,10 +793,12 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
                 if op == 0x1:
                     msg = orjson.loads(body)
                     if msg.get("type") == "published":
+                        in_flight.discard(msg.get("id"))
                         acked.append(msg["seq"])
                         shared[0] = len(acked)
                         shared[1] = max(shared[1], msg["seq"])
                     elif msg.get("type") == "error":
+                        in_flight.discard(msg.get("id"))
                         errors.append(f"{msg.get('code')}: {msg.get('message')}")
                 elif op == 0x9:
                     try:
@@ -769,10 +806,16 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
                     except OSError:
                         pass
                 elif op == 0x8:
-                    closes.append(int.from_bytes(body[:2], "big") if len(body) >= 2 else 1005)
+                    closed = int.from_bytes(body[:2], "big") if len(body) >= 2 else 1005
+                    break
             rest = buf[pos:]
+            if closed is not None:
+                reconnect(closed)
+    except Exception as exc:
+        control.send(("error", f"publisher: {type(exc).__name__}: {exc}"))
+        return
     sock.close()
-    control.send(("done", sent, acked, errors, closes))
+    control.send(("done", sent, acked, errors, closes, lost_acks + len(in_flight)))
 
 
 # --- the cluster under test ----------------------------------------------------------
@@ -1029,8 +1072,17 @@ def _start_publisher(pool: Pool, endpoint: tuple[str, int], topic: str, rate: fl
 
 def _stop_publisher(pool: Pool) -> dict[str, Any]:
     pool.pub.send(("stop",))
-    _, sent, acked, errors, closes = pool.expect(pool.pub, "done", 30)
-    return {"sent": sent, "acked": len(acked), "last_seq": max(acked, default=0), "acked_in_order": acked == list(range(1, len(acked) + 1)), "errors": errors[:10], "error_count": len(errors), "closes": closes}
+    _, sent, acked, errors, closes, unanswered = pool.expect(pool.pub, "done", 30)
+    return {
+        "sent": sent,
+        "acked": len(acked),
+        "unanswered": unanswered,
+        "last_seq": max(acked, default=0),
+        "acked_in_order": acked == sorted(acked) and len(set(acked)) == len(acked),
+        "errors": errors[:10],
+        "error_count": len(errors),
+        "closes": closes,
+    }
 
 
 def _wait(pred: Any, timeout: float, alive: Any, say: Any = None) -> bool:
@@ -1081,6 +1133,34 @@ def _recovery(records: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     }
 
 
+def gateway_closes(text: str) -> dict[str, float]:
+    """Closed and refused connections of one gateway by reason (from /metrics)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, short in (
+            ("fanroute_gateway_connections_closed_total{", "closed"),
+            ("fanroute_gateway_connections_rejected_total{", "rejected"),
+        ):
+            if line.startswith(name):
+                labels, value = line[len(name) :].rsplit("} ", 1)
+                if float(value):
+                    key = short + " " + ",".join(kv.split("=", 1)[1].strip('"') for kv in labels.split(","))
+                    out[key] = out.get(key, 0) + float(value)
+    return out
+
+
+def _gateways_report(cluster: LocalCluster, skip: tuple[int, ...]) -> dict[str, Any]:
+    out = {}
+    for i, g in enumerate(cluster.gateways):
+        if i in skip:
+            continue
+        try:
+            out[g.name] = gateway_closes(cluster.metrics(i))
+        except OSError as exc:
+            out[g.name] = {"error": str(exc)}
+    return out
+
+
 def _cpu_of(cluster: LocalCluster, pool: Pool) -> dict[str, float]:
     out = {n.name: _cpu_seconds(n.popen.pid) for n in cluster.all()}
     out["clients"] = sum(_cpu_seconds(p.pid) for p in pool.procs if p.pid)
@@ -1120,8 +1200,11 @@ def run_reconnect(s: Settings, say: Any) -> dict[str, Any]:
             _start_publisher(pool, cluster.endpoints[-1], topic, s.rate)
             # Steady state: every client has received live messages, then warm-up.
             _wait(lambda: pool.total(_F_RECEIVED) >= s.clients * 2, 30, cluster.check_alive, lambda: say("publishing: steady state", 0, 1))
-            end = time.monotonic() + s.warmup
+            w0, end = _cpu_of(cluster, pool), time.monotonic() + s.warmup
             _wait(lambda: time.monotonic() >= end, s.warmup + 1, cluster.check_alive, lambda: say(f"publishing {s.rate:g}/s: warm-up", 0, 1))
+            steady_cpu = _cpu_delta(w0, _cpu_of(cluster, pool), s.warmup)
+            before = _gateways_report(cluster, ())
+            connected_at_fault = pool.total(_F_ACTIVE)
             pool.broadcast(("arm", 0), "armed")
             affected = pool.total(_F_AFFECTED)
             cpu0 = _cpu_of(cluster, pool)
@@ -1139,11 +1222,16 @@ def run_reconnect(s: Settings, say: Any) -> dict[str, Any]:
             end = time.monotonic() + s.after
             _wait(lambda: time.monotonic() >= end, s.after + 1, alive, lambda: say("publishing after recovery", 0, 1))
             publisher, records = _finish_audit(pool, workers, cluster, (0,), say, s.clients)
+            after = _gateways_report(cluster, (0,))
         finally:
             say("stopping", 0, 1)
             pool.stop()
             cluster.stop()
     rec = _recovery(records, t_kill)
+    rec["subscribed_at_fault"] = connected_at_fault
+    rec["cpu_cores_steady"] = steady_cpu
+    rec["gateway_closes_before_fault"] = before
+    rec["gateway_closes_at_end"] = after
     rec["all_recovered_within_bound"] = done
     rec["cpu_cores_during_recovery"] = _cpu_delta(cpu0, cpu1, t_rec - t_kill)
     audit = _audit(records)
@@ -1320,6 +1408,12 @@ def _fmt_target(limit: Any, op: str, unit: str, ok: bool | None) -> str:
     return f"{op} {_fmt(limit, unit)}{mark}"
 
 
+def _cpu_line(cpu: dict[str, float]) -> str:
+    gw = sum(v for k, v in cpu.items() if k.startswith("gateway"))
+    rt = sum(v for k, v in cpu.items() if k.startswith("router"))
+    return f"{gw:.2f} / {rt:.2f} / {cpu.get('clients', 0.0):.2f}"
+
+
 def render(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -1340,6 +1434,9 @@ def render(report: dict[str, Any], console: Any) -> None:
     if report["benchmark"] == "reconnect":
         r = report["recovery"]
         title = "fanroute bench reconnect — SIGKILL one gateway mid-stream"
+        rows.append(("subscribed when the gateway was killed", f"{r['subscribed_at_fault']:,}/{c['clients']:,}"))
+        rows.append(("CPU cores, steady state (gateways / routers / clients)", _cpu_line(r["cpu_cores_steady"])))
+        rows.append(("CPU cores, kill → all recovered", _cpu_line(r["cpu_cores_during_recovery"])))
         rows.append(("clients on the killed gateway", f"{r['affected']:,} (recovered {r['recovered']:,}, not {r['not_recovered']:,})"))
         dist("recovery from the kill", r["recovery_from_fault_s"])
         dist("recovery from the client's disconnect", r["recovery_from_disconnect_s"])
