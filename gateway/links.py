@@ -23,6 +23,7 @@ import pynng
 import trio
 
 from cluster import wire
+from cluster.nngio import send
 from gateway.hub import Hub
 
 log = logging.getLogger("fanroute.gateway.link")
@@ -133,7 +134,7 @@ class ShardLink:
             hub.to_shards[name] = []
             try:
                 for i in range(0, len(frames), _FRAMES_PER_MESSAGE):
-                    await sock.asend(wire.pack(hub.inbox, frames[i : i + _FRAMES_PER_MESSAGE]))
+                    await send(sock, wire.pack(hub.inbox, frames[i : i + _FRAMES_PER_MESSAGE], name))
             except pynng.Closed:
                 continue
             self.room.set()

@@ -60,7 +60,8 @@ class Conn:
     activity: wsconn.ClientStream
     outbox: SocketOutbox
     opened: float
-    last_ping: float
+    last_ping: float  # when the last ping was sent (or the connection opened)
+    ping_sent_at: float | None = None  # the last ping sent; None before the first
     identity: Identity | None = None  # None: a token is required and not yet given
     auth_deadline: float | None = None
     commands: TokenBucket | None = None
@@ -291,13 +292,15 @@ class GatewayServer:
                     conn.kill(p.CLOSE_UNAUTHORIZED, "token expired", "unauthorized")
                     continue
                 last_rx = conn.activity.last_rx
-                if last_rx < conn.last_ping and now - conn.last_ping > cfg.ping_timeout:
+                sent = conn.ping_sent_at
+                outstanding = sent is not None and last_rx < sent
+                if outstanding and now - sent > cfg.ping_timeout:
                     self.metrics.heartbeat_timeouts.inc()
                     conn.kill(p.CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat_timeout")
-                elif now - conn.last_ping >= cfg.ping_interval and last_rx >= conn.last_ping:
+                elif not outstanding and now - conn.last_ping >= cfg.ping_interval:
                     conn.outbox.push(PING_FRAME)
                     conn.outbox.flush()
-                    conn.last_ping = now
+                    conn.last_ping = conn.ping_sent_at = now
 
     # --- one client connection -----------------------------------------------------
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from cluster import wire
 from cluster.config import ConfigError, RouterConfig
 from cluster.metrics import RouterMetrics
+from cluster.nngio import send
 from cluster.permissions import load_policy
 from router.shard import Shard
 
@@ -40,7 +41,7 @@ class GatewayLink:
     async def run(self) -> None:
         with self.cancel:
             async for data in self._recv_q:
-                await self.sock.asend(data)
+                await send(self.sock, data)
 
     def close(self) -> None:
         self.cancel.cancel()

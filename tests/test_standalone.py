@@ -255,3 +255,27 @@ async def test_sdk_reports_unrecoverable_gaps(nursery):
         assert [m.seq for m in rest] == list(range(item.seq + 1, 12))
         assert await client.publish("gap.topic", "after") == 12
         assert (await sub.get()).seq == 12
+
+
+async def test_quiet_clients_that_answer_pings_stay_connected(nursery):
+    """Clients that only answer the gateway's pings must never be taken for dead,
+    however their first frame raced the handshake."""
+    bound = await start_standalone(nursery, ping_interval=0.2, ping_timeout=0.3)
+    url, admin = urls(bound)
+    async with trio.open_nursery() as clients:
+        done = trio.Event()
+
+        async def quiet(i: int) -> None:
+            async with ws_connect(url) as c:
+                await c.subscribe(f"quiet.{i}")
+                await done.wait()  # silent: trio-websocket answers pings by itself
+                await c.send({"type": "ping", "ts": i})
+                assert (await c.recv())["type"] == "pong"
+
+        for i in range(30):
+            clients.start_soon(quiet, i)
+        # The silence is the behaviour under test: many ping rounds go by.
+        await trio.sleep(2.0)
+        done.set()
+    text = (await trio.to_thread.run_sync(http_get, admin + "/metrics"))[1]
+    assert metric(text, "fanroute_gateway_heartbeat_timeouts_total") == 0
