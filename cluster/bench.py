@@ -1149,3 +1149,7 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(bench_main=fanout_main)
+
+    from cluster.bench_reconnect import add_reconnect_commands
+
+    add_reconnect_commands(sub, flag)
