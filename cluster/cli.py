@@ -32,16 +32,35 @@ def _env_name(flag: str) -> str:
     return "FANROUTE_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+class _FromEnv(str):
+    """A flag's value taken from its FANROUTE_* variable (for error messages)."""
+
+
 def _flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str) -> None:
-    """A flag whose default may come from its FANROUTE_* variable."""
+    """A flag whose default may come from its FANROUTE_* variable.
+
+    The variable is converted only when its subcommand runs, so a variable meant
+    for one subcommand (FANROUTE_ROUTERS for ``gateway``) never trips another.
+    """
     env = _env_name(flag)
     raw = os.environ.get(env)
-    if raw is not None:
+
+    def convert(value: str) -> Any:
         try:
-            default = kind(raw)
+            return kind(value)
         except ValueError:
-            raise ConfigError(f"{env}={raw!r} is not a valid value for {flag}") from None
-    parser.add_argument(flag, type=kind, default=default, help=f"{help} (env {env}; default {default})")
+            if isinstance(value, _FromEnv):
+                raise argparse.ArgumentTypeError(f"{env}={str(value)!r} is not a valid value for {flag}") from None
+            raise
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    shown = default if raw is None else f"{raw!r} from {env}"
+    parser.add_argument(
+        flag,
+        type=convert,
+        default=default if raw is None else _FromEnv(raw),
+        help=f"{help} (env {env}; default {shown})",
+    )
 
 
 def _optional_port(value: str) -> int | None:

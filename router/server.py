@@ -62,6 +62,9 @@ class RouterServer:
             history_for=load_policy(config.config_file).history_for,
         )
         self.metrics.watch(self.shard)
+        # Series exist from the start (at 0), so dashboards and alerts see them.
+        self.metrics.gateway_overflows.labels(config.name)
+        self.metrics.wire_rejected.labels(config.name)
         self.links: dict[str, GatewayLink] = {}
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, free_port, http_get, wait_until
+from tests.helpers import ROOT, free_port, free_port_run, http_get, wait_until
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -75,9 +75,8 @@ def test_environment_variables_set_flags():
 
 
 def test_local_cluster_starts_everything_and_stops_on_sigterm():
-    base, admin, router = free_port(), free_port(), free_port()
-    # Ports next to each other are needed; pick a high range unlikely to be in use.
-    base, admin, router = 30000 + base % 5000, 40000 + admin % 5000, 50000 + router % 5000
+    # local-cluster numbers its ports consecutively from each base.
+    base, admin, router = free_port_run(2), free_port_run(102), free_port_run(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "local-cluster", "--gateways", "2", "--routers", "2",
          "--base-port", str(base), "--admin-base-port", str(admin), "--router-base-port", str(router)],
