@@ -1028,13 +1028,15 @@ class Settings:
     timeout: float
     seed: int
     frozen: int = 0
+    logs: str = ""
+    connect_timeout: float = 5.0
     gateway_args: list[str] = field(default_factory=list)
 
     def opts(self) -> dict[str, Any]:
         return {
             "min_delay": self.min_delay,
             "max_delay": self.max_delay,
-            "connect_timeout": 5.0,
+            "connect_timeout": self.connect_timeout,
             "client_ping": self.client_ping,
             "connect_rate": self.connect_rate,
             "seed": self.seed,
@@ -1189,11 +1191,21 @@ def _finish_audit(pool: Pool, workers: list[int], cluster: LocalCluster, skip: t
     return publisher, records
 
 
+def _logdir(s: Settings, tmp: str) -> Path:
+    """Where the cluster's processes write their logs: ``--logs``, or a temporary
+    directory removed at the end."""
+    if s.logs:
+        path = Path(s.logs)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tmp)
+
+
 def run_reconnect(s: Settings, say: Any) -> dict[str, Any]:
     topic = f"bench.reconnect.{os.getpid()}.{time.monotonic_ns()}"
     with tempfile.TemporaryDirectory(prefix="fanroute-reconnect-") as tmp:
         say("starting the cluster", 0, 1)
-        cluster = start_cluster(s.gateways, s.routers, s.ping_interval, s.ping_timeout, Path(tmp), s.gateway_args)
+        cluster = start_cluster(s.gateways, s.routers, s.ping_interval, s.ping_timeout, _logdir(s, tmp), s.gateway_args)
         pool = Pool(s.client_procs)
         try:
             workers = _start_clients(pool, s, cluster.endpoints, topic, s.clients, s.client_procs, lambda i: i % s.gateways, say)
@@ -1251,7 +1263,7 @@ def run_heartbeat(s: Settings, say: Any) -> dict[str, Any]:
     topic = f"bench.heartbeat.{os.getpid()}.{time.monotonic_ns()}"
     with tempfile.TemporaryDirectory(prefix="fanroute-heartbeat-") as tmp:
         say("starting the cluster", 0, 1)
-        cluster = start_cluster(s.gateways, s.routers, s.ping_interval, s.ping_timeout, Path(tmp), s.gateway_args)
+        cluster = start_cluster(s.gateways, s.routers, s.ping_interval, s.ping_timeout, _logdir(s, tmp), s.gateway_args)
         frozen_n = s.frozen or s.clients
         frozen_procs = max(1, min(s.client_procs, math.ceil(frozen_n / 1000)))
         pool = Pool(frozen_procs + s.client_procs)
@@ -1492,6 +1504,8 @@ def bench_main(args: argparse.Namespace) -> int:
         min_delay=args.min_delay, max_delay=args.max_delay, connect_rate=args.connect_rate,
         warmup=args.warmup, after=args.after, timeout=args.timeout, seed=args.seed,
         frozen=getattr(args, "frozen", 0),
+        logs=args.logs,
+        connect_timeout=args.connect_timeout,
         gateway_args=args.gateway_args.split() if args.gateway_args else [],
     )
     if s.client not in ("light", "sdk"):
@@ -1560,11 +1574,13 @@ def add_reconnect_commands(subparsers: Any, flag: Any) -> None:
         flag(p, "--client-ping", float, -1.0, "seconds between application pings per client (-1: the ping interval; 0: none)")
         flag(p, "--min-delay", float, 0.05, "clients' backoff: first delay cap in seconds (the SDK default)")
         flag(p, "--max-delay", float, 10.0, "clients' backoff: largest delay cap in seconds (the SDK default)")
+        flag(p, "--connect-timeout", float, 5.0, "seconds a client waits for TCP + WebSocket handshake (the SDK default)")
         flag(p, "--connect-rate", float, 500.0, "initial connections per second per client process")
         flag(p, "--warmup", float, 2.0, "seconds of steady publishing before the fault")
         flag(p, "--after", float, 2.0, "seconds of publishing after every client recovered")
         flag(p, "--timeout", float, 30.0, "most seconds to wait for recovery (or detection) after the fault")
         flag(p, "--seed", int, 1, "seed of the clients' backoff jitter")
+        flag(p, "--logs", str, "", "directory to keep the cluster's process logs in (default: a temporary one, removed)")
         flag(p, "--gateway-args", str, "", "extra flags for every gateway, space-separated")
         if name == "heartbeat":
             flag(p, "--frozen", int, 0, "connections frozen in the gateway-side test (0: --clients)")
