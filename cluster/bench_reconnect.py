@@ -118,16 +118,25 @@ def _handshake(host: str, port: int) -> bytes:
     )
 
 
-def percentiles(values: list[float]) -> dict[str, Any]:
-    """Nearest-rank percentiles in seconds (None when there is nothing to rank)."""
+def percentiles(values: list[float], of: int | None = None) -> dict[str, Any]:
+    """Nearest-rank percentiles in seconds over ``of`` clients (default: the values).
+
+    Clients without a value (not recovered within the bound) rank above every
+    measured one: a percentile that falls among them is None — "more than the
+    bound" — rather than hidden by ranking only those that made it."""
     v = sorted(values)
-    if not v:
-        return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None, "min": None}
+    total = max(len(v), of if of is not None else len(v))
+    out: dict[str, Any] = {"count": len(v), "missing": total - len(v)}
+    if not total:
+        return {**out, "min": None, "p50": None, "p95": None, "p99": None, "max": None}
 
-    def rank(q: float) -> float:
-        return round(v[max(0, math.ceil(q / 100 * len(v)) - 1)], 4)
+    def rank(q: float) -> float | None:
+        i = max(0, math.ceil(q / 100 * total) - 1)
+        return round(v[i], 4) if i < len(v) else None
 
-    return {"count": len(v), "min": round(v[0], 4), "p50": rank(50), "p95": rank(95), "p99": rank(99), "max": round(v[-1], 4)}
+    out.update(min=round(v[0], 4) if v else None, p50=rank(50), p95=rank(95), p99=rank(99))
+    out["max"] = round(v[-1], 4) if v and len(v) == total else None
+    return out
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -1124,10 +1133,11 @@ def _recovery(records: list[dict[str, Any]], t0: float) -> dict[str, Any]:
         "affected": len(hit),
         "recovered": len(live),
         "not_recovered": len(hit) - len(live),
-        "recovery_from_fault_s": percentiles([r["live_t"] - t0 for r in live]),
-        "recovery_from_disconnect_s": percentiles([r["live_t"] - r["disc_t"] for r in live if r["disc_t"] is not None]),
-        "resubscribed_from_fault_s": percentiles([r["sub_t"] - t0 for r in live if r["sub_t"] is not None]),
-        "disconnect_seen_s": percentiles([r["disc_t"] - t0 for r in hit if r["disc_t"] is not None]),
+        "recovery_from_fault_s": percentiles([r["live_t"] - t0 for r in live], len(hit)),
+        "recovery_from_disconnect_s": percentiles([r["live_t"] - r["disc_t"] for r in live if r["disc_t"] is not None], len(hit)),
+        "resubscribed_from_fault_s": percentiles([r["sub_t"] - t0 for r in hit if r["sub_t"] is not None], len(hit)),
+        "disconnect_seen_s": percentiles([r["disc_t"] - t0 for r in hit if r["disc_t"] is not None], len(hit)),
+        "caught_up_at_end": sum(1 for r in hit if r["connected"] and r["lost"] == 0),
         "resumed_from_history": sum(1 for r in live if r["sub_recovered"]),
         "attempts": percentiles([float(r["attempts"]) for r in live]),
         "disconnect_reasons": why,
@@ -1305,8 +1315,8 @@ def run_heartbeat(s: Settings, say: Any) -> dict[str, Any]:
                 "connections_before": conns0,
                 "detected": int(series[-1][1]) if series else 0,
                 "connections_after": series[-1][2] if series else None,
-                "detection_s": percentiles(firsts),
-                "released_s": percentiles(released),
+                "detection_s": percentiles(firsts, frozen_n),
+                "released_s": percentiles(released, frozen_n),
                 "poll_interval_s": round((series[-1][0] - series[0][0]) / max(1, len(series) - 1), 4) if len(series) > 1 else None,
                 "bound_s": bound,
             }
@@ -1403,9 +1413,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, unit: str) -> str:
+def _fmt(value: Any, unit: str, bound: float | None = None) -> str:
     if value is None:
-        return "—"
+        return f"> {bound:g} s (bound)" if unit == "s" and bound else "—"
     if unit == "s":
         return f"{value:.3f} s"
     if unit == "ratio":
@@ -1436,9 +1446,15 @@ def render(report: dict[str, Any], console: Any) -> None:
     )
     rows: list[tuple[str, str]] = []
 
+    bound = f">{c['timeout']:g}"
+
     def dist(label: str, d: dict[str, Any]) -> None:
+        def f(x: float | None) -> str:
+            return bound if x is None else f"{x:.3f}"
+
         if d["count"]:
-            rows.append((label, f"p50 {d['p50']:.3f}  p95 {d['p95']:.3f}  p99 {d['p99']:.3f}  max {d['max']:.3f} s  (n={d['count']:,})"))
+            missing = f", {d['missing']:,} not within the bound" if d.get("missing") else ""
+            rows.append((label, f"p50 {f(d['p50'])}  p95 {f(d['p95'])}  p99 {f(d['p99'])}  max {f(d['max'])} s  (n={d['count']:,}{missing})"))
         else:
             rows.append((label, "—"))
 
@@ -1455,6 +1471,7 @@ def render(report: dict[str, Any], console: Any) -> None:
         dist("resubscribed (reply) from the kill", r["resubscribed_from_fault_s"])
         dist("disconnect seen by the client", r["disconnect_seen_s"])
         rows.append(("resumed from history (recovered:true)", f"{r['resumed_from_history']:,}"))
+        rows.append(("of those, connected and complete at the end", f"{r['caught_up_at_end']:,}"))
         rows.append(("clients on the other gateway that dropped", f"{r['unaffected_disconnected']:,}"))
     else:
         sv, cl = report["server_side"], report["client_side"]
@@ -1480,7 +1497,7 @@ def render(report: dict[str, Any], console: Any) -> None:
     for col in ("metric", "measured", "source design", "fanroute goal"):
         t.add_column(col)
     for x in report["targets"]:
-        t.add_row(x["metric"], _fmt(x["measured"], x["unit"]), _fmt_target(x["source"], x["op"], x["unit"], x["source_ok"]), _fmt_target(x["fanroute"], x["op"], x["unit"], x["fanroute_ok"]))
+        t.add_row(x["metric"], _fmt(x["measured"], x["unit"], c["timeout"]), _fmt_target(x["source"], x["op"], x["unit"], x["source_ok"]), _fmt_target(x["fanroute"], x["op"], x["unit"], x["fanroute_ok"]))
     console.print(t)
 
 
@@ -1578,7 +1595,7 @@ def add_reconnect_commands(subparsers: Any, flag: Any) -> None:
         flag(p, "--connect-rate", float, 500.0, "initial connections per second per client process")
         flag(p, "--warmup", float, 2.0, "seconds of steady publishing before the fault")
         flag(p, "--after", float, 2.0, "seconds of publishing after every client recovered")
-        flag(p, "--timeout", float, 30.0, "most seconds to wait for recovery (or detection) after the fault")
+        flag(p, "--timeout", float, 60.0, "most seconds to wait for recovery (or detection) after the fault")
         flag(p, "--seed", int, 1, "seed of the clients' backoff jitter")
         flag(p, "--logs", str, "", "directory to keep the cluster's process logs in (default: a temporary one, removed)")
         flag(p, "--gateway-args", str, "", "extra flags for every gateway, space-separated")

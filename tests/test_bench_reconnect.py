@@ -28,7 +28,8 @@ def run(*args: str) -> dict:
 
 
 def check_distribution(d: dict, count: int) -> None:
-    assert set(d) == {"count", "min", "p50", "p95", "p99", "max"}
+    assert set(d) == {"count", "missing", "min", "p50", "p95", "p99", "max"}
+    assert d["missing"] == 0
     assert d["count"] == count
     assert 0 <= d["min"] <= d["p50"] <= d["p95"] <= d["p99"] <= d["max"]
 
