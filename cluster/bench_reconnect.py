@@ -19,10 +19,10 @@ with acknowledgements, through the gateway that the fault leaves alone, so every
       for the next publication, so it is free of the publication interval).
 
 ``heartbeat``
-    Two dead-peer measurements. *Gateway side*: SIGSTOP a client process holding
-    ``--frozen`` connections to one gateway and poll that gateway's ``/metrics``
-    (``fanroute_gateway_heartbeat_timeouts_total`` and ``fanroute_gateway_connections``)
-    until it has closed them all. *Client side*: SIGSTOP a gateway and measure how
+    Two dead-peer measurements. *Gateway side*: SIGSTOP the client processes holding
+    ``--frozen`` connections spread over the gateways and poll every gateway's
+    ``/metrics`` (``fanroute_gateway_heartbeat_timeouts_total`` and
+    ``fanroute_gateway_connections``) until they have closed them all. *Client side*: SIGSTOP a gateway and measure how
     long each client takes to declare the silent connection dead (nothing received for
     ``ping_interval + ping_timeout``), then to recover on another gateway.
 
@@ -1139,7 +1139,7 @@ def _recovery(records: list[dict[str, Any]], t0: float) -> dict[str, Any]:
         "disconnect_seen_s": percentiles([r["disc_t"] - t0 for r in hit if r["disc_t"] is not None], len(hit)),
         "caught_up_at_end": sum(1 for r in hit if r["connected"] and r["lost"] == 0),
         "resumed_from_history": sum(1 for r in live if r["sub_recovered"]),
-        "attempts": percentiles([float(r["attempts"]) for r in live]),
+        "attempts": percentiles([float(r["attempts"]) for r in hit if r["disc_t"] is not None]),
         "disconnect_reasons": why,
         "unaffected_disconnected": sum(1 for r in records if not r["affected"] and r["discs"]),
     }
@@ -1280,18 +1280,25 @@ def run_heartbeat(s: Settings, say: Any) -> dict[str, Any]:
         try:
             _start_publisher(pool, cluster.endpoints[-1], topic, s.rate)
             # (a) the gateway finds clients that stopped answering.
-            frozen = _start_clients(pool, s, [cluster.endpoints[0]], topic, frozen_n, frozen_procs, lambda i: 0, say)
+            # Spread over every gateway, as in production; each gateway must find its own.
+            frozen = _start_clients(pool, s, cluster.endpoints, topic, frozen_n, frozen_procs, lambda i: i % s.gateways, say)
             _wait(lambda: pool.total(_F_RECEIVED, frozen) >= frozen_n, 30, cluster.check_alive, lambda: say("publishing: steady state", 0, 1))
-            text = cluster.metrics(0)
-            timeouts0, conns0 = metric(text, "fanroute_gateway_heartbeat_timeouts_total"), metric(text, "fanroute_gateway_connections")
+            def gateways_now() -> tuple[float, float]:
+                texts = [cluster.metrics(i) for i in range(len(cluster.gateways))]
+                return (
+                    sum(metric(t, "fanroute_gateway_heartbeat_timeouts_total") for t in texts),
+                    sum(metric(t, "fanroute_gateway_connections") for t in texts),
+                )
+
+            timeouts0, conns0 = gateways_now()
             t_stop = time.monotonic()
             for w in frozen:
                 os.kill(pool.procs[w].pid, signal.SIGSTOP)
             series: list[tuple[float, float, float]] = []
 
             def poll() -> bool:
-                t = cluster.metrics(0)
-                series.append((time.monotonic() - t_stop, metric(t, "fanroute_gateway_heartbeat_timeouts_total") - timeouts0, metric(t, "fanroute_gateway_connections")))
+                timeouts, conns = gateways_now()
+                series.append((time.monotonic() - t_stop, timeouts - timeouts0, conns))
                 say("SIGSTOP clients: gateway detecting", int(series[-1][1]), frozen_n)
                 # Done when every frozen connection timed out and was released
                 # (the gauge falls once the gateway gave up its close handshake).
@@ -1321,7 +1328,7 @@ def run_heartbeat(s: Settings, say: Any) -> dict[str, Any]:
                 "bound_s": bound,
             }
             # (b) clients find a gateway that stopped answering.
-            active = _start_clients(pool, s, cluster.endpoints, topic, s.clients, s.client_procs, lambda i: 0, say)
+            active = _start_clients(pool, s, cluster.endpoints, topic, s.clients, s.client_procs, lambda i: i % s.gateways, say)
             _wait(lambda: pool.total(_F_RECEIVED, active) >= s.clients * 2, 30, cluster.check_alive, lambda: say("publishing: steady state", 0, 1))
             pool.broadcast(("arm", 0), "armed", workers=active)
             affected = pool.total(_F_AFFECTED, active)

@@ -78,13 +78,15 @@ def test_heartbeat_report(heartbeat: dict) -> None:
     server, client = heartbeat["server_side"], heartbeat["client_side"]
     # The gateway closed every frozen connection by heartbeat timeout.
     assert server["clients"] == CLIENTS and server["detected"] == CLIENTS
-    assert server["connections_after"] == 0
+    assert server["connections_after"] == server["connections_before"] - CLIENTS
     check_distribution(server["detection_s"], CLIENTS)
-    # Every client on the frozen gateway declared it dead and recovered elsewhere.
-    assert client["affected"] == CLIENTS and client["detected"] == CLIENTS
-    assert client["disconnect_reasons"] == {"heartbeat": CLIENTS}
-    check_distribution(client["detection_s"], CLIENTS)
-    check_distribution(client["recovery_from_fault_s"], CLIENTS)
+    # Every client on the frozen gateway (half of them) declared it dead and
+    # recovered on the other one.
+    affected = CLIENTS // 2
+    assert client["affected"] == affected and client["detected"] == affected
+    assert client["disconnect_reasons"] == {"heartbeat": affected}
+    check_distribution(client["detection_s"], affected)
+    check_distribution(client["recovery_from_fault_s"], affected)
     check_audit(heartbeat)
 
 
