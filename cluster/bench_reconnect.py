@@ -567,7 +567,9 @@ def light_worker(w: int, specs: list[list[tuple[str, int, int]]], topic: str, op
             shared[base + _F_COMPLETE] = complete
             shared[base + _F_RECEIVED] = received
             shared[base + _F_OPEN] = opened
-            if not ready_sent and active == len(clients):
+            # Ready once every client has been subscribed at least once; one that
+            # dropped since is the run's to report, not a reason to wait.
+            if not ready_sent and all(c.track.base is not None for c in clients):
                 ready_sent = True
                 control.send(("ready", active))
     for c in clients:
@@ -676,7 +678,7 @@ def sdk_worker(w: int, specs: list[list[tuple[str, int, int]]], topic: str, opts
                 shared[base + _F_RECEIVED] = sum(t.received for t in tracks)
                 if target is not None:
                     shared[base + _F_COMPLETE] = sum(1 for k, t in enumerate(tracks) if connected(k) and t.hi >= target)
-                if not ready_sent and active == len(specs):
+                if not ready_sent and all(t.base is not None for t in tracks):
                     ready_sent = True
                     control.send(("ready", active))
 
@@ -1064,13 +1066,13 @@ def _start_clients(pool: Pool, s: Settings, endpoints: list[tuple[str, int]], to
     deadline = time.monotonic() + 60 + n / s.connect_rate * 3
     pending = list(new)
     while pending:
-        say("connecting clients", pool.total(_F_ACTIVE, new), n)
+        say("connecting clients (subscribed now)", pool.total(_F_ACTIVE, new), n)
         for w in list(pending):
             if pool.pipes[w].poll(0):
                 pool.expect(pool.pipes[w], "ready", 0)
                 pending.remove(w)
         if time.monotonic() > deadline:
-            raise BenchError(f"clients not all subscribed within the bound: {pool.total(_F_ACTIVE, new)}/{n}")
+            raise BenchError(f"clients not all subscribed once within the bound ({n / s.connect_rate * 3 + 60:.0f} s): {pool.total(_F_ACTIVE, new)}/{n} subscribed now, {pool.total(_F_OPEN, new)} connected")
         time.sleep(0.05)
     return new
 
