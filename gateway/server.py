@@ -305,18 +305,31 @@ class GatewayServer:
     # --- one client connection -----------------------------------------------------
 
     async def _accept(self, stream: trio.SocketStream) -> None:
-        """The client port's front door: WebSocket upgrades, or plain HTTP."""
-        head = None
-        with trio.move_on_after(_HEAD_TIMEOUT):
-            head = await wsconn.read_head(stream)
-        if head is None:
-            await stream.aclose()
-            return
-        client = wsconn.ClientStream(stream, head)
-        if wsconn.is_websocket_upgrade(head):
-            await wsconn.serve_connection(self._ws_server, client)
-        else:
-            await self.http.handle(client)
+        """The client port's front door: WebSocket upgrades, or plain HTTP.
+
+        Whatever one connection does — hang up mid-handshake, reset while being
+        refused — ends that connection only: an exception escaping here would stop
+        the listener, and with it the gateway.
+        """
+        try:
+            head = None
+            with trio.move_on_after(_HEAD_TIMEOUT):
+                head = await wsconn.read_head(stream)
+            if head is None:
+                return
+            client = wsconn.ClientStream(stream, head)
+            if wsconn.is_websocket_upgrade(head):
+                await wsconn.serve_connection(self._ws_server, client)
+            else:
+                await self.http.handle(client)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away; nothing to answer
+        except Exception:
+            log.exception("a client connection failed")
+            self.metrics.connections_rejected.labels("internal_error").inc()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _handle(self, request: WebSocketRequest) -> None:
         if self.draining:
@@ -384,7 +397,10 @@ class GatewayServer:
             self.flush()
             code = conn.close_code
             if code is not None:
-                with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                # A peer that stopped answering will not read a close frame either:
+                # do not hold its socket and buffer for long.
+                patience = 0.5 if code == p.CLOSE_HEARTBEAT_TIMEOUT else _CLOSE_TIMEOUT
+                with trio.move_on_after(patience) as scope:
                     scope.shield = True
                     await outbox.drain()
                     await ws.aclose(code, conn.close_reason)

@@ -321,3 +321,34 @@ def _ok(url: str) -> bool:
         return http_get(url, timeout=1)[0] == 200
     except OSError:
         return False
+
+
+async def test_clients_that_reset_while_refused_cannot_stop_the_gateway(nursery):
+    """Refused handshakes (bad Origin, draining) whose client resets at once."""
+    import socket
+    import struct
+
+    bound = await start_standalone(nursery, allowed_origins=["https://app.example"])
+    url, _ = urls(bound)
+    request = (
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Origin: https://evil.example\r\n\r\n"
+    ).encode()
+
+    def hit_and_reset() -> None:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", bound.port))
+            s.sendall(request)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST, while the gateway may still be answering 403
+        for _ in range(50):  # half a request, then a reset
+            s = socket.create_connection(("127.0.0.1", bound.port))
+            s.sendall(request[:30])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+    await trio.to_thread.run_sync(hit_and_reset)
+    async with open_websocket_url(url, extra_headers=[(b"origin", b"https://app.example")]) as ok:
+        await ok.send_message('{"type":"ping","ts":7}')
+        assert orjson.loads(await ok.get_message()) == {"type": "pong", "ts": 7}
