@@ -42,7 +42,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import selectors
 import signal
 import socket
@@ -55,6 +54,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cluster.loadgen import client_frame, cpu_seconds, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_SERVER = REPO / "ops" / "bench" / "reference_server.py"
@@ -111,46 +112,6 @@ def _ws_connect(host: str, port: int, timeout: float = 5.0) -> tuple[socket.sock
         raise
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A final client frame. The mask key is zero, which RFC 6455 allows (the server
-    cannot tell), so masking leaves the payload as it is and costs nothing."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 1 << 16:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
-
-
-def _frames(buf: bytes, pos: int) -> tuple[list[tuple[int, int, int]], int]:
-    """Split complete server frames off ``buf`` from ``pos``: (opcode, start, end) of
-    each payload, and where the incomplete rest begins. Server frames are unmasked."""
-    out = []
-    n = len(buf)
-    while pos + 2 <= n:
-        ln = buf[pos + 1] & 0x7F
-        if ln < 126:
-            start = pos + 2
-        elif ln == 126:
-            if pos + 4 > n:
-                break
-            ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-            start = pos + 4
-        else:
-            if pos + 10 > n:
-                break
-            ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-            start = pos + 10
-        end = start + ln
-        if end > n:
-            break
-        out.append((buf[pos] & 0x0F, start, end))
-        pos = end
-    return out, pos
-
-
 def _subscribe(host: str, port: int, topic: str, timeout: float = 10.0) -> tuple[socket.socket, bytes]:
     """Connect, subscribe to ``topic`` and wait for ``subscribed``; returns the socket
     and any bytes received after the reply."""
@@ -160,7 +121,7 @@ def _subscribe(host: str, port: int, topic: str, timeout: float = 10.0) -> tuple
         deadline = time.monotonic() + timeout
         pos = 0
         while True:
-            frames, end = _frames(buf, pos)
+            frames, end = split_frames(buf, pos)
             for i, (op, start, stop) in enumerate(frames):
                 if op == 0x8:
                     raise BenchError(f"{host}:{port} closed the subscriber: {bytes(buf[start:stop])!r}")
@@ -324,7 +285,7 @@ def subscriber_worker(
                 continue
             now = time.monotonic_ns()
             buf = s.rest + chunk if s.rest else chunk
-            frames, end = _frames(buf, 0)
+            frames, end = split_frames(buf, 0)
             s.rest = buf[end:]
             n = 0
             for op, start, stop in frames:
@@ -433,7 +394,7 @@ def publisher_worker(
                 if not data:
                     closed.append(1006)
                     return
-                frames, _ = _frames(data, 0)
+                frames, _ = split_frames(data, 0)
                 for op, start, stop in frames:
                     if op == 0x9:
                         sock.sendall(client_frame(data[start:stop], 0xA))
@@ -498,12 +459,6 @@ def publisher_worker(
 # --- the targets: servers started as processes -------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _free_block(offsets: list[int]) -> int:
     """A base port such that base+offset is free for every offset (checked by binding)."""
     import random
@@ -525,16 +480,6 @@ def _free_block(offsets: list[int]) -> int:
     raise BenchError("no block of free loopback ports found")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User+system CPU time of a process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 @dataclass
 class Target:
     """A running server under test: its processes and where clients connect."""
@@ -545,7 +490,7 @@ class Target:
     logs: list[Path] = field(default_factory=list)
 
     def cpu(self) -> dict[str, float]:
-        return {name: _cpu_seconds(proc.pid) for name, proc in self.procs}
+        return {name: cpu_seconds(proc.pid) for name, proc in self.procs}
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
@@ -621,7 +566,7 @@ def start_target(name: str, logdir: Path) -> Target:
     target = Target(name)
     try:
         if name == "standalone":
-            port = _free_port()
+            port = free_port()
             _spawn(target, "standalone", [py, "-m", "cluster.cli", "standalone", "--port", str(port), "--admin-port", "off"], logdir)
             target.endpoints = [("127.0.0.1", port)]
             _wait_ready(target, [])
@@ -645,7 +590,7 @@ def start_target(name: str, logdir: Path) -> Target:
             ready = [plan.admin_url.replace("/metrics", "/readyz") for plan in plans if plan.kind == "gateway"]
             _wait_ready(target, ready)
         elif name == "reference":
-            port = _free_port()
+            port = free_port()
             _spawn(target, "reference", [py, str(REFERENCE_SERVER), "--port", str(port)], logdir)
             target.endpoints = [("127.0.0.1", port)]
             _wait_ready(target, [])
@@ -804,10 +749,10 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
         time.sleep(s.warmup)  # a measurement interval, not synchronisation
         alive()
         cpu0, d0, p0, t0 = target.cpu(), delivered(), published(), time.monotonic()
-        load0 = sum(_cpu_seconds(proc.pid) for proc in pool.procs)
+        load0 = sum(cpu_seconds(proc.pid) for proc in pool.procs)
         time.sleep(s.duration)
         cpu1, d1, p1, t1 = target.cpu(), delivered(), published(), time.monotonic()
-        load1 = sum(_cpu_seconds(proc.pid) for proc in pool.procs)
+        load1 = sum(cpu_seconds(proc.pid) for proc in pool.procs)
         shared[_STOP] = 1
         pub_closes: list[int] = []
         total_published = 0
@@ -921,25 +866,6 @@ def _merge_closes(reports: list[dict[str, Any]], publisher: list[int]) -> dict[s
 
 
 # --- the whole run -----------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-        # Other work on the machine skews every figure: recorded, not corrected for.
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

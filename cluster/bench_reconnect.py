@@ -52,7 +52,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import random
 import resource
 import selectors
@@ -69,6 +68,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from cluster.loadgen import client_frame, cpu_seconds, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -98,18 +99,6 @@ def raise_nofile() -> tuple[int, int]:
     return soft, hard
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A final client frame masked with a zero key (allowed by RFC 6455, free to apply)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 1 << 16:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
-
-
 def _handshake(host: str, port: int) -> bytes:
     key = base64.b64encode(os.urandom(16))
     return (
@@ -137,15 +126,6 @@ def percentiles(values: list[float], of: int | None = None) -> dict[str, Any]:
     out.update(min=round(v[0], 4) if v else None, p50=rank(50), p95=rank(95), p99=rank(99))
     out["max"] = round(v[-1], 4) if v and len(v) == total else None
     return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 # --- the client side: what every client records -------------------------------------
@@ -398,27 +378,8 @@ class LightClient:
             buf = buf[end + 4 :]
             self.on_open(now)
         self.last_rx = now
-        track = self.track
-        pos, n = 0, len(buf)
-        while pos + 2 <= n:
-            ln = buf[pos + 1] & 0x7F
-            if ln < 126:
-                start = pos + 2
-            elif ln == 126:
-                if pos + 4 > n:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                start = pos + 4
-            else:
-                if pos + 10 > n:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                start = pos + 10
-            end = start + ln
-            if end > n:
-                break
-            op = buf[pos] & 0x0F
-            pos = end
+        frames, rest_at = split_frames(buf)
+        for op, start, end in frames:
             if op == 0x1:
                 if buf.startswith(b'{"topic"', start):
                     at = buf.rfind(b'"seq":', start, end)
@@ -430,10 +391,10 @@ class LightClient:
             elif op == 0x9:
                 self.send(client_frame(bytes(buf[start:end]), 0xA))
             elif op == 0x8:
-                self.close_code = int.from_bytes(buf[start : start + 2], "big") if ln >= 2 else 1005
+                self.close_code = int.from_bytes(buf[start : start + 2], "big") if end - start >= 2 else 1005
                 self.fail(now, f"close {self.close_code}")
                 return
-        self.rest = buf[pos:]
+        self.rest = buf[rest_at:]
 
     def on_message(self, now: float, seq: int) -> None:
         track = self.track
@@ -832,12 +793,6 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
 # --- the cluster under test ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _http(url: str, timeout: float = 1.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -916,13 +871,13 @@ def start_cluster(gateways: int, routers: int, ping_interval: float, ping_timeou
     try:
         shard_list = []
         for i in range(routers):
-            port, admin = _free_port(), _free_port()
+            port, admin = free_port(), free_port()
             shard_list.append(f"router-{i}=tcp://{HOST}:{port}")
             cluster.routers.append(
                 spawn(f"router-{i}", [*py, "router", "--listen", f"tcp://{HOST}:{port}", "--name", f"router-{i}", "--admin-port", str(admin)], admin)
             )
         for i in range(gateways):
-            port, admin = _free_port(), _free_port()
+            port, admin = free_port(), free_port()
             argv = [
                 *py, "gateway", "--routers", ",".join(shard_list), "--port", str(port), "--admin-port", str(admin),
                 "--ping-interval", f"{ping_interval:g}", "--ping-timeout", f"{ping_timeout:g}", *extra,
@@ -1176,8 +1131,8 @@ def _gateways_report(cluster: LocalCluster, skip: tuple[int, ...]) -> dict[str, 
 
 
 def _cpu_of(cluster: LocalCluster, pool: Pool) -> dict[str, float]:
-    out = {n.name: _cpu_seconds(n.popen.pid) for n in cluster.all()}
-    out["clients"] = sum(_cpu_seconds(p.pid) for p in pool.procs if p.pid)
+    out = {n.name: cpu_seconds(n.popen.pid) for n in cluster.all()}
+    out["clients"] = sum(cpu_seconds(p.pid) for p in pool.procs if p.pid)
     return out
 
 
@@ -1400,26 +1355,6 @@ def _target(name: str, value: Any, unit: str, source: float | None, goal: float 
 
 
 # --- output -----------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-        "nofile": [soft, hard],
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def _fmt(value: Any, unit: str, bound: float | None = None) -> str:

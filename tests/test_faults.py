@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from trio_websocket import ConnectionClosed
 
 from cluster.client import Client, Message
 from cluster.ring import Ring
-from tests.helpers import DEADLINE, ROOT, await_until, http_get, metric, ready, start_cluster, wait_until, ws_connect
+from tests.helpers import DEADLINE, await_until, http_get, metric, ready, start_cluster, ws_connect
 
 FAST = ["--ping-interval", "0.5", "--ping-timeout", "0.5"]
 

@@ -32,7 +32,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from tests.helpers import DEADLINE, free_port, http_get, metric, wait_until, ws_connect
-from tests.test_helm_chart import env_of, find, objects, one, production_values, render
+from tests.test_helm_chart import find, objects, one, production_values, render
 
 # Variables fanroute reads directly rather than through a flag, if the chart sets any.
 ENV_ONLY: set[str] = {"FANROUTE_JWT_PUBLIC_KEY"}

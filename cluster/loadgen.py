@@ -1,0 +1,93 @@
+"""Pieces the benchmarks' load generators share: raw WebSocket client frames,
+frame splitting, free ports, process CPU time and the machine's description.
+
+Load generators speak WebSocket over plain sockets (not a client library) so that
+the clients cost far less CPU than the servers they measure.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import socket
+from pathlib import Path
+from typing import Any
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A final client frame. The mask key is zero, which RFC 6455 allows (the server
+    cannot tell), so masking leaves the payload as it is and costs nothing."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def split_frames(buf: bytes, pos: int = 0) -> tuple[list[tuple[int, int, int]], int]:
+    """Split complete server frames off ``buf`` from ``pos``: (opcode, start, end) of
+    each payload, and where the incomplete rest begins. Server frames are unmasked."""
+    out = []
+    n = len(buf)
+    while pos + 2 <= n:
+        ln = buf[pos + 1] & 0x7F
+        if ln < 126:
+            start = pos + 2
+        elif ln == 126:
+            if pos + 4 > n:
+                break
+            ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            start = pos + 4
+        else:
+            if pos + 10 > n:
+                break
+            ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            start = pos + 10
+        end = start + ln
+        if end > n:
+            break
+        out.append((buf[pos] & 0x0F, start, end))
+        pos = end
+    return out, pos
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model or platform.processor(),
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+        "nofile": [soft, hard],
+        # Other work on the machine skews every figure: recorded, not corrected for.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
