@@ -106,9 +106,14 @@ class Policy:
             return OPEN
         return ns
 
+    @property
+    def open(self) -> bool:
+        """No rules at all (no config file): everything is allowed to everyone."""
+        return not self.namespaces and self.allow_unknown
+
     def can_subscribe(self, who: Identity, topic: str) -> str | None:
         """``None`` when allowed, else the reason for a ``forbidden`` error."""
-        if _granted(who, "subscribe", topic):
+        if self.open or _granted(who, "subscribe", topic):
             return None
         ns = self.namespace(topic)
         if ns is None:
@@ -120,7 +125,7 @@ class Policy:
         return None
 
     def can_publish(self, who: Identity, topic: str) -> str | None:
-        if _granted(who, "publish", topic):
+        if self.open or _granted(who, "publish", topic):
             return None
         ns = self.namespace(topic)
         if ns is None:
