@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.loadgen import client_frame, cpu_seconds, free_port, machine, split_frames
+from cluster.loadgen import client_frame, cpu_seconds, expect, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_SERVER = REPO / "ops" / "bench" / "reference_server.py"
@@ -640,17 +640,7 @@ class _Workers:
         pipes.append(here)
 
     def expect(self, pipe: Any, kind: str, timeout: float) -> tuple:
-        if not pipe.poll(timeout):
-            raise BenchError(f"a load-generator process did not answer {kind!r} within {timeout:g} s")
-        try:
-            msg = pipe.recv()
-        except EOFError:
-            raise BenchError("a load-generator process died") from None
-        if msg[0] == "error":
-            raise BenchError(f"load generator: {msg[1]}")
-        if msg[0] != kind:
-            raise BenchError(f"load generator answered {msg[0]!r}, expected {kind!r}")
-        return msg
+        return expect(pipe, kind, timeout, BenchError, "a load-generator process")
 
     def stop(self) -> None:
         for pipe in self.subs + self.pubs:

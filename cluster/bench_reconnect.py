@@ -69,7 +69,7 @@ from typing import Any
 
 import orjson
 
-from cluster.loadgen import client_frame, cpu_seconds, free_port, machine, split_frames
+from cluster.loadgen import client_frame, cpu_seconds, expect, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -930,17 +930,7 @@ class Pool:
 
     @staticmethod
     def expect(pipe: Any, kind: str, timeout: float) -> tuple:
-        if not pipe.poll(timeout):
-            raise BenchError(f"a client process did not answer {kind!r} within {timeout:g} s")
-        try:
-            msg = pipe.recv()
-        except EOFError:
-            raise BenchError("a client process died") from None
-        if msg[0] == "error":
-            raise BenchError(msg[1])
-        if msg[0] != kind:
-            raise BenchError(f"a client process answered {msg[0]!r}, expected {kind!r}")
-        return msg
+        return expect(pipe, kind, timeout, BenchError, "a client process")
 
     def total(self, f: int, workers: list[int] | None = None) -> int:
         ws = range(len(self.procs)) if workers is None else workers

@@ -55,6 +55,25 @@ def split_frames(buf: bytes, pos: int = 0) -> tuple[list[tuple[int, int, int]], 
     return out, pos
 
 
+def expect(pipe: Any, kind: str, timeout: float, error: type[Exception], who: str) -> tuple:
+    """The next report of a load-generator process, which must be ``kind``.
+
+    Workers report ``(kind, ...)`` tuples over a multiprocessing pipe, or
+    ``("error", text)``; anything else, silence or a dead worker raises ``error``.
+    """
+    if not pipe.poll(timeout):
+        raise error(f"{who} did not answer {kind!r} within {timeout:g} s")
+    try:
+        msg = pipe.recv()
+    except EOFError:
+        raise error(f"{who} died") from None
+    if msg[0] == "error":
+        raise error(f"{who}: {msg[1]}")
+    if msg[0] != kind:
+        raise error(f"{who} answered {msg[0]!r}, expected {kind!r}")
+    return msg
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
