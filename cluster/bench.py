@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.loadgen import client_frame, cpu_seconds, expect, free_port, machine, split_frames
+from cluster.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_SERVER = REPO / "ops" / "bench" / "reference_server.py"
@@ -1032,12 +1032,7 @@ def fanout_main(args: argparse.Namespace) -> int:
         "results": results,
         "ratios": ratios(results),
     }
-    if args.save:
-        Path(args.save).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        render(report, out)
+    emit_report(report, args.save, args.json, lambda: render(report, out))
     return 0
 
 

@@ -48,7 +48,6 @@ import argparse
 import base64
 import errno
 import heapq
-import json
 import math
 import multiprocessing
 import os
@@ -69,7 +68,7 @@ from typing import Any
 
 import orjson
 
-from cluster.loadgen import client_frame, cpu_seconds, expect, free_port, machine, split_frames
+from cluster.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -1493,12 +1492,7 @@ def bench_main(args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - started, 1),
         **{k: v for k, v in result.items() if k != "benchmark"},
     }
-    if args.save:
-        Path(args.save).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        render(report, out)
+    emit_report(report, args.save, args.json, lambda: render(report, out))
     return 0
 
 

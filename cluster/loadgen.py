@@ -7,11 +7,13 @@ the clients cost far less CPU than the servers they measure.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import socket
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -110,3 +112,13 @@ def machine() -> dict[str, Any]:
         # Other work on the machine skews every figure: recorded, not corrected for.
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def emit_report(report: dict[str, Any], save: str | None, as_json: bool, render: Callable[[], None]) -> None:
+    """Write a benchmark's report: to ``save`` as JSON if asked, then JSON or a table on stdout."""
+    if save:
+        Path(save).write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render()
