@@ -80,10 +80,25 @@ def auth_values() -> dict[str, Any]:
     }
 
 
+def inter_node_values() -> dict[str, Any]:
+    """Every inter-node knob away from its default."""
+    return {
+        "cluster": {"existingSecret": "ops-cluster", "existingSecretKey": "hmac"},
+        "networkPolicy": {"enabled": True, "adminFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+             "podSelector": {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["prometheus"]}]}},
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+        ]},
+        "router": {"listenAddress": "0.0.0.0"},
+        "gateway": {"inboxAddress": "0.0.0.0"},
+    }
+
+
 VARIANTS = {
     "default": lambda: None,
     "production": production_values,
     "auth": auth_values,
+    "inter-node": inter_node_values,
 }
 
 
@@ -110,6 +125,7 @@ def test_values_schema_rejects_values_that_cannot_work():
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(None)
         chart.validate_schema(production_values())
+        chart.validate_schema(inter_node_values())
         for bad in (
             {"router": {"replicas": 0}},
             {"gateway": {"port": 70000}},
@@ -118,6 +134,14 @@ def test_values_schema_rejects_values_that_cannot_work():
             {"gateway": {"service": {"type": "ExternalName"}}},
             {"gatway": {"replicas": 3}},  # a typo is an error, not a silently ignored key
             {"metrics": {"serviceMonitor": {"interval": "soon"}}},
+            {"router": {"listenAddress": "tcp://0.0.0.0:7101"}},  # a host, not a URL
+            {"gateway": {"inboxAddress": "0.0.0.0:7200"}},
+            {"cluster": {"existingSecretKey": ""}},
+            {"cluster": {"secret": "inline"}},
+            {"networkPolicy": {"enable": True}},
+            {"networkPolicy": {"enabled": "yes"}},
+            {"networkPolicy": {"adminFrom": [{"namespace": "monitoring"}]}},
+            {"networkPolicy": {"adminFrom": [{}]}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -130,7 +154,9 @@ def test_every_manifest_validates_strictly_against_kubernetes(variant, tmp_path)
     """kubernetes-validate --strict (unknown fields are errors) for two Kubernetes versions."""
     name, _, objs = variant
     files = []
-    for i, obj in enumerate(o for o in objs if o["kind"] not in CRD_KINDS):
+    validated = [o for o in objs if o["kind"] not in CRD_KINDS]
+    assert "NetworkPolicy" in {o["kind"] for o in validated}  # on in every variant
+    for i, obj in enumerate(validated):
         path = tmp_path / f"{i:02d}-{obj['kind'].lower()}.yaml"
         path.write_text(yaml.safe_dump(obj))
         files.append(str(path))
@@ -172,7 +198,7 @@ def test_default_release_objects():
     objs = objects(render())
     assert kinds(objs) == {
         "Deployment": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 2,
-        "ConfigMap": 2, "ServiceAccount": 1,
+        "ConfigMap": 2, "ServiceAccount": 1, "Secret": 1, "NetworkPolicy": 2,
     }
     assert one(objs, "Deployment")["spec"]["replicas"] == 2
     assert one(objs, "StatefulSet")["spec"]["replicas"] == 3
@@ -183,6 +209,7 @@ def test_production_release_objects():
     assert kinds(objs) == {
         "Deployment": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 2, "ConfigMap": 2,
         "ServiceAccount": 1, "HorizontalPodAutoscaler": 1, "ServiceMonitor": 1, "PrometheusRule": 1,
+        "NetworkPolicy": 2,
     }
     deploy, hpa = one(objs, "Deployment"), one(objs, "HorizontalPodAutoscaler")
     assert "replicas" not in deploy["spec"]  # the HPA owns the count
@@ -216,17 +243,36 @@ def test_gateways_get_every_shard_by_its_stable_dns_name(release, namespace):
     router_env = env_of(sts["spec"]["template"]["spec"]["containers"][0])
     assert router_env["POD_INDEX"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
     assert router_env["FANROUTE_NAME"] == "router-$(POD_INDEX)"
-    assert router_env["FANROUTE_LISTEN"] == "tcp://0.0.0.0:7101"
+    # The router listens on its pod IP: the address its DNS name above resolves to.
+    assert router_env["FANROUTE_LISTEN"] == "tcp://$(POD_IP):7101"
 
 
-def test_gateway_inbox_listens_everywhere_and_advertises_the_pod_ip():
-    deploy = one(objects(render()), "Deployment")
-    env = env_of(deploy["spec"]["template"]["spec"]["containers"][0])
-    names = [e["name"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]]
+def test_router_listens_on_the_pod_ip_unless_told_otherwise():
+    def router_env(values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+        c = one(objects(render(values)), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        return env_of(c), [e["name"] for e in c["env"]]
+
+    env, names = router_env(None)
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert env["FANROUTE_INBOX"] == "tcp://0.0.0.0:7200"
+    assert env["FANROUTE_LISTEN"] == "tcp://$(POD_IP):7101"
+    assert names.index("POD_IP") < names.index("FANROUTE_LISTEN")  # $(VAR) sees earlier vars only
+    env, _ = router_env({"router": {"listenAddress": "0.0.0.0", "port": 7300}})
+    assert env["FANROUTE_LISTEN"] == "tcp://0.0.0.0:7300"
+
+
+def test_gateway_inbox_listens_on_and_advertises_the_pod_ip():
+    def gateway_env(values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+        c = one(objects(render(values)), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return env_of(c), [e["name"] for e in c["env"]]
+
+    env, names = gateway_env(None)
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["FANROUTE_INBOX"] == "tcp://$(POD_IP):7200"
     assert env["FANROUTE_ADVERTISE"] == "tcp://$(POD_IP):7200"
-    assert names.index("POD_IP") < names.index("FANROUTE_ADVERTISE")  # $(VAR) sees earlier vars only
+    assert names.index("POD_IP") < min(names.index("FANROUTE_INBOX"), names.index("FANROUTE_ADVERTISE"))
+    env, _ = gateway_env({"gateway": {"inboxAddress": "0.0.0.0"}})
+    assert env["FANROUTE_INBOX"] == "tcp://0.0.0.0:7200"
+    assert env["FANROUTE_ADVERTISE"] == "tcp://$(POD_IP):7200"  # shards still dial the pod IP
 
 
 def test_every_fanroute_variable_is_a_flag_of_the_command_it_runs():
@@ -323,7 +369,7 @@ def test_namespaces_config_is_mounted_where_fanroute_config_points():
 
 def test_auth_values_become_a_secret_and_environment():
     objs = objects(render({"auth": {"jwtSecret": "s3cret", "apiKey": "k3y", "jwtPublicKey": "-----BEGIN PUBLIC KEY-----\n"}}))
-    secret = one(objs, "Secret")
+    [secret] = [s for s in find(objs, "Secret") if s["metadata"]["name"] != "fanroute-cluster"]
     assert secret["metadata"]["name"] == "fanroute-auth"
     assert base64.b64decode(secret["data"]["jwt-secret"]) == b"s3cret"
     assert base64.b64decode(secret["data"]["api-key"]) == b"k3y"
@@ -340,7 +386,7 @@ def test_auth_values_become_a_secret_and_environment():
 
 def test_existing_secret_is_referenced_not_created():
     objs = objects(render(production_values()))
-    assert find(objs, "Secret") == []
+    assert find(objs, "Secret") == []  # neither the auth Secret nor the cluster Secret
     env = env_of(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert env["FANROUTE_JWT_SECRET"]["secretKeyRef"]["name"] == "fanroute-auth"
     assert "FANROUTE_JWT_PUBLIC_KEY_FILE" not in env
@@ -348,9 +394,159 @@ def test_existing_secret_is_referenced_not_created():
 
 def test_no_auth_means_no_secret_and_a_warning_in_the_notes():
     manifests = render()
-    assert find(objects(manifests), "Secret") == []
+    assert [s["metadata"]["name"] for s in find(objects(manifests), "Secret")] == ["fanroute-cluster"]
     assert "FANROUTE_JWT_SECRET" not in env_of(one(objects(manifests), "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert "clients connect anonymously" in manifests["fanroute/templates/NOTES.txt"]
+
+
+# -- Inter-node links: the cluster secret and the NetworkPolicies --------------------------
+
+
+def cluster_secret_refs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Workload name -> the secretKeyRef its container reads FANROUTE_CLUSTER_SECRET from."""
+    out = {}
+    for workload, pod in pod_specs(objs):
+        source = env_of(pod["spec"]["containers"][0]).get("FANROUTE_CLUSTER_SECRET")
+        assert isinstance(source, dict) and "secretKeyRef" in source, f"{workload['metadata']['name']}: {source!r}"
+        out[workload["metadata"]["name"]] = source["secretKeyRef"]
+    return out
+
+
+def test_every_pod_gets_the_same_cluster_secret(variant):
+    """Gateways and routers of a release must share one secret, from a Secret the chart
+    renders with that key or the one the values name."""
+    _, values, objs = variant
+    refs = cluster_secret_refs(objs)
+    assert set(refs) == {"fanroute-gateway", "fanroute-router"}
+    [ref] = {json.dumps(r, sort_keys=True) for r in refs.values()}
+    ref = json.loads(ref)
+    assert "optional" not in ref  # a pod without the secret must not start
+    existing = ((values or {}).get("cluster") or {}).get("existingSecret")
+    if existing:
+        assert ref["name"] == existing
+        assert all(s["metadata"]["name"] != "fanroute-cluster" for s in find(objs, "Secret"))
+    else:
+        secret = next(s for s in find(objs, "Secret") if s["metadata"]["name"] == ref["name"])
+        assert ref["key"] in secret["data"]
+
+
+def test_cluster_secret_is_generated_random_and_long():
+    def generated() -> bytes:
+        objs = objects(render())
+        secret = next(s for s in find(objs, "Secret") if s["metadata"]["name"] == "fanroute-cluster")
+        assert cluster_secret_refs(objs)["fanroute-router"] == {"name": "fanroute-cluster", "key": "cluster-secret"}
+        assert cluster_secret_refs(objs)["fanroute-gateway"] == {"name": "fanroute-cluster", "key": "cluster-secret"}
+        return base64.b64decode(secret["data"]["cluster-secret"])
+
+    first, second = generated(), generated()
+    assert len(first) >= 32 and len(second) >= 32
+    assert first != second  # generated per install, not a constant shipped in the chart
+    assert len(set(first)) > 10
+
+
+def test_cluster_secret_is_kept_across_upgrades(tmp_path):
+    """Offline, `lookup` finds nothing; in a cluster it returns the release's Secret, and
+    its value must be kept. Feed the chart's helper what lookup would return."""
+    chart = tmp_path / "fanroute"
+    shutil.copytree(CHART, chart)
+    (chart / "templates/zz-lookup-probe.yaml").write_text(
+        '# {{ include "fanroute.clusterSecretData" (dict "data" (dict "cluster-secret" "a2VwdC12YWx1ZQ==")) }}\n'
+        '# {{ include "fanroute.clusterSecretData" (dict) }}\n'
+    )
+    with helm.Chart.load(chart) as c:
+        probe = c.render(None, name="fanroute", namespace="live")["fanroute/templates/zz-lookup-probe.yaml"]
+    kept, fresh = (line.removeprefix("# ") for line in probe.splitlines())
+    assert kept == "a2VwdC12YWx1ZQ=="
+    assert fresh != kept and len(base64.b64decode(fresh)) >= 32
+    # ...and the Secret's template asks lookup for itself, by the name it renders under.
+    template = (CHART / "templates/cluster-secret.yaml").read_text()
+    assert '$name := include "fanroute.clusterSecretName" .' in template
+    assert 'name: {{ $name }}' in template
+    assert re.search(r'include "fanroute.clusterSecretData" \(lookup "v1" "Secret" \.Release\.Namespace \$name\)', template)
+
+
+@pytest.mark.parametrize("key", [None, "hmac"])
+def test_existing_cluster_secret_is_referenced_not_created(key):
+    cluster = {"existingSecret": "ops-cluster", **({"existingSecretKey": key} if key else {})}
+    manifests = render({"cluster": cluster})
+    objs = objects(manifests)
+    assert find(objs, "Secret") == []
+    want = {"name": "ops-cluster", "key": key or "cluster-secret"}
+    assert cluster_secret_refs(objs) == {"fanroute-gateway": want, "fanroute-router": want}
+    assert f"Secret ops-cluster (key {key or 'cluster-secret'})" in manifests["fanroute/templates/NOTES.txt"]
+
+
+def admitted(policy: dict[str, Any], port: int) -> list[list[dict[str, Any]] | None]:
+    """The `from` of every ingress rule of the policy that opens the TCP port (None: anyone)."""
+    out = []
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports is None or any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
+            out.append(rule.get("from"))
+    return out
+
+
+def policies_by_workload(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Workload name -> the one NetworkPolicy whose podSelector selects its pods."""
+    out = {}
+    for workload, pod in pod_specs(objs):
+        labels = pod["metadata"]["labels"]
+        [policy] = [p for p in find(objs, "NetworkPolicy") if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        out[workload["metadata"]["name"]] = policy
+    return out
+
+
+@pytest.mark.parametrize("release", ["fanroute", "demo"])
+def test_network_policies_admit_only_the_release_to_the_nng_ports(release):
+    objs = objects(render(name=release))
+    policies = policies_by_workload(objs)
+    assert set(policies) == {f"{release}-gateway", f"{release}-router"}
+    templates = [pod for _, pod in pod_specs(objs)]
+    other_release = [pod for _, pod in pod_specs(objects(render(name="other")))]
+    for workload, pod in pod_specs(objs):
+        policy = policies[workload["metadata"]["name"]]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        nng = ports.get("nng") or ports["inbox"]
+        [peers] = admitted(policy, nng)
+        assert peers is not None and len(peers) == 1
+        [peer] = peers
+        # Pods of this namespace only (no namespaceSelector, no ipBlock)...
+        assert set(peer) == {"podSelector"}
+        labels = peer["podSelector"]["matchLabels"]
+        assert "matchExpressions" not in peer["podSelector"]
+        # ...that carry the release's labels: its gateways and routers, no other release's.
+        assert all(labels.items() <= t["metadata"]["labels"].items() for t in templates)
+        assert not any(labels.items() <= t["metadata"]["labels"].items() for t in other_release)
+        # The admin port stays reachable by anyone (Prometheus, the HTTP publish API).
+        assert admitted(policy, ports["admin"]) == [None]
+        if "ws" in ports:
+            assert admitted(policy, ports["ws"]) == [None]  # clients, from anywhere
+        # Every container port is opened by some rule; nothing the pod serves is cut off.
+        assert all(admitted(policy, p) for p in ports.values())
+
+
+def test_network_policy_admin_peers_and_ports_follow_the_values():
+    values = inter_node_values()
+    values["router"].update(port=7111, adminPort=9211)
+    values["gateway"].update(port=8088, adminPort=9111, inboxPort=7222)
+    policies = policies_by_workload(objects(render(values)))
+    router, gateway = policies["fanroute-router"], policies["fanroute-gateway"]
+    peers = values["networkPolicy"]["adminFrom"]
+    assert admitted(router, 9211) == [peers] and admitted(gateway, 9111) == [peers]
+    assert admitted(gateway, 8088) == [None]
+    for policy, nng in ((router, 7111), (gateway, 7222)):
+        [[peer]] = admitted(policy, nng)
+        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "fanroute"
+    # Ports the values moved away from are closed.
+    assert admitted(router, 7101) == [] and admitted(gateway, 7200) == [] and admitted(gateway, 8080) == []
+
+
+def test_network_policies_can_be_disabled():
+    manifests = render({"networkPolicy": {"enabled": False}})
+    assert find(objects(manifests), "NetworkPolicy") == []
+    assert "networkPolicy.enabled is false" in manifests["fanroute/templates/NOTES.txt"]
+    assert "networkPolicy.enabled is false" not in render()["fanroute/templates/NOTES.txt"]
 
 
 def test_notes_tell_how_to_connect_and_where_the_dashboard_is():

@@ -37,8 +37,9 @@ from tests.test_helm_chart import find, objects, one, production_values, render
 # Variables fanroute reads directly rather than through a flag, if the chart sets any.
 ENV_ONLY: set[str] = {"FANROUTE_JWT_PUBLIC_KEY"}
 # Announced flags the chart may set before the CLI has them; the local run leaves them
-# out (and says so). Empty: every variable the chart sets is a flag today.
-PENDING_FLAGS: set[str] = set()
+# out (and says so). Once `fanroute gateway` and `fanroute router` have a flag, the
+# local run passes its variable through like any other.
+PENDING_FLAGS: set[str] = {"FANROUTE_CLUSTER_SECRET"}
 
 FANROUTE = Path(sys.executable).with_name("fanroute")
 
@@ -223,11 +224,13 @@ class LocalRelease:
 
 JWT_SECRET = "local-test-jwt-secret-0123456789abcdef"
 API_KEY = "local-test-api-key"
+CLUSTER_SECRET = "local-test-cluster-secret-0123456789abcdef"
 
 
-def operator_secret(name: str) -> dict[str, Any]:
-    """The Secret an operator creates before installing with auth.existingSecret."""
-    data = {"jwt-secret": JWT_SECRET, "api-key": API_KEY}
+def operator_secret(name: str, data: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Secret an operator creates before installing with auth.existingSecret (or,
+    given its data, cluster.existingSecret)."""
+    data = data or {"jwt-secret": JWT_SECRET, "api-key": API_KEY}
     return {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
@@ -240,7 +243,12 @@ def release(request, tmp_path):
         objs = objects(render())
     else:
         values = production_values()
-        objs = [*objects(render(values)), operator_secret(values["auth"]["existingSecret"])]
+        cluster = values["cluster"]
+        objs = [
+            *objects(render(values)),
+            operator_secret(values["auth"]["existingSecret"]),
+            operator_secret(cluster["existingSecret"], {cluster["existingSecretKey"]: CLUSTER_SECRET}),
+        ]
     rel = LocalRelease(objs, tmp_path)
     rel.variant = request.param
     rel.start()

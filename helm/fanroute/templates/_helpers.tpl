@@ -65,3 +65,57 @@ release, and every gateway computes the same list.
 {{- define "fanroute.hasPublicKey" -}}
 {{- if or .Values.auth.jwtPublicKey (and .Values.auth.existingSecret .Values.auth.existingSecretHasPublicKey) -}}true{{- end -}}
 {{- end -}}
+
+{{/* Selector of every pod of the release, gateways and routers alike. */}}
+{{- define "fanroute.releaseSelectorLabels" -}}
+app.kubernetes.io/name: fanroute
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/*
+An nng listen address: call with (list HOST PORT). An empty HOST means the pod IP,
+which the pod's POD_IP variable (downward API) must hold.
+*/}}
+{{- define "fanroute.nngListen" -}}
+{{- printf "tcp://%s:%d" (default "$(POD_IP)" (index . 0)) (int (index . 1)) -}}
+{{- end -}}
+
+{{/*
+The cluster secret every gateway and router shares (MAC on inter-node messages):
+the chart's own Secret <fullname>-cluster, or cluster.existingSecret.
+*/}}
+{{- define "fanroute.clusterSecretName" -}}
+{{- default (printf "%s-cluster" (include "fanroute.fullname" .)) .Values.cluster.existingSecret -}}
+{{- end -}}
+
+{{- define "fanroute.clusterSecretKey" -}}
+{{- if .Values.cluster.existingSecret -}}
+{{- default "cluster-secret" .Values.cluster.existingSecretKey -}}
+{{- else -}}
+cluster-secret
+{{- end -}}
+{{- end -}}
+
+{{/*
+The base64 value of the chart's cluster secret: call with the Secret as `lookup`
+returns it (an empty map when there is none, and always under `helm template`). An
+existing value is kept, so `helm upgrade` never splits the release between two
+secrets; otherwise 64 random alphanumerics (about 380 bits).
+*/}}
+{{- define "fanroute.clusterSecretData" -}}
+{{- $value := dig "data" "cluster-secret" "" . -}}
+{{- if $value -}}
+{{- $value -}}
+{{- else -}}
+{{- randAlphaNum 64 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The env entry every fanroute container gets for the cluster secret. */}}
+{{- define "fanroute.clusterSecretEnv" -}}
+- name: FANROUTE_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanroute.clusterSecretName" . }}
+      key: {{ include "fanroute.clusterSecretKey" . }}
+{{- end -}}
