@@ -4,6 +4,9 @@ PyJWT does the cryptography and the standard claim checks (``exp``, ``nbf``, ``a
 ``iss``); this module chooses the algorithms from the key given (a shared secret for
 HS256, a PEM public key for RS256/ES256) and turns a token into an :class:`Identity`.
 No I/O beyond reading the key file once at start-up.
+
+A token must carry ``exp`` unless the authenticator is built with ``require_exp=False``:
+a token that never expires stays usable for as long as the key is, however it leaks.
 """
 
 from __future__ import annotations
@@ -44,12 +47,17 @@ class AuthError(Exception):
 
 @dataclass
 class Authenticator:
+    """Verifies tokens against the configured key, audience, issuer and expiry rules."""
+
     secret: str | None = None  # HS256
     public_key: str | None = None  # PEM, RS256 or ES256
     audience: str | None = None
     issuer: str | None = None
     allow_anonymous: bool = True
     api_key: str | None = None
+    # Off only for issuers that cannot set exp; such tokens are then valid until the
+    # key changes, and the gateway's expiry timer never closes their connections.
+    require_exp: bool = True
 
     @classmethod
     def from_settings(
@@ -61,6 +69,7 @@ class Authenticator:
         issuer: str | None,
         allow_anonymous: bool,
         api_key: str | None,
+        require_exp: bool = True,
     ) -> Authenticator:
         public_key = os.environ.get("FANROUTE_JWT_PUBLIC_KEY") or None
         if public_key_file:
@@ -70,7 +79,9 @@ class Authenticator:
                 raise ConfigError(f"--jwt-public-key-file {public_key_file} cannot be read: {exc.strerror}") from None
         if public_key is not None and "PUBLIC KEY" not in public_key:
             raise ConfigError("the JWT public key is not a PEM public key (-----BEGIN PUBLIC KEY-----)")
-        return cls(secret or None, public_key, audience or None, issuer or None, allow_anonymous, api_key or None)
+        return cls(
+            secret or None, public_key, audience or None, issuer or None, allow_anonymous, api_key or None, require_exp
+        )
 
     @property
     def tokens_enabled(self) -> bool:
@@ -98,8 +109,12 @@ class Authenticator:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=_LEEWAY,
-                options={"require": ["sub"], "verify_aud": self.audience is not None},
+                options={"require": ["sub", "exp"] if self.require_exp else ["sub"], "verify_aud": self.audience is not None},
             )
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "exp":
+                raise AuthError("token has no exp claim: this gateway accepts only tokens that expire") from None
+            raise AuthError(f"invalid token: {exc}") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
         sub = claims.get("sub")
