@@ -42,6 +42,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -524,6 +525,7 @@ class Target:
 def _spawn(target: Target, name: str, argv: list[str], logdir: Path) -> None:
     log = logdir / f"{target.name}-{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **SERVER_ENV)
+    env.setdefault("FANROUTE_CLUSTER_SECRET", secrets.token_urlsafe(32))
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
     target.procs.append((name, proc))

@@ -51,6 +51,7 @@ import heapq
 import math
 import multiprocessing
 import os
+import secrets
 import random
 import resource
 import selectors
@@ -858,6 +859,7 @@ def start_cluster(gateways: int, routers: int, ping_interval: float, ping_timeou
     waited for by polling every ``/readyz`` (never a fixed sleep)."""
     py = [sys.executable, "-m", "cluster.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FANROUTE_")}
+    env["FANROUTE_CLUSTER_SECRET"] = secrets.token_urlsafe(32)
     env.update(PYTHONUNBUFFERED="1", FANROUTE_LOG_LEVEL="warning")
     cluster = LocalCluster()
 

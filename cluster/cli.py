@@ -67,6 +67,35 @@ def _optional_port(value: str) -> int | None:
     return None if value.lower() in ("", "none", "off") else int(value)
 
 
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+_bool.__name__ = "true or false"
+
+
+def _add_link_flags(p: argparse.ArgumentParser) -> None:
+    """The inter-node links' secret: every gateway and router of a cluster shares it."""
+    _flag(p, "--cluster-secret", str, "", "secret that authenticates every message between gateways and routers (required)")
+    _flag(p, "--cluster-secret-file", str, "", "file holding the cluster secret (instead of --cluster-secret)")
+    _flag(p, "--cluster-encrypt", _bool, False, "also encrypt inter-node messages (for networks that are not trusted)")
+
+
+def cluster_secret(args: argparse.Namespace) -> str | None:
+    """The cluster secret from --cluster-secret or --cluster-secret-file."""
+    if args.cluster_secret_file:
+        try:
+            return open(args.cluster_secret_file, encoding="utf-8").read().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"--cluster-secret-file {args.cluster_secret_file} cannot be read: {exc.strerror}") from None
+    return args.cluster_secret or None
+
+
 def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int, anonymous: str) -> None:
     _flag(p, "--host", str, "127.0.0.1", "address for WebSocket clients")
     _flag(p, "--port", int, port, "port for WebSocket clients")
@@ -85,6 +114,8 @@ def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int, a
     _flag(p, "--anonymous", str, anonymous, "allow, deny, or auto (allow unless a JWT key is set)")
     _flag(p, "--api-key", str, "", "key for the HTTP publish API (POST /api/publish on the admin port)")
     _flag(p, "--auth-timeout", float, 5.0, "seconds to present a valid token when one is required (else 4001)")
+    _flag(p, "--jwt-require-exp", _bool, True, "refuse tokens without an exp claim")
+    _flag(p, "--message-timeout", float, 10.0, "seconds for every frame of one client message to arrive (else close 4010)")
     _flag(p, "--allowed-origins", str, "", "comma-separated Origin allow-list for browsers (empty: any)")
     _flag(p, "--max-subscriptions", int, 1000, "subscriptions per connection")
     _flag(p, "--max-connections", int, 50000, "connections per gateway (beyond: close 1013)")
@@ -96,6 +127,7 @@ def _add_gateway_flags(p: argparse.ArgumentParser, port: int, admin_port: int, a
 def _add_history_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--history-size", int, 1000, "messages kept per topic for recovery")
     _flag(p, "--history-ttl", float, 300.0, "seconds a message stays in history")
+    _flag(p, "--history-bytes", int, 256 << 20, "bytes of history per router across all topics (oldest evicted first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--routers", str, "tcp://127.0.0.1:7101", "router shards: name=url,... or url,... (the same list on every gateway)")
     _flag(p, "--inbox", str, "tcp://127.0.0.1:0", "nng address this gateway receives deliveries on")
     _flag(p, "--advertise", str, "", "inbox address the shards should dial, if not --inbox")
+    _add_link_flags(p)
 
     p = sub.add_parser("router", help="one router shard")
     _flag(p, "--listen", str, "tcp://127.0.0.1:7101", "nng address gateways send to")
@@ -123,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--gateway-timeout", float, 10.0, "seconds of gateway silence before it is forgotten")
     _flag(p, "--config", str, "", "namespaces file (TOML or YAML): history size and age per namespace")
     _add_history_flags(p)
+    _add_link_flags(p)
 
     p = sub.add_parser("local-cluster", help="gateways and routers as processes on loopback")
     _flag(p, "--gateways", int, 2, "number of gateway processes")
@@ -165,6 +199,8 @@ def gateway_config(args: argparse.Namespace, routers: list[tuple[str, str]]) -> 
         anonymous=args.anonymous,
         api_key=args.api_key or None,
         auth_timeout=args.auth_timeout,
+        jwt_require_exp=args.jwt_require_exp,
+        message_timeout=args.message_timeout,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         max_subscriptions=args.max_subscriptions,
         max_connections=args.max_connections,
@@ -173,6 +209,8 @@ def gateway_config(args: argparse.Namespace, routers: list[tuple[str, str]]) -> 
         publish_rate=args.publish_rate,
         inbox=getattr(args, "inbox", "tcp://127.0.0.1:0"),
         advertise=getattr(args, "advertise", "") or None,
+        cluster_secret=cluster_secret(args) if hasattr(args, "cluster_secret") else None,
+        cluster_encrypt=getattr(args, "cluster_encrypt", False),
     )
 
 
@@ -184,8 +222,11 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         admin_port=getattr(args, "admin_port", None),
         history_size=args.history_size,
         history_ttl=args.history_ttl,
+        history_bytes=args.history_bytes,
         gateway_timeout=getattr(args, "gateway_timeout", 10.0),
         config_file=args.config or None,
+        cluster_secret=cluster_secret(args) if hasattr(args, "cluster_secret") else None,
+        cluster_encrypt=getattr(args, "cluster_encrypt", False),
     )
 
 
@@ -262,7 +303,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "standalone":
         gw = gateway_config(args, [("unused", "inproc://unused")])
         rc = router_config(args)
-        rc.check()
         if args.demo_feed < 0:
             raise ConfigError("--demo-feed must be 0 (off) or a positive rate")
         serve = partial(node.serve_standalone, gw, rc, args.shards, demo_feed=args.demo_feed)

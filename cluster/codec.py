@@ -18,15 +18,16 @@ from typing import Any
 import msgpack
 import orjson
 
-from cluster.protocol import BAD_REQUEST, MSGPACK_SUBPROTOCOL, ProtocolError
+from cluster.protocol import BAD_REQUEST, MSGPACK_SUBPROTOCOL, TOO_LARGE, ProtocolError
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 OP_PING = 0x9
 
-# msgpack nesting and sizes are bounded by the frame size limit; this caps the
-# structure depth so a hostile frame cannot make the decoder recurse deeply.
-_MAX_DEPTH = 64
+# A payload must be deliverable in every encoding a subscriber may use. orjson writes
+# at most 254 levels and msgpack reads about 1000, so the depth both can carry is
+# well above this cap; 64 levels is more than any feed needs.
+MAX_DEPTH = 64
 
 
 def ws_frame(opcode: int, data: bytes) -> bytes:
@@ -87,26 +88,34 @@ class Encoding(Enum):
 
 
 def decode_msgpack_value(data: bytes) -> Any:
-    """Decode a msgpack client value, refusing what JSON subscribers could not read."""
+    """Decode a msgpack client frame; junk raises ``bad_request``.
+
+    Payloads inside it are checked when they are published (:func:`pack_payload`).
+    """
     try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on junk
         raise ProtocolError(BAD_REQUEST, f"malformed msgpack: {type(exc).__name__}") from None
-    check_json_compatible(value)
-    return value
+
+
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def check_json_compatible(value: Any) -> None:
     """Refuse values a JSON subscriber could not be sent (bytes, ext types, deep nests).
 
-    A msgpack publisher's payload reaches JSON subscribers too, so it must be a
-    JSON value: the check runs once per msgpack frame, at the edge.
+    Every publication reaches JSON and msgpack subscribers alike, so its payload must
+    be a JSON value both encoders can write. Binary values are refused rather than
+    turned into something else: a publisher that needs bytes sends them as a base64
+    string, and every subscriber then sees the same payload.
     """
+    if type(value) in _SCALARS and type(value) is not int and value == value:
+        return  # the common case of a plain string or number: nothing to walk
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            raise ProtocolError(BAD_REQUEST, f"value nested deeper than {_MAX_DEPTH} levels")
+        if depth > MAX_DEPTH:
+            raise ProtocolError(BAD_REQUEST, f"value nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, dict):
             for k, v in item.items():
                 if not isinstance(k, str):
@@ -122,6 +131,35 @@ def check_json_compatible(value: Any) -> None:
                 raise ProtocolError(BAD_REQUEST, "NaN is not a JSON value")
         else:
             raise ProtocolError(BAD_REQUEST, f"{type(item).__name__} values cannot be published")
+
+
+def pack_payload(value: Any, limit: int) -> bytes:
+    """A publication's payload as the bytes that travel between nodes and into history.
+
+    This is the one place where a payload is accepted: it must be a JSON value (see
+    :func:`check_json_compatible`) whose msgpack form is at most ``limit`` bytes.
+    Shards store and forward these bytes without decoding them, so history is
+    accounted for exactly in bytes.
+    """
+    check_json_compatible(value)
+    data = msgpack.packb(value, use_bin_type=True)
+    if len(data) > limit:
+        raise ProtocolError(TOO_LARGE, f"payload larger than {limit} bytes")
+    return data
+
+
+def unpack_payload(data: Any) -> Any:
+    """Read back a payload that came from a shard (a delivery or history).
+
+    The shard is a cluster member, but what it holds was written by another
+    process, maybe of another version: it is checked as at the edge, and a payload
+    that could not be delivered to every encoding raises :class:`ProtocolError`.
+    """
+    if type(data) is not bytes:
+        raise ProtocolError(BAD_REQUEST, "a payload from a shard must be packed bytes")
+    value = decode_msgpack_value(data)
+    check_json_compatible(value)
+    return value
 
 
 class FrameCache:

@@ -30,6 +30,7 @@ class GatewayConfig:
     shard_beat: float = 1.0
     shard_timeout: float = 3.5
     backlog_limit: int = 4096  # frames waiting for one shard before publishers wait
+    message_timeout: float = 10.0  # seconds for all frames of one client message to arrive
     drain_window: float = 10.0  # seconds over which SIGTERM closes clients with 1012
     # Access control (see cluster/auth.py and cluster/permissions.py).
     config_file: str | None = None  # namespaces: TOML or YAML
@@ -40,6 +41,7 @@ class GatewayConfig:
     anonymous: str = "auto"  # allow | deny | auto (allow unless a JWT key is configured)
     api_key: str | None = None
     auth_timeout: float = 5.0  # seconds to present a valid token when one is required
+    jwt_require_exp: bool = True  # tokens without exp are refused
     allowed_origins: list[str] = field(default_factory=list)  # empty: any Origin
     # Limits; 0 turns a rate limit off. Per-connection command and publish rates are
     # off by default (back-end feeds publish thousands per second over one socket);
@@ -50,6 +52,9 @@ class GatewayConfig:
     command_rate: float = 0.0  # per connection, all commands
     publish_rate: float = 0.0  # per connection
     abuse_limit: int = 100  # rate-limited commands within 10 s before closing with 4029
+    # Inter-node links (cluster.wire): every message is sealed with this secret.
+    cluster_secret: str | None = None
+    cluster_encrypt: bool = False
 
     def check(self) -> None:
         if not self.routers:
@@ -79,6 +84,9 @@ class GatewayConfig:
             raise ConfigError("--drain-window must not be negative")
         if self.max_frame < 256:
             raise ConfigError("--max-frame must be at least 256 bytes")
+        if self.message_timeout <= 0:
+            raise ConfigError("--message-timeout must be a positive number of seconds")
+        _check_secret(self.cluster_secret)
 
 
 @dataclass
@@ -91,6 +99,9 @@ class RouterConfig:
     history_ttl: float = 300.0
     gateway_timeout: float = 10.0
     config_file: str | None = None  # namespaces: per-namespace history size and age
+    history_bytes: int = 256 << 20  # all topics' history together, payloads and overhead
+    cluster_secret: str | None = None
+    cluster_encrypt: bool = False
 
     def check(self) -> None:
         _check_nng_url("--listen", self.listen)
@@ -102,6 +113,19 @@ class RouterConfig:
             raise ConfigError("--history-size and --history-ttl must not be negative")
         if self.gateway_timeout <= 0:
             raise ConfigError("--gateway-timeout must be a positive number of seconds")
+        if self.history_bytes < 1 << 20:
+            raise ConfigError("--history-bytes must be at least 1048576 (1 MiB)")
+        _check_secret(self.cluster_secret)
+
+
+def _check_secret(secret: str | None) -> None:
+    if not secret:
+        raise ConfigError(
+            "--cluster-secret (or FANROUTE_CLUSTER_SECRET, or --cluster-secret-file) is required: "
+            "every message between gateways and routers is authenticated with it"
+        )
+    if len(secret) < 16:
+        raise ConfigError("--cluster-secret must be at least 16 characters")
 
 
 def parse_routers(value: str) -> list[tuple[str, str]]:
@@ -120,9 +144,14 @@ def parse_routers(value: str) -> list[tuple[str, str]]:
     return out
 
 
-def _check_nng_url(flag: str, url: str) -> None:
+def is_nng_url(url: str) -> bool:
+    """Whether ``url`` is an nng address fanroute links over (tcp, ipc or inproc)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("tcp", "tcp4", "tcp6", "ipc", "inproc") or not rest:
+    return bool(sep) and scheme in ("tcp", "tcp4", "tcp6", "ipc", "inproc") and bool(rest) and len(url) <= 512
+
+
+def _check_nng_url(flag: str, url: str) -> None:
+    if not is_nng_url(url):
         raise ConfigError(f"{flag} has {url!r}, which is not an nng address like tcp://127.0.0.1:7101")
 
 

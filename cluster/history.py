@@ -1,48 +1,87 @@
 """A topic's bounded history and the recovery rule built on it.
 
-History is bounded twice: by count (memory) and by age (a client that was gone
-longer than the window is better served by a fresh snapshot from the application
-than by a replay). Recovery answers "what did a client that saw ``seq`` miss?" with
-exactly the missing messages, or with ``None`` when the window does not reach back
-that far, which the client sees as ``recovered: false``.
+History is bounded three ways: by count and by age per topic (a client that was
+gone longer than the window is better served by a fresh snapshot from the
+application than by a replay), and by bytes across the whole router (the shard
+evicts the oldest entries of any topic first, see ``router.shard``). Recovery answers
+"what did a client that saw ``seq`` miss?" with exactly the missing messages, or with
+``None`` when the window does not reach back that far, which the client sees as
+``recovered: false``.
+
+Every entry's ``idem`` key stays findable while the entry is in history, so a
+retried publication is recognised for as long as it could be recovered.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from itertools import islice
+
+# What an entry costs beyond its payload bytes (the Entry object, its deque slot and
+# its idem index slot), so that a flood of tiny messages is bounded too.
+ENTRY_OVERHEAD = 160
 
 
 @dataclass(slots=True)
 class Entry:
     seq: int
-    payload: Any
+    payload: bytes  # packed as it travels (cluster.codec.pack_payload)
     ts: float  # publication time (wall clock), carried for latency metrics
     stored_at: float  # monotonic time, for age-based trimming
+    idem: str | None = None
+
+    @property
+    def cost(self) -> int:
+        return len(self.payload) + ENTRY_OVERHEAD
 
 
 class History:
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, on_evict: Callable[[Entry], None] = lambda e: None) -> None:
         if size < 0 or ttl < 0:
             raise ValueError("history size and ttl must be >= 0")
         self.size = size
         self.ttl = ttl
-        self._entries: deque[Entry] = deque(maxlen=size or None)
+        self.bytes = 0
+        self._on_evict = on_evict
+        self._entries: deque[Entry] = deque()
+        self._idem: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def first_seq(self) -> int | None:
+        return self._entries[0].seq if self._entries else None
+
     def append(self, entry: Entry) -> None:
-        if self.size:
-            self._entries.append(entry)
+        if not self.size:
+            return
+        if len(self._entries) >= self.size:
+            self.evict_oldest()
+        self._entries.append(entry)
+        self.bytes += entry.cost
+        if entry.idem is not None:
+            self._idem[entry.idem] = entry.seq
+
+    def evict_oldest(self) -> Entry:
+        entry = self._entries.popleft()
+        self.bytes -= entry.cost
+        if entry.idem is not None and self._idem.get(entry.idem) == entry.seq:
+            del self._idem[entry.idem]
+        self._on_evict(entry)
+        return entry
+
+    def seq_of(self, idem: str) -> int | None:
+        """The seq of the publication in history that carried ``idem``, if any."""
+        return self._idem.get(idem)
 
     def trim(self, now: float) -> None:
         """Drop entries older than ``ttl`` (``now`` is monotonic time)."""
         entries, horizon = self._entries, now - self.ttl
         while entries and entries[0].stored_at < horizon:
-            entries.popleft()
+            self.evict_oldest()
 
     def after(self, seq: int, last_seq: int, now: float) -> list[Entry] | None:
         """Every entry with a seq above ``seq``, or ``None`` if some are gone.

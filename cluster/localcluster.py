@@ -3,11 +3,16 @@
 It exists to see sharding on one machine: every process is the same ``fanroute``
 command a deployment runs, started with the flags printed here, and stopped together
 on Ctrl-C or SIGTERM (SIGTERM to each, SIGKILL to any still running after 10 s).
+The processes share a cluster secret: ``FANROUTE_CLUSTER_SECRET`` when it is set,
+else a fresh random one, handed to them in the environment (not on the command
+line, where other users could read it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -87,9 +92,11 @@ def run_local_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    env = dict(os.environ)
+    env.setdefault("FANROUTE_CLUSTER_SECRET", secrets.token_urlsafe(32))
     procs = []
     for plan in plans:
-        procs.append((plan, subprocess.Popen(plan.argv)))
+        procs.append((plan, subprocess.Popen(plan.argv, env=env)))
         print(f"{plan.name:<10} {plan.url:<28} admin {plan.admin_url}", flush=True)
     print("local cluster running; Ctrl-C stops it", flush=True)
     status = 0

@@ -111,9 +111,25 @@ class GatewayMetrics:
         )
         self.inter_node_rejected = Counter(
             "fanroute_gateway_wire_rejected_total",
-            "Inter-node messages from shards that could not be decoded and were dropped.",
+            "Inter-node messages refused and dropped, by reason (mac, replay, malformed, sender).",
+            ["reason"],
             registry=registry,
         )
+        self.internal_errors = Counter(
+            "fanroute_gateway_internal_errors_total",
+            "Commands or inter-node messages whose handling raised (answered or dropped; the process went on), by where.",
+            ["where"],
+            registry=registry,
+        )
+        self.accept_errors = Counter(
+            "fanroute_gateway_accept_errors_total",
+            "Accepts that failed for lack of resources (file descriptors, memory); the gateway backs off.",
+            registry=registry,
+        )
+        for reason in ("mac", "replay", "malformed", "sender"):
+            self.inter_node_rejected.labels(reason)
+        for where in ("command", "inbox"):
+            self.internal_errors.labels(where)
 
     def watch(self, hub: Hub, outbox_bytes: Callable[[], int], bytes_out: Callable[[], int]) -> None:
         self.registry.register(_HubCollector(hub, outbox_bytes, bytes_out))
@@ -137,6 +153,8 @@ class _HubCollector(Collector):
             ("resumes", "Subscribes that asked for recovery (with since).", s.resumes),
             ("seq_gaps", "Deliveries whose seq did not follow the previous one.", s.gaps),
             ("wire_frames_rejected", "Inter-node frames from shards that failed validation (dropped).", s.frames_rejected),
+            ("wire_frames_failed", "Inter-node frames from shards whose handling raised (dropped).", s.frames_failed),
+            ("payloads_rejected", "Deliveries whose payload could not be sent to every encoding (dropped; subscribers see a seq gap).", s.payloads_rejected),
         ]
         for name, doc, value in counters:
             c = CounterMetricFamily(f"fanroute_gateway_{name}", doc)
@@ -199,7 +217,19 @@ class RouterMetrics:
         )
         self.wire_rejected = Counter(
             "fanroute_router_wire_rejected_total",
-            "Inter-node messages from gateways that could not be decoded and were dropped.",
+            "Inter-node messages refused and dropped, by reason (mac, replay, malformed).",
+            ["shard", "reason"],
+            registry=registry,
+        )
+        self.internal_errors = Counter(
+            "fanroute_router_internal_errors_total",
+            "Inter-node messages whose handling raised (dropped; the process went on).",
+            ["shard"],
+            registry=registry,
+        )
+        self.dial_failures = Counter(
+            "fanroute_router_dial_failures_total",
+            "Gateway inboxes that could not be dialed.",
             ["shard"],
             registry=registry,
         )
@@ -234,6 +264,11 @@ class _ShardCollector(Collector):
             ("wire_frames_rejected", "Inter-node frames from gateways that failed validation (dropped).", s.frames_rejected),
             ("gateways_forgotten", "Gateways forgotten (silent past the heartbeat deadline, or gone).", s.gateways_forgotten),
             ("topics_evicted", "Idle topics whose state was dropped.", s.topics_evicted),
+            ("wire_frames_failed", "Inter-node frames whose handling raised (dropped).", s.frames_failed),
+            ("senders_rejected", "Messages whose sender is not a gateway inbox address (dropped).", s.senders_rejected),
+            ("duplicate_publications", "Publications recognised by their idem key and not applied again.", s.duplicates),
+            ("history_evicted", "History entries evicted by the shard-wide byte cap (--history-bytes).", s.history_evicted),
+            ("history_evicted_bytes", "Bytes of history evicted by the shard-wide byte cap.", s.history_evicted_bytes),
         ]
         for name, doc, value in counters:
             family(CounterMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)
@@ -246,6 +281,7 @@ class _ShardCollector(Collector):
             ("topics", "Topics the shard holds state for.", len(sh.topics)),
             ("interest_entries", "(topic, gateway) interest pairs.", sh.interest_entries()),
             ("history_messages", "Messages kept in history across topics.", sh.history_messages()),
+            ("history_bytes", "Bytes of history held across topics (payloads and per-entry overhead).", sh.history_bytes),
             ("gateways", "Gateways the shard knows.", len(sh.gateways)),
         ]
         for name, doc, value in gauges:

@@ -77,14 +77,18 @@ async def serve_standalone(
     if shards < 1:
         raise ConfigError("--shards must be at least 1")
     tag = secrets.token_hex(4)
+    # The links never leave the process: a fresh secret each start keeps it zero-config.
+    secret = secrets.token_hex(16)
     registry = CollectorRegistry()
     names = [(f"shard-{i}", f"inproc://fanroute-{tag}-shard-{i}") for i in range(shards)]
     routers = [
-        RouterServer(replace(router_config, name=name, listen=url, admin_port=None), registry)
+        RouterServer(replace(router_config, name=name, listen=url, admin_port=None, cluster_secret=secret), registry)
         for name, url in names
     ]
     gateway = GatewayServer(
-        replace(gateway_config, routers=names, inbox=f"inproc://fanroute-{tag}-gateway", advertise=None),
+        replace(
+            gateway_config, routers=names, inbox=f"inproc://fanroute-{tag}-gateway", advertise=None, cluster_secret=secret
+        ),
         registry,
     )
 

@@ -22,6 +22,9 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
 UNAVAILABLE = "unavailable"
+# The publication was handed to its shard, but the link was lost before the answer
+# came: it may or may not have been applied. Retrying with the same ``idem`` key is safe.
+OUTCOME_UNKNOWN = "outcome_unknown"
 INTERNAL = "internal"
 
 # Close codes (RFC 6455 and the 4xxx range fanroute owns).
@@ -35,9 +38,24 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_HEARTBEAT_TIMEOUT = 4009
+CLOSE_MESSAGE_TIMEOUT = 4010  # a message's frames did not all arrive in time
 CLOSE_RATE_LIMIT = 4029
 
+# Close codes as metric label values: anything else a client sends is "other", so a
+# hostile client cannot mint one time series per code it invents.
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+     4001, 4003, 4008, 4009, 4010, 4029}
+)
+
+
+def close_code_label(code: int | None) -> str:
+    """The metric label for a close code: itself when fanroute knows it, else ``other``."""
+    return str(code) if code in KNOWN_CLOSE_CODES else "other"
+
+
 MAX_TOPIC_LENGTH = 256
+MAX_IDEM_LENGTH = 64
 # Topic characters: letters, digits and a small set of separators. Anything else
 # (spaces, control characters, quotes) is refused so topics stay safe to log,
 # to put in URLs and to use as namespace keys.
@@ -92,6 +110,7 @@ class Publish:
     topic: str
     payload: Any
     id: int | None = None
+    idem: str | None = None  # idempotency key: a retry with the same key is not applied twice
 
 
 @dataclass(slots=True)
@@ -114,6 +133,15 @@ def check_topic(topic: Any, id: int | None = None) -> str:
             BAD_REQUEST, "topic may hold only letters, digits and . _ : - / @ = + , # ~", id
         )
     return topic
+
+
+def check_idem(value: Any, id: int | None = None) -> str | None:
+    """An ``idem`` key: absent, or a string of 1 to 64 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_IDEM_LENGTH:
+        raise ProtocolError(BAD_REQUEST, f"idem must be a string of 1 to {MAX_IDEM_LENGTH} characters", id)
+    return value
 
 
 def _check_id(frame: dict[str, Any]) -> int | None:
@@ -152,7 +180,7 @@ def parse_command(frame: Any) -> Command:
     if kind == "publish":
         if "payload" not in frame:
             raise ProtocolError(BAD_REQUEST, "publish needs a payload", id)
-        return Publish(check_topic(frame.get("topic"), id), frame["payload"], id)
+        return Publish(check_topic(frame.get("topic"), id), frame["payload"], id, check_idem(frame.get("idem"), id))
     if kind == "subscribe":
         topic = check_topic(frame.get("topic"), id)
         since = frame.get("since")

@@ -12,6 +12,17 @@ on the same ordered channel as its deliveries (MSG). So a subscriber waiting for
 SUBOK is simply skipped by live deliveries; every message it missed meanwhile has a seq
 at or below the SUBOK's seq and comes inside the SUBOK's history, and every later
 delivery comes after it. No buffering, no gap, no duplicate.
+
+Payloads are checked once, on the way in (:func:`cluster.codec.pack_payload`: a JSON
+value every encoding can carry, within the size limit), and again when they come
+back from a shard (:func:`cluster.codec.unpack_payload`), so nothing a shard holds
+can make the fan-out fail. A frame whose handling raises anyway is counted and
+skipped; the rest of its batch goes on.
+
+An answer is never false. A publication refused before it left for its shard was
+not applied (``unavailable``); one that was handed to the link when the link was
+lost may or may not have been (``outcome_unknown``), and a retry with the same
+``idem`` key is then safe.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from typing import Any, Protocol
 
 from cluster import protocol as p
 from cluster import wire
-from cluster.codec import Encoding, FrameCache
+from cluster.codec import Encoding, FrameCache, pack_payload, unpack_payload
 from cluster.ring import Ring
 
 
@@ -85,6 +96,8 @@ class HubStats:
     recovered: int = 0
     not_recovered: int = 0
     frames_rejected: int = 0
+    frames_failed: int = 0  # shard frames whose handling raised (dropped)
+    payloads_rejected: int = 0  # deliveries whose payload failed the check (dropped)
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -96,8 +109,10 @@ class Hub:
         inbox: str,
         instance: str,
         observe_latency: Callable[[float], None] = lambda seconds: None,
+        max_payload: int = 64 * 1024,
     ) -> None:
         self.ring = ring
+        self.max_payload = max_payload
         self.inbox = inbox
         self.instance = instance
         self.topics: dict[str, TopicEntry] = {}
@@ -109,6 +124,10 @@ class Hub:
         self._observe_latency = observe_latency
         self._req_ids = itertools.count(1)
         self._hello_pending: set[str] = set()
+        # Per shard, the newest publish request queued, and the newest handed to the
+        # link (request ids only grow): what a lost link leaves unknown, see link_down.
+        self._queued_pub: dict[str, int] = {name: 0 for name in ring.shards}
+        self._sent_pub: dict[str, int] = {name: 0 for name in ring.shards}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -175,6 +194,11 @@ class Hub:
         self._reply(session, p.unsubscribed_event(cmd.topic, cmd.id))
 
     def publish(self, session: Session, cmd: p.Publish) -> None:
+        try:
+            payload = pack_payload(cmd.payload, self.max_payload)
+        except p.ProtocolError as err:
+            self._error(session, err.code, err.message, cmd.id)
+            return
         shard = self._shard_for(session, cmd.topic, cmd.id)
         if shard is None:
             return
@@ -183,7 +207,18 @@ class Hub:
         if cmd.id is not None:
             req = next(self._req_ids)
             self.requests[req] = Request(wire.PUB, shard, session, cmd.id, cmd.topic)
-        self.to_shards[shard].append([wire.PUB, cmd.topic, cmd.payload, req, time.time()])
+            self._queued_pub[shard] = req
+        self.to_shards[shard].append([wire.PUB, cmd.topic, payload, req, time.time(), cmd.idem])
+
+    def handed_off(self, shard: str) -> None:
+        """The link took everything queued for ``shard``: it may now be applied."""
+        self._sent_pub[shard] = self._queued_pub[shard]
+
+    def revoke(self, session: Session, topic: str) -> None:
+        """End a subscription the server withdrew: an unsolicited ``unsubscribed``."""
+        if topic in session.topics:
+            self._leave(session, topic)
+            self._reply(session, p.unsubscribed_event(topic))
 
     def ping(self, session: Session, cmd: p.Ping) -> None:
         self._reply(session, p.pong_event(cmd.ts, cmd.id))
@@ -222,6 +257,7 @@ class Hub:
         for topic, entry in self.topics.items():
             if entry.subscribers and self.ring.owner(topic) == shard:
                 interest.append([topic, entry.epoch, entry.seq])
+        self._fail_publications(shard)
         frames: list[list[Any]] = [[wire.HELLO, self.inbox, self.instance, interest]]
         for req, r in self.requests.items():
             if r.kind == wire.SUB and r.shard == shard:
@@ -232,53 +268,76 @@ class Hub:
     def link_down(self, shard: str) -> None:
         """A shard became unreachable: fail what cannot be answered any more."""
         self.shard_up[shard] = False
+        self._fail_publications(shard)
         self.to_shards[shard] = []
         for topic, entry in self.topics.items():
             if self.ring.owner(topic) == shard:
                 entry.synced = False
+
+    def _fail_publications(self, shard: str) -> None:
+        """Answer every publication still waiting on ``shard``, truthfully.
+
+        Those still queued here are dropped with the queue: not applied. Those
+        already handed to the link may have been applied: the client is told the
+        outcome is unknown, and retries with its ``idem`` key.
+        """
+        sent = self._sent_pub[shard]
         lost = [req for req, r in self.requests.items() if r.kind == wire.PUB and r.shard == shard]
         for req in lost:
             r = self.requests.pop(req)
-            if not r.session.closed:
+            if r.session.closed:
+                continue
+            if req <= sent:
                 self._error(
                     r.session,
-                    p.UNAVAILABLE,
-                    f"lost the shard for {r.topic!r}; the publication may not have been applied",
+                    p.OUTCOME_UNKNOWN,
+                    f"lost the shard for {r.topic!r} after sending: the publication may have been applied",
                     r.client_id,
                 )
+            else:
+                self._error(
+                    r.session, p.UNAVAILABLE, f"lost the shard for {r.topic!r}; the publication was not applied", r.client_id
+                )
+        self._sent_pub[shard] = self._queued_pub[shard]
 
     def on_shard_frames(self, shard: str, frames: list[Any]) -> None:
-        """Apply one batch of frames from a shard."""
+        """Apply one batch of frames from a shard; a frame that fails is counted and skipped."""
         for frame in frames:
             try:
                 kind = wire.check_shard_frame(frame)
             except wire.WireError:
                 self.stats.frames_rejected += 1
                 continue
-            if kind == wire.MSG:
-                self._deliver(frame[1], frame[2], frame[3], frame[4])
-            elif kind == wire.SUBOK:
-                if frame[2]:
-                    self._subscribed(frame)
-                else:
-                    self._resynced(frame)
-            elif kind == wire.PUBOK:
-                r = self.requests.pop(frame[2], None)
-                if r is not None and not r.session.closed:
-                    self._reply(r.session, p.published_event(r.topic, frame[3], r.client_id))
-            elif kind == wire.WELCOME:
-                if frame[2] == self.instance:
-                    self.shard_up[shard] = True
-                    self._hello_pending.discard(shard)
-                elif shard not in self._hello_pending:
-                    # The shard does not know this gateway (it restarted, or forgot
-                    # it after missed heartbeats): introduce ourselves again.
-                    self.shard_up[shard] = False
-                    self.link_up(shard)
-            elif kind == wire.NACK:
-                r = self.requests.pop(frame[1], None)
-                if r is not None and not r.session.closed:
-                    self._error(r.session, frame[2], frame[3], r.client_id)
+            try:
+                self._on_shard_frame(shard, kind, frame)
+            except Exception:
+                self.stats.frames_failed += 1
+
+    def _on_shard_frame(self, shard: str, kind: int, frame: list[Any]) -> None:
+        if kind == wire.MSG:
+            self._deliver(frame[1], frame[2], frame[3], frame[4])
+        elif kind == wire.SUBOK:
+            if frame[2]:
+                self._subscribed(frame)
+            else:
+                self._resynced(frame)
+        elif kind == wire.PUBOK:
+            r = self.requests.pop(frame[2], None)
+            if r is not None and not r.session.closed:
+                self._reply(r.session, p.published_event(r.topic, frame[3], r.client_id))
+        elif kind == wire.WELCOME:
+            if frame[2] == self.instance:
+                self.shard_up[shard] = True
+                self._hello_pending.discard(shard)
+            elif shard not in self._hello_pending:
+                # The shard does not know this gateway (it restarted, or forgot
+                # it after missed heartbeats): introduce ourselves again.
+                self.shard_up[shard] = False
+                self.link_up(shard)
+        elif kind == wire.NACK:
+            r = self.requests.pop(frame[1], None)
+            if r is not None and not r.session.closed:
+                self._error(r.session, frame[2], frame[3], r.client_id)
 
     def _deliver(self, topic: str, seq: int, payload: Any, ts: float) -> None:
         self.stats.deliveries_received += 1
@@ -289,8 +348,19 @@ class Hub:
         if entry.synced and seq != entry.seq + 1:
             self.stats.gaps += 1
         entry.seq = seq
+        event = self._message(topic, payload, seq)
+        if event is None:
+            return
         self._observe_latency(time.time() - ts)
-        self._fan_out(entry.subscribers, FrameCache(p.message_event(topic, payload, seq)))
+        self._fan_out(entry.subscribers, FrameCache(event))
+
+    def _message(self, topic: str, payload: bytes, seq: int) -> dict[str, Any] | None:
+        """A message event from a shard's payload bytes, or ``None`` (counted) if they fail the check."""
+        try:
+            return p.message_event(topic, unpack_payload(payload), seq)
+        except p.ProtocolError:
+            self.stats.payloads_rejected += 1
+            return None
 
     def _fan_out(self, sessions: Any, frames: FrameCache) -> None:
         dirty = self.dirty
@@ -327,7 +397,8 @@ class Hub:
                 self.stats.not_recovered += 1
         session.send(p.subscribed_event(topic, epoch, seq, recovered, r.client_id))
         for m_seq, payload, _ts in missed:
-            session.send(p.message_event(topic, payload, m_seq))
+            if (event := self._message(topic, payload, m_seq)) is not None:
+                session.send(event)
         self.dirty.add(session)
 
     def _resynced(self, frame: list[Any]) -> None:
@@ -340,7 +411,8 @@ class Hub:
             for m_seq, payload, _ts in missed:
                 if m_seq > entry.seq:
                     entry.seq = m_seq
-                    self._fan_out(entry.subscribers, FrameCache(p.message_event(topic, payload, m_seq)))
+                    if (event := self._message(topic, payload, m_seq)) is not None:
+                        self._fan_out(entry.subscribers, FrameCache(event))
         elif entry.subscribers:
             self._epoch_changed(topic, entry, epoch, seq)
         entry.epoch, entry.seq, entry.synced = epoch, seq, True

@@ -40,9 +40,11 @@ class ShardLink:
         *,
         beat_interval: float,
         timeout: float,
+        sealer: wire.Sealer,
         on_state: Callable[[str, bool], None] = lambda name, up: None,
     ) -> None:
         self.hub = hub
+        self.sealer = sealer
         self.name = name
         self.url = url
         self.beat_interval = beat_interval
@@ -132,9 +134,10 @@ class ShardLink:
             if not frames or sock is None or not self.connected:
                 continue
             hub.to_shards[name] = []
+            hub.handed_off(name)
             try:
                 for i in range(0, len(frames), _FRAMES_PER_MESSAGE):
-                    await send(sock, wire.pack(hub.inbox, frames[i : i + _FRAMES_PER_MESSAGE], name))
+                    await send(sock, self.sealer.pack(hub.inbox, frames[i : i + _FRAMES_PER_MESSAGE], name))
             except pynng.Closed:
                 continue
             self.room.set()

@@ -4,12 +4,21 @@ This is the I/O shell around :class:`gateway.hub.Hub`. It accepts connections
 (trio-websocket), decodes frames and hands commands to the hub, receives shard
 batches from its nng inbox (Pull0) and hands them to the hub, and after every
 command or batch flushes each touched socket once. One task sweeps all connections
-for heartbeats; there is no timer task per connection.
+for heartbeats, auth deadlines and unfinished messages; there is no timer task per
+connection.
+
+No single input stops the process: a command or inter-node message whose handling
+raises is answered (``internal``) or dropped, counted, and the loop goes on. Every
+TCP connection on the client port, WebSocket or plain HTTP, counts against
+``--max-connections``, and that limit is kept below the process's file descriptor
+limit so that the admin port (``/healthz``) always has descriptors to answer with.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import resource
 import secrets
 import time
 from urllib.parse import parse_qs
@@ -48,6 +57,13 @@ _COMMAND_NAMES = {
 }
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _HEAD_TIMEOUT = 10.0
+_FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and files
+# Connections past --max-connections still get an answer (1013, or HTTP 503) from the
+# handshake path; past this many more they are closed at accept, before any read.
+_SHED_SLACK = 64
+_SHED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_BACKOFF = 0.1
 STATIC_DIR = Path(__file__).parent / "static"
 
 
@@ -67,6 +83,7 @@ class Conn:
     commands: TokenBucket | None = None
     publishes: TokenBucket | None = None
     strikes: Strikes | None = None
+    partial_since: float | None = None  # when the message now arriving began
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int | None = None
     close_reason: str = ""
@@ -100,6 +117,8 @@ class GatewayServer:
         self.metrics = GatewayMetrics(self.registry)
         self.instance = secrets.token_hex(6)
         self.conns: dict[Session, Conn] = {}
+        self.client_sockets = 0  # TCP connections open on the client port, of any kind
+        self.max_connections = _connection_cap(config.max_connections)
         self.draining = False
         self.port: int | None = None
         self._inbox_sock: pynng.Pull0 | None = None
@@ -115,7 +134,11 @@ class GatewayServer:
             issuer=config.jwt_issuer,
             allow_anonymous=False,
             api_key=config.api_key,
+            require_exp=config.jwt_require_exp,
         )
+        key = wire.LinkKey(config.cluster_secret, encrypt=config.cluster_encrypt)
+        self.sealer = wire.Sealer(key)
+        self.guard = wire.ReplayGuard(key)
         anonymous = config.anonymous
         self.auth.allow_anonymous = anonymous == "allow" or (anonymous == "auto" and not self.auth.tokens_enabled)
         if not self.auth.allow_anonymous and not self.auth.tokens_enabled:
@@ -152,6 +175,7 @@ class GatewayServer:
             inbox=inbox,
             instance=self.instance,
             observe_latency=self.metrics.latency.observe,
+            max_payload=cfg.max_frame,
         )
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
         for name, url in cfg.routers:
@@ -162,6 +186,7 @@ class GatewayServer:
                 url,
                 beat_interval=cfg.shard_beat,
                 timeout=cfg.shard_timeout,
+                sealer=self.sealer,
                 on_state=self._link_state,
             )
         try:
@@ -181,7 +206,8 @@ class GatewayServer:
                     max_message_size=cfg.max_frame,
                     receive_buffer_size=65536,
                 )
-                await nursery.start(trio.serve_listeners, self._accept, listeners)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
                 self.port = listeners[0].socket.getsockname()[1]
                 log.info("gateway %s listening on ws://%s:%d/", self.instance, cfg.host, self.port)
                 if self.auth.allow_anonymous:
@@ -262,15 +288,19 @@ class GatewayServer:
 
     def _on_inbox(self, data: bytes) -> None:
         try:
-            sender, frames, _ = wire.unpack(data)
-        except wire.WireError:
-            self.metrics.inter_node_rejected.inc()
+            env = self.guard.open(data)
+        except wire.WireError as exc:
+            self.metrics.inter_node_rejected.labels(exc.reason).inc()
             return
-        link = self.links.get(sender)
+        link = self.links.get(env.sender)
         if link is None:
-            self.metrics.inter_node_rejected.inc()
+            self.metrics.inter_node_rejected.labels("sender").inc()
             return
-        self.hub.on_shard_frames(sender, frames)
+        try:
+            self.hub.on_shard_frames(env.sender, env.frames)
+        except Exception:
+            log.exception("a message from shard %s could not be handled", env.sender)
+            self.metrics.internal_errors.labels("inbox").inc()
         link.heard()
 
     async def _sweep(self) -> None:
@@ -291,6 +321,15 @@ class GatewayServer:
                     self.metrics.auth_failures.labels("expired").inc()
                     conn.kill(p.CLOSE_UNAUTHORIZED, "token expired", "unauthorized")
                     continue
+                if wsconn.message_in_progress(conn.ws):
+                    if conn.partial_since is None:
+                        conn.partial_since = now
+                    elif now - conn.partial_since > cfg.message_timeout:
+                        self.metrics.limit_hits.labels("message_timeout").inc()
+                        conn.kill(p.CLOSE_MESSAGE_TIMEOUT, "message not completed in time", "message_timeout")
+                        continue
+                else:
+                    conn.partial_since = None
                 last_rx = conn.activity.last_rx
                 sent = conn.ping_sent_at
                 outstanding = sent is not None and last_rx < sent
@@ -304,6 +343,38 @@ class GatewayServer:
 
     # --- one client connection -----------------------------------------------------
 
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept client connections; out of descriptors or memory, back off and count.
+
+        A connection past the cap by more than the slack is closed at once, before
+        anything is read: the cheapest answer there is.
+        """
+        last_logged = -1e9
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self.metrics.accept_errors.inc()
+                    now = trio.current_time()
+                    if now - last_logged > 10:
+                        last_logged = now
+                        log.error("accept failed: %s; backing off (counted in fanroute_gateway_accept_errors_total)", exc.strerror)
+                    await trio.sleep(_ACCEPT_BACKOFF)
+                    continue
+                if self.client_sockets >= self.max_connections + _SHED_SLACK:
+                    self.metrics.limit_hits.labels("connections").inc()
+                    self.metrics.connections_rejected.labels("connections").inc()
+                    try:
+                        stream.socket.send(_SHED_RESPONSE)
+                    except OSError:
+                        pass
+                    stream.socket.close()
+                    continue
+                nursery.start_soon(self._accept, stream)
+
     async def _accept(self, stream: trio.SocketStream) -> None:
         """The client port's front door: WebSocket upgrades, or plain HTTP.
 
@@ -311,6 +382,7 @@ class GatewayServer:
         refused — ends that connection only: an exception escaping here would stop
         the listener, and with it the gateway.
         """
+        self.client_sockets += 1
         try:
             head = None
             with trio.move_on_after(_HEAD_TIMEOUT):
@@ -320,6 +392,10 @@ class GatewayServer:
             client = wsconn.ClientStream(stream, head)
             if wsconn.is_websocket_upgrade(head):
                 await wsconn.serve_connection(self._ws_server, client)
+            elif self.client_sockets > self.max_connections:
+                self.metrics.limit_hits.labels("connections").inc()
+                self.metrics.connections_rejected.labels("connections").inc()
+                await stream.send_all(_SHED_RESPONSE)
             else:
                 await self.http.handle(client)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -328,6 +404,7 @@ class GatewayServer:
             log.exception("a client connection failed")
             self.metrics.connections_rejected.labels("internal_error").inc()
         finally:
+            self.client_sockets -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -347,7 +424,7 @@ class GatewayServer:
         encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=encoding.subprotocol)
         refusal = None
-        if len(self.conns) >= cfg.max_connections:
+        if self.client_sockets > self.max_connections:
             refusal = "connections"
         elif self._accepts is not None and not self._accepts.take(trio.current_time()):
             refusal = "connection_rate"
@@ -408,7 +485,7 @@ class GatewayServer:
                 reason = ws.closed
                 code = reason.code if reason is not None else 1006
             self.metrics.connections.dec()
-            self.metrics.connections_closed.labels(conn.why, str(code)).inc()
+            self.metrics.connections_closed.labels(conn.why, p.close_code_label(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
 
     def _connect(self, conn: Conn, cmd: p.Connect) -> None:
@@ -424,17 +501,29 @@ class GatewayServer:
         self.hub.dirty.add(conn.session)
 
     def _authenticate(self, conn: Conn, token: str, id: int | None, refresh: bool = False) -> bool:
-        """Verify a token; on failure answer ``unauthorized`` and close with 4001."""
+        """Verify a token; on failure answer ``unauthorized`` and close with 4001.
+
+        A connection's subject is set once: a later token (``connect`` or
+        ``refresh``) must be for the same subject. A token that grants less than the
+        one before ends the subscriptions it no longer allows, each with an
+        unsolicited ``unsubscribed``.
+        """
         try:
             identity = self.auth.verify(token)
-            if refresh and conn.identity is not None and conn.identity.subject not in (None, identity.subject):
-                raise AuthError("a refresh token must be for the same subject")
+            before = conn.identity.subject if conn.identity is not None else None
+            if before is not None and identity.subject != before:
+                raise AuthError("a connection's subject cannot change: the token is for another subject")
         except AuthError as exc:
             self.metrics.auth_failures.labels("refresh" if refresh else "token").inc()
             self.hub.reject(conn.session, p.ProtocolError(p.UNAUTHORIZED, str(exc), id))
             conn.kill(p.CLOSE_UNAUTHORIZED, "unauthorized", "unauthorized")
             return False
+        had_identity = conn.identity is not None
         conn.identity, conn.auth_deadline = identity, None
+        if had_identity and conn.session.topics:
+            for topic in self.policy.revoked(identity, list(conn.session.topics)):
+                self.metrics.auth_failures.labels("revoked").inc()
+                self.hub.revoke(conn.session, topic)
         if refresh:
             conn.session.send(p.refreshed_event(identity.expires, id))
             self.hub.dirty.add(conn.session)
@@ -460,6 +549,7 @@ class GatewayServer:
         # Label children bound once: a labels() lookup per command takes a lock.
         counted = {kind: self.metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
         invalid = self.metrics.commands.labels("invalid")
+        failed = self.metrics.internal_errors.labels("command")
         while True:
             try:
                 message = await ws.get_message()
@@ -472,41 +562,73 @@ class GatewayServer:
                 hub.reject(session, err)
                 self.flush()
                 continue
-            kind = type(cmd)
-            counted[kind].inc()
-            now = trio.current_time()
-            if conn.commands is not None and not conn.commands.take(now):
-                self._rate_limited(conn, cmd.id, "commands", now)
-            elif kind is p.Ping:
-                hub.ping(session, cmd)
-            elif kind is p.Connect:
-                self._connect(conn, cmd)
-            elif kind is p.Refresh:
-                self._authenticate(conn, cmd.token, cmd.id, refresh=True)
-            elif conn.identity is None:
-                hub.reject(session, p.ProtocolError(p.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
-            elif kind is p.Publish:
-                if conn.publishes is not None and not conn.publishes.take(now):
-                    self._rate_limited(conn, cmd.id, "publishes", now)
-                elif (why := self.policy.can_publish(conn.identity, cmd.topic)) is not None:
-                    self._forbidden(session, why, cmd.id)
-                else:
-                    hub.publish(session, cmd)
-                    self.flush()
-                    shard = hub.ring.owner(cmd.topic)
-                    while hub.backlog(shard) > self.config.backlog_limit:
-                        # The shard link is behind: stop reading this client until
-                        # it catches up (TCP pushes back on the publisher).
-                        await self.links[shard].room.wait()
-                    continue
-            elif kind is p.Subscribe:
-                if (why := self.policy.can_subscribe(conn.identity, cmd.topic)) is not None:
-                    self._forbidden(session, why, cmd.id)
-                elif len(session.topics) >= self.config.max_subscriptions and cmd.topic not in session.topics:
-                    self.metrics.limit_hits.labels("subscriptions").inc()
-                    hub.reject(session, p.ProtocolError(p.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
-                else:
-                    hub.subscribe(session, cmd)
-            elif kind is p.Unsubscribe:
-                hub.unsubscribe(session, cmd)
+            counted[type(cmd)].inc()
+            try:
+                shard = self._command(conn, cmd)
+            except Exception:
+                log.exception("a %s command could not be handled", type(cmd).__name__.lower())
+                failed.inc()
+                hub.reject(session, p.ProtocolError(p.INTERNAL, "the command failed inside the gateway", cmd.id))
+                shard = None
             self.flush()
+            while shard is not None and hub.backlog(shard) > self.config.backlog_limit:
+                # The shard link is behind: stop reading this client until it
+                # catches up (TCP pushes back on the publisher).
+                await self.links[shard].room.wait()
+
+    def _command(self, conn: Conn, cmd: p.Command) -> str | None:
+        """Carry out one command; return the shard a publication went to, if any."""
+        hub, session, kind = self.hub, conn.session, type(cmd)
+        now = trio.current_time()
+        if conn.commands is not None and not conn.commands.take(now):
+            self._rate_limited(conn, cmd.id, "commands", now)
+        elif kind is p.Ping:
+            hub.ping(session, cmd)
+        elif kind is p.Connect:
+            self._connect(conn, cmd)
+        elif kind is p.Refresh:
+            self._authenticate(conn, cmd.token, cmd.id, refresh=True)
+        elif conn.identity is None:
+            hub.reject(session, p.ProtocolError(p.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
+        elif kind is p.Publish:
+            if conn.publishes is not None and not conn.publishes.take(now):
+                self._rate_limited(conn, cmd.id, "publishes", now)
+            elif (why := self.policy.can_publish(conn.identity, cmd.topic)) is not None:
+                self._forbidden(session, why, cmd.id)
+            else:
+                hub.publish(session, cmd)
+                return hub.ring.owner(cmd.topic)
+        elif kind is p.Subscribe:
+            if (why := self.policy.can_subscribe(conn.identity, cmd.topic)) is not None:
+                self._forbidden(session, why, cmd.id)
+            elif len(session.topics) >= self.config.max_subscriptions and cmd.topic not in session.topics:
+                self.metrics.limit_hits.labels("subscriptions").inc()
+                hub.reject(session, p.ProtocolError(p.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
+            else:
+                hub.subscribe(session, cmd)
+        elif kind is p.Unsubscribe:
+            hub.unsubscribe(session, cmd)
+        return None
+
+
+def _connection_cap(configured: int) -> int:
+    """``--max-connections``, kept below what the descriptor limit allows.
+
+    The soft descriptor limit is raised to the hard one first (containers often
+    start at 1024 with far more allowed). Whatever remains too small lowers the cap,
+    with one line saying so, rather than letting accept() fail with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    allowed = max(1, soft - _FD_RESERVE - _SHED_SLACK)
+    if allowed < configured:
+        log.warning("--max-connections %d lowered to %d: the descriptor limit is %d", configured, allowed, soft)
+        return allowed
+    return configured

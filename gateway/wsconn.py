@@ -10,7 +10,8 @@ socket for each message; fanning one delivery out that way costs an await and a
 wsproto encode per subscriber. The gateway instead writes frames it has already
 built straight to the socket (``gateway.outbox``) while holding that same lock, so its
 writes never interleave with the pongs and close frames trio-websocket sends itself.
-The lock and the per-connection entry point are private to trio-websocket;
+The lock, the per-connection entry point and the partial-message buffer are
+private to trio-websocket;
 ``pyproject.toml`` pins its minor version and ``tests/test_wsconn.py`` guards both.
 """
 
@@ -90,6 +91,17 @@ def write_lock(conn: WebSocketConnection) -> trio.StrictFIFOLock:
     if not isinstance(lock, trio.StrictFIFOLock):
         raise RuntimeError("unsupported trio-websocket version: its write lock changed")
     return lock
+
+
+def message_in_progress(conn: WebSocketConnection) -> bool:
+    """Whether part of a client message has arrived and the rest has not yet.
+
+    trio-websocket assembles fragments (and frames that arrive in pieces) into
+    ``_message_parts``; the gateway's sweep closes a connection whose message stays
+    unfinished past ``--message-timeout``, since pongs between fragments would
+    otherwise keep its buffer alive for ever.
+    """
+    return bool(conn._message_parts)  # noqa: SLF001 - see module docstring
 
 
 def stream_of(conn: WebSocketConnection) -> ClientStream:

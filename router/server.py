@@ -7,6 +7,11 @@ gateway has its own Push0 link with a bounded queue and its own sender task, so 
 slow or dead gateway never holds up the others: when its queue overflows the shard
 forgets it, and the gateway, finding itself unknown at its next heartbeat, introduces
 itself again and recovers from history.
+
+Every message in is opened with the cluster secret (``cluster.wire.ReplayGuard``)
+before anything in it is acted on, and the shard dials only inboxes that
+authenticated gateways named: an outsider can make it do nothing. The receive loop
+survives any single message: a failure is counted and the loop goes on.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ class GatewayLink:
     def __init__(self, inbox: str) -> None:
         self.inbox = inbox
         self.sock = pynng.Push0(send_buffer_size=64, reconnect_time_min=50, reconnect_time_max=1000)
-        self.sock.dial(inbox, block=False)
+        try:
+            self.sock.dial(inbox, block=False)
+        except BaseException:
+            self.sock.close()
+            raise
         self.send_q, self._recv_q = trio.open_memory_channel[bytes](_QUEUE_MESSAGES)
         self.cancel = trio.CancelScope()
 
@@ -58,13 +67,20 @@ class RouterServer:
             config.name,
             history_size=config.history_size,
             history_ttl=config.history_ttl,
+            history_bytes=config.history_bytes,
             gateway_timeout=config.gateway_timeout,
             history_for=load_policy(config.config_file).history_for,
         )
+        key = wire.LinkKey(config.cluster_secret, encrypt=config.cluster_encrypt)
+        self.sealer = wire.Sealer(key)
+        self.guard = wire.ReplayGuard(key)
         self.metrics.watch(self.shard)
         # Series exist from the start (at 0), so dashboards and alerts see them.
         self.metrics.gateway_overflows.labels(config.name)
-        self.metrics.wire_rejected.labels(config.name)
+        for reason in ("mac", "replay", "malformed"):
+            self.metrics.wire_rejected.labels(config.name, reason)
+        self.metrics.internal_errors.labels(config.name)
+        self.metrics.dial_failures.labels(config.name)
         self.links: dict[str, GatewayLink] = {}
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None
@@ -110,13 +126,24 @@ class RouterServer:
 
     def _on_message(self, data: bytes) -> None:
         try:
-            sender, frames, reply_as = wire.unpack(data)
-        except wire.WireError:
-            self.metrics.wire_rejected.labels(self.shard.name).inc()
+            env = self.guard.open(data)
+        except wire.WireError as exc:
+            self.metrics.wire_rejected.labels(self.shard.name, exc.reason).inc()
             return
-        self.shard.receive(sender, frames, trio.current_time(), reply_as)
+        try:
+            self.shard.receive(env.sender, env.frames, trio.current_time(), env.reply_as)
+        except Exception:
+            log.exception("a message from %s could not be handled", env.sender[:80])
+            self.metrics.internal_errors.labels(self.shard.name).inc()
 
     def _flush(self) -> None:
+        try:
+            self._send_outbound()
+        except Exception:
+            log.exception("sending to gateways failed")
+            self.metrics.internal_errors.labels(self.shard.name).inc()
+
+    def _send_outbound(self) -> None:
         shard = self.shard
         batch_size = self.metrics.batch_size.labels(shard.name)
         for inbox, frames in shard.take_outbound().items():
@@ -125,14 +152,21 @@ class RouterServer:
                 continue
             link = self.links.get(inbox)
             if link is None:
-                link = self.links[inbox] = GatewayLink(inbox)
+                try:
+                    link = GatewayLink(inbox)
+                except pynng.NNGException as exc:
+                    log.warning("cannot dial gateway inbox %s: %s; forgetting it", inbox[:80], exc)
+                    self.metrics.dial_failures.labels(shard.name).inc()
+                    shard.forget(inbox)
+                    continue
+                self.links[inbox] = link
                 self._nursery.start_soon(link.run)
             step = 256
             for i in range(0, len(frames), step):
                 chunk = frames[i : i + step]
                 batch_size.observe(len(chunk))
                 try:
-                    link.send_q.send_nowait(wire.pack(gw.reply_as, chunk))
+                    link.send_q.send_nowait(self.sealer.pack(gw.reply_as, chunk))
                 except trio.WouldBlock:
                     log.warning("gateway %s is not keeping up; forgetting it", inbox)
                     self.metrics.gateway_overflows.labels(shard.name).inc()

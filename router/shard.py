@@ -9,17 +9,24 @@ each gateway one batched nng message per turn.
 Gateways are known by their inbox address (where the shard sends to them); a gateway
 that restarts on the same address introduces itself with a new instance id, and the
 old instance's interest is dropped.
+
+History is bounded per topic (count, age) and across the shard (``history_bytes``):
+past the byte cap the oldest entries of any topic go first, in publication order,
+and are counted; a client whose ``since`` falls into what was evicted gets
+``recovered: false``. A publication whose ``idem`` key is still in its topic's
+history is answered with its original seq and not applied again.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import wire
+from cluster.config import is_nng_url
 from cluster.history import Entry, History
 
 
@@ -50,8 +57,13 @@ class ShardStats:
     recovered: int = 0
     not_recovered: int = 0
     frames_rejected: int = 0
+    frames_failed: int = 0  # frames that raised while being applied (a bug, not input)
+    senders_rejected: int = 0  # messages whose sender is not a gateway inbox address
     gateways_forgotten: int = 0
     topics_evicted: int = 0
+    duplicates: int = 0  # publications recognised by their idem key
+    history_evicted: int = 0  # entries evicted by the shard-wide byte cap
+    history_evicted_bytes: int = 0
 
 
 class Shard:
@@ -63,6 +75,7 @@ class Shard:
         history_ttl: float = 300.0,
         gateway_timeout: float = 10.0,
         epoch: str | None = None,
+        history_bytes: int = 256 << 20,
         history_for: Callable[[str], tuple[int | None, float | None]] = lambda topic: (None, None),
     ) -> None:
         self.name = name
@@ -73,6 +86,11 @@ class Shard:
         self.history_ttl = history_ttl
         self.gateway_timeout = gateway_timeout
         self.history_for = history_for  # per-namespace overrides of size and age
+        self.history_bytes_limit = history_bytes
+        self.history_bytes = 0
+        # Every stored entry in publication order, for the shard-wide byte cap. Entries
+        # that left history another way stay here until popped or compacted.
+        self._order: deque[tuple[str, int]] = deque()
         self.topics: dict[str, Topic] = {}
         self.gateways: dict[str, Gateway] = {}
         self.outbound: defaultdict[str, list[list[Any]]] = defaultdict(list)
@@ -84,10 +102,15 @@ class Shard:
     def receive(self, sender: str, frames: list[Any], now: float, reply_as: str = "") -> None:
         """Apply one batch of frames from the gateway whose inbox is ``sender``.
 
-        ``now`` is monotonic time. Malformed frames are counted and skipped.
+        ``now`` is monotonic time. Malformed frames are counted and skipped; the
+        sender has been authenticated (``cluster.wire.ReplayGuard``), but its inbox is
+        still checked before the shard would ever dial it.
         """
         gw = self.gateways.get(sender)
         if gw is None:
+            if not is_nng_url(sender):
+                self.stats.senders_rejected += 1
+                return
             # Frames queued before a (re)connect can precede the HELLO; the inbox
             # is all the shard needs to answer them.
             gw = self.gateways[sender] = Gateway(sender, "", now)
@@ -99,19 +122,21 @@ class Shard:
             except wire.WireError:
                 self.stats.frames_rejected += 1
                 continue
-            if kind == wire.PUB:
-                self.publish(gw, frame[1], frame[2], frame[3], frame[4], now)
-            elif kind == wire.SUB:
-                self.subscribe(gw, frame[1], frame[2], frame[3], frame[4], now)
-            elif kind == wire.UNSUB:
-                self.unsubscribe(gw, frame[1])
-            elif kind == wire.BEAT:
-                self.outbound[gw.inbox].append([wire.WELCOME, self.epoch, gw.instance])
-            elif kind == wire.HELLO:
-                self.hello(gw, frame[2], frame[3], now)
-            elif kind == wire.BYE:
-                self.forget(gw.inbox)
-                return
+            try:
+                if kind == wire.PUB:
+                    self.publish(gw, frame[1], frame[2], frame[3], frame[4], now, frame[5])
+                elif kind == wire.SUB:
+                    self.subscribe(gw, frame[1], frame[2], frame[3], frame[4], now)
+                elif kind == wire.UNSUB:
+                    self.unsubscribe(gw, frame[1])
+                elif kind == wire.BEAT:
+                    self.outbound[gw.inbox].append([wire.WELCOME, self.epoch, gw.instance])
+                elif kind == wire.HELLO:
+                    self.hello(gw, frame[2], frame[3], now)
+            except Exception:
+                # One frame that trips a bug must not take the others (or the
+                # process) with it: it is counted, and the batch goes on.
+                self.stats.frames_failed += 1
 
     def take_outbound(self) -> dict[str, list[list[Any]]]:
         """Everything to send, per gateway inbox, since the last call."""
@@ -127,14 +152,46 @@ class Shard:
             # restarts, and cursors from before must not be taken for current ones.
             self._generation += 1
             size, ttl = self.history_for(name)
-            history = History(self.history_size if size is None else size, self.history_ttl if ttl is None else ttl)
+            history = History(
+                self.history_size if size is None else size,
+                self.history_ttl if ttl is None else ttl,
+                self._evicted,
+            )
             topic = self.topics[name] = Topic(f"{self.epoch}-{self._generation}", history)
         return topic
 
-    def publish(self, gw: Gateway, name: str, payload: Any, req: int, ts: float, now: float) -> None:
+    def _evicted(self, entry: Entry) -> None:
+        self.history_bytes -= entry.cost
+
+    def _store(self, name: str, topic: Topic, entry: Entry) -> None:
+        history = topic.history
+        if not history.size:
+            return
+        history.append(entry)
+        self.history_bytes += entry.cost
+        self._order.append((name, entry.seq))
+        order, topics = self._order, self.topics
+        while self.history_bytes > self.history_bytes_limit and order:
+            old_name, old_seq = order.popleft()
+            old = topics.get(old_name)
+            if old is not None and old.history.first_seq == old_seq:
+                gone = old.history.evict_oldest()
+                self.stats.history_evicted += 1
+                self.stats.history_evicted_bytes += gone.cost
+
+    def publish(
+        self, gw: Gateway, name: str, payload: bytes, req: int, ts: float, now: float, idem: str | None = None
+    ) -> None:
         topic = self._topic(name)
+        if idem is not None:
+            seq = topic.history.seq_of(idem)
+            if seq is not None:
+                self.stats.duplicates += 1
+                if req:
+                    self.outbound[gw.inbox].append([wire.PUBOK, name, req, seq])
+                return
         topic.seq += 1
-        topic.history.append(Entry(topic.seq, payload, ts, now))
+        self._store(name, topic, Entry(topic.seq, payload, ts, now, idem))
         self.stats.publications += 1
         if topic.gateways:
             frame = [wire.MSG, name, topic.seq, payload, ts]
@@ -221,7 +278,23 @@ class Shard:
         for name in idle:
             del self.topics[name]
         self.stats.topics_evicted += len(idle)
+        self._compact_order()
         return silent
+
+    def _compact_order(self) -> None:
+        """Drop the byte cap's records of entries that already left history.
+
+        Entries leave by count and age without touching the order (that would cost
+        a search each); the records are dropped here, in one pass, once they
+        outnumber the live ones, so the order stays proportional to what is stored.
+        """
+        live = self.history_messages()
+        if len(self._order) <= 2 * live + 1024:
+            return
+        firsts = {name: t.history.first_seq for name, t in self.topics.items()}
+        self._order = deque(
+            (name, seq) for name, seq in self._order if (first := firsts.get(name)) is not None and seq >= first
+        )
 
     def interest_entries(self) -> int:
         return sum(len(t.gateways) for t in self.topics.values())

@@ -26,6 +26,7 @@ from cluster.node import Bound, serve_standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 30.0  # generous: the machines are shared and noisy
+CLUSTER_SECRET = "tests-cluster-secret-0123456789"  # what spawned gateways and routers share
 
 
 class WS:
@@ -152,6 +153,7 @@ class Proc:
 def spawn(name: str, args: list[str], url: str = "", admin: str = "") -> Proc:
     argv = [sys.executable, "-m", "cluster.cli", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("FANROUTE_CLUSTER_SECRET", CLUSTER_SECRET)
     popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return Proc(name, popen, url, admin, argv)
 

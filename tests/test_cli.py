@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, free_port, free_port_run, http_get, wait_until
+from tests.helpers import CLUSTER_SECRET, ROOT, free_port, free_port_run, http_get, wait_until
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
         cwd=ROOT,
-        env=dict(os.environ, **(env or {})),
+        env=dict(os.environ, FANROUTE_CLUSTER_SECRET=CLUSTER_SECRET, **(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -104,15 +104,43 @@ def test_wrong_frame_kind_for_the_encoding():
         Encoding.MSGPACK.decode("{}")
 
 
-def test_msgpack_values_json_cannot_carry_are_refused():
-    for bad in ({"type": "publish", "topic": "t", "payload": b"raw"}, {1: 2}, {"n": float("nan")}):
-        with pytest.raises(p.ProtocolError):
-            Encoding.MSGPACK.decode(msgpack.packb(bad))
-    deep = []
+def test_payloads_some_encoding_cannot_carry_are_refused_whichever_encoding_brought_them():
+    from cluster.codec import pack_payload
+
+    with pytest.raises(p.ProtocolError):
+        Encoding.MSGPACK.decode(msgpack.packb({1: 2}))  # non-string keys: not even a command
+    deep: list = []
     for _ in range(100):
         deep = [deep]
-    with pytest.raises(p.ProtocolError):
-        Encoding.MSGPACK.decode(msgpack.packb(deep))
+    json_deep = "[" * 300 + "]" * 300  # orjson reads it, but cannot write it back
+    for value in (
+        b"raw",
+        {"n": float("nan")},
+        Encoding.MSGPACK.decode(msgpack.packb(deep)),
+        Encoding.JSON.decode(json_deep),
+        Encoding.MSGPACK.decode(msgpack.packb({"bin": [1, b"\x00"]})),
+    ):
+        with pytest.raises(p.ProtocolError) as err:
+            pack_payload(value, 1 << 20)
+        assert err.value.code == p.BAD_REQUEST
+    with pytest.raises(p.ProtocolError) as err:
+        pack_payload("x" * 2000, 1000)
+    assert err.value.code == p.TOO_LARGE
+    assert msgpack.unpackb(pack_payload({"a": [1, "b", None, 2.5]}, 100)) == {"a": [1, "b", None, 2.5]}
+
+
+def test_an_idem_key_is_a_short_string():
+    cmd = p.parse_command({"type": "publish", "topic": "t", "payload": 1, "idem": "k-1"})
+    assert cmd.idem == "k-1"
+    for bad in ("", "x" * 65, 5, ["k"]):
+        with pytest.raises(p.ProtocolError):
+            p.parse_command({"type": "publish", "topic": "t", "payload": 1, "idem": bad})
+
+
+def test_close_code_labels_are_bounded():
+    assert p.close_code_label(4001) == "4001" and p.close_code_label(1000) == "1000"
+    assert {p.close_code_label(c) for c in range(3000, 5000) if c not in p.KNOWN_CLOSE_CODES} == {"other"}
+    assert p.close_code_label(None) == "other"
 
 
 def test_huge_json_numbers():

@@ -21,7 +21,7 @@ API_KEY = "test-api-key"
 
 
 def token(sub: str, **claims) -> str:
-    return jwt.encode({"sub": sub, **claims}, SECRET, algorithm="HS256")
+    return jwt.encode({"sub": sub, "exp": time.time() + 3600, **claims}, SECRET, algorithm="HS256")
 
 
 TOKENS = {

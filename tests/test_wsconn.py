@@ -10,7 +10,7 @@ from tests.helpers import start_standalone, urls, ws_connect
 def test_internals_exist():
     assert hasattr(WebSocketServer, "_handle_connection")
     src = WebSocketConnection.__init__.__code__.co_names
-    assert "_stream_lock" in src and "_stream" in src
+    assert "_stream_lock" in src and "_stream" in src and "_message_parts" in src
 
 
 def test_upgrade_detection():
