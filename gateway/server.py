@@ -373,6 +373,8 @@ class GatewayServer:
                         pass
                     stream.socket.close()
                     continue
+                # Counted here, not in the task: a burst of accepts must see itself.
+                self.client_sockets += 1
                 nursery.start_soon(self._accept, stream)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
@@ -382,7 +384,6 @@ class GatewayServer:
         refused — ends that connection only: an exception escaping here would stop
         the listener, and with it the gateway.
         """
-        self.client_sockets += 1
         try:
             head = None
             with trio.move_on_after(_HEAD_TIMEOUT):
