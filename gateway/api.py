@@ -6,17 +6,28 @@ A market-data handler or a moderation tool publishes without holding a WebSocket
     {"topic": "prices.AAPL", "payload": {"price": 189.5}}
     → 200 {"topic": "prices.AAPL", "seq": 42}
 
-    {"items": [{"topic": "a.1", "payload": 1}, {"topic": "b.2", "payload": 2}]}
+    {"items": [{"topic": "a.1", "payload": 1, "idem": "feed-7731"}, {"topic": "b.2", "payload": 2}]}
     → 200 {"results": [{"topic": "a.1", "seq": 7}, {"topic": "b.2", "error": {"code": ..., "message": ...}}]}
 
 Each item goes through the same validation, permission rules (as the ``api`` role)
 and limits as a WebSocket publish, and through the same hub: the request is a
 short-lived session whose replies are collected instead of written to a socket.
+
+A wrong API key costs the client address one try of a small budget
+(:class:`cluster.attempts.AttemptThrottle`); an address that has spent it gets 429
+with ``Retry-After`` for every request that carries a key, right or wrong, until
+the budget refills, so a key cannot be guessed faster than the refill rate.
+
+An item the shard did not answer in time fails with ``outcome_unknown`` (HTTP 504):
+the publication may have been sequenced and delivered even though no answer came.
+An item may carry an ``idem`` key (1 to 64 characters), as a WebSocket publish may,
+so that retrying it after such an answer does not publish it twice.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import orjson
@@ -24,12 +35,17 @@ import trio
 
 from cluster import protocol as p
 from cluster.admin import Request, Response
+from cluster.attempts import AttemptThrottle
 from cluster.auth import API
 from cluster.codec import Encoding, ws_payload
 from gateway.hub import Session
 
 MAX_ITEMS = 1000
 _TIMEOUT = 10.0
+# Wrong keys allowed per client address: a burst, then one more per second.
+KEY_ATTEMPT_BURST = 10
+KEY_ATTEMPT_RATE = 1.0
+KEY_ATTEMPT_ADDRESSES = 10_000  # addresses remembered at most; the least recent goes
 _STATUS = {
     p.BAD_REQUEST: 400,
     p.UNAUTHORIZED: 401,
@@ -37,6 +53,7 @@ _STATUS = {
     p.TOO_LARGE: 413,
     p.RATE_LIMITED: 429,
     p.UNAVAILABLE: 503,
+    p.OUTCOME_UNKNOWN: 504,
 }
 
 
@@ -65,10 +82,22 @@ def _error(status: int, code: str, message: str) -> Response:
     return _json(status, {"error": {"code": code, "message": message}})
 
 
+def _presented_key(request: Request) -> str | None:
+    """The API key from ``X-API-Key`` or ``Authorization: Bearer``, if any."""
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if key is None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
+
+
 class PublishApi:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Any, attempts: AttemptThrottle | None = None) -> None:
         self.gateway = gateway
         self._ids = itertools.count(1)
+        if attempts is None:
+            attempts = AttemptThrottle(KEY_ATTEMPT_BURST, KEY_ATTEMPT_RATE, KEY_ATTEMPT_ADDRESSES)
+        self.attempts = attempts
 
     async def handle(self, request: Request) -> Response:
         response = await self._handle(request)
@@ -77,13 +106,9 @@ class PublishApi:
 
     async def _handle(self, request: Request) -> Response:
         gw = self.gateway
-        key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if key is None and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        if not gw.auth.check_api_key(key):
-            gw.metrics.auth_failures.labels("api_key").inc()
-            return _error(401, p.UNAUTHORIZED, "a valid X-API-Key header is required")
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
         if len(request.body) > gw.config.max_frame * 16:
             return _error(413, p.TOO_LARGE, "request body too large")
         try:
@@ -101,6 +126,28 @@ class PublishApi:
             return _json(_STATUS.get(result["error"]["code"], 500), result)
         return _json(200, result)
 
+    def _authenticate(self, request: Request) -> Response | None:
+        """``None`` if the request carries the API key, else the answer refusing it."""
+        gw = self.gateway
+        key = _presented_key(request)
+        now = trio.current_time()
+        if key is not None:
+            wait = self.attempts.retry_after(request.client, now)
+            if wait is not None:
+                gw.metrics.limit_hits.labels("api_key_attempts").inc()
+                message = "too many wrong API keys from this address; try again after Retry-After seconds"
+                response = _error(429, p.RATE_LIMITED, message)
+                response.headers.append(("retry-after", str(max(1, math.ceil(wait)))))
+                return response
+        # Header values reach us decoded as latin-1, and a key is ASCII: anything
+        # else is wrong without comparing (the comparison accepts only ASCII text).
+        if key is not None and key.isascii() and gw.auth.check_api_key(key):
+            return None
+        gw.metrics.auth_failures.labels("api_key").inc()
+        if key is not None:
+            self.attempts.failed(request.client, now)
+        return _error(401, p.UNAUTHORIZED, "a valid X-API-Key header is required")
+
     async def _publish_all(self, items: list[Any]) -> list[dict[str, Any]]:
         gw, hub = self.gateway, self.gateway.hub
         replies = _Replies()
@@ -113,6 +160,7 @@ class PublishApi:
                 if not isinstance(item, dict) or "payload" not in item:
                     raise p.ProtocolError(p.BAD_REQUEST, "each publication needs topic and payload")
                 p.check_topic(topic)
+                idem = p.check_idem(item.get("idem"))
                 if len(orjson.dumps(item["payload"])) > gw.config.max_frame:
                     raise p.ProtocolError(p.TOO_LARGE, f"payload larger than {gw.config.max_frame} bytes")
                 why = gw.policy.can_publish(API, topic)
@@ -124,7 +172,7 @@ class PublishApi:
                 continue
             id = i + 1
             waiting[id] = i
-            hub.publish(session, p.Publish(topic, item["payload"], id))
+            hub.publish(session, p.Publish(topic, item["payload"], id, idem))
         gw.flush()
         with trio.move_on_after(_TIMEOUT):
             while len(replies.events) < len(waiting):
@@ -135,7 +183,8 @@ class PublishApi:
             event = replies.events.get(id)
             topic = items[i]["topic"]
             if event is None:
-                results[i] = {"topic": topic, "error": {"code": p.UNAVAILABLE, "message": "no answer from the shard in time"}}
+                message = "no answer from the shard in time; the publication may or may not have been applied"
+                results[i] = {"topic": topic, "error": {"code": p.OUTCOME_UNKNOWN, "message": message}}
             elif event.get("type") == "published":
                 results[i] = {"topic": topic, "seq": event["seq"]}
             else:
