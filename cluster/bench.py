@@ -73,6 +73,7 @@ SERVER_ENV = {
     "FANROUTE_CONNECTION_RATE": "0",
 }
 _STOP_TIMEOUT = 5.0
+_CLUSTER_SECRET = secrets.token_urlsafe(32)  # shared by every process this run starts
 
 
 # --- the client side of RFC 6455, just enough for a load generator -------------------
@@ -525,7 +526,7 @@ class Target:
 def _spawn(target: Target, name: str, argv: list[str], logdir: Path) -> None:
     log = logdir / f"{target.name}-{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **SERVER_ENV)
-    env.setdefault("FANROUTE_CLUSTER_SECRET", secrets.token_urlsafe(32))
+    env.setdefault("FANROUTE_CLUSTER_SECRET", _CLUSTER_SECRET)
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
     target.procs.append((name, proc))

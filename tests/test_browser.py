@@ -34,6 +34,8 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
+from tests.helpers import CLUSTER_SECRET
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"
@@ -100,7 +102,7 @@ def spawn(name: str, args: list[str], port: int | None = None, admin: int | None
     popen = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", *args],
         cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", FANROUTE_CLUSTER_SECRET=CLUSTER_SECRET),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
