@@ -1,7 +1,7 @@
 """Failed attempts per client address, for throttling guesses at a secret.
 
 Each wrong API key costs the address it came from one token of a
-:class:`~cluster.ratelimit.TokenBucket`. An address that has run out is refused
+:class:`~fanroute.ratelimit.TokenBucket`. An address that has run out is refused
 without its key being looked at, until the bucket has refilled enough for one more
 try, so guessing is held to the refill rate however fast the requests come.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from cluster.ratelimit import TokenBucket
+from fanroute.ratelimit import TokenBucket
 
 
 def address_key(host: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import jwt
 
-from cluster.config import ConfigError
+from fanroute.config import ConfigError
 
 _LEEWAY = 5.0  # seconds of clock skew tolerated on exp/nbf
 

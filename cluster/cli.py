@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from cluster.config import ConfigError, GatewayConfig, RouterConfig, parse_routers
+from fanroute.config import ConfigError, GatewayConfig, RouterConfig, parse_routers
 
 log = logging.getLogger("fanroute")
 
@@ -168,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--ping-timeout", float, 8.0, "seconds a client may stay silent after a ping")
 
     p = sub.add_parser("demo-feed", help="publish random-walk prices for the ticker demo page")
-    from cluster.demo_feed import add_arguments as add_demo_feed_arguments
+    from fanroute.demo_feed import add_arguments as add_demo_feed_arguments
 
     add_demo_feed_arguments(p, _flag)
 
     p = sub.add_parser("bench", help="benchmarks (see ops/bench/README.md)")
-    from cluster.bench import add_bench_commands
+    from fanroute.bench import add_bench_commands
 
     add_bench_commands(p, _flag)
     return parser
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from cluster import node
+    from fanroute import node
 
     if args.command == "standalone":
         gw = gateway_config(args, [("unused", "inproc://unused")])
@@ -313,15 +313,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "router":
         trio.run(_run_until_signal, partial(node.serve_router, router_config(args)), _describe(f"router {args.name} {args.listen}"))
     elif args.command == "local-cluster":
-        from cluster.localcluster import run_local_cluster
+        from fanroute.localcluster import run_local_cluster
 
         return run_local_cluster(args)
     elif args.command == "demo-feed":
-        from cluster.demo_feed import run_args
+        from fanroute.demo_feed import run_args
 
         return run_args(args)
     elif args.command == "bench":
-        return args.bench_main(args)
+        from fanroute import bench
+
+        return bench.run(args)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The Python client SDK (trio).
 
-    async with fanroute.Client(["ws://127.0.0.1:8081/", "ws://127.0.0.1:8082/"]) as client:
+    async with fanroute.client.Client(["ws://127.0.0.1:8081/", "ws://127.0.0.1:8082/"]) as client:
         sub = await client.subscribe("prices.AAPL")
         seq = await client.publish("prices.AAPL", {"price": 189.5})
         async for item in sub:
@@ -14,7 +14,7 @@ What it does for the application:
 * keeps one connection to one of the gateway URLs, rotating through them;
 * heartbeats: an app-level ``ping`` every ``ping_interval``; a connection from which
   nothing arrived for ``ping_interval + ping_timeout`` counts as dead;
-* reconnects with exponential backoff and full jitter (``cluster.backoff``), reset only
+* reconnects with exponential backoff and full jitter (``fanroute.backoff``), reset only
   after a connection stayed healthy for a while;
 * resubscribes every topic with ``since`` after a reconnect, drops duplicates, and
   repairs gaps by resubscribing, so each subscription yields every message once and
@@ -41,8 +41,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from cluster import protocol as p
-from cluster.backoff import Backoff
+from fanroute import protocol as p
+from fanroute.backoff import Backoff
 
 log = logging.getLogger("fanroute.client")
 

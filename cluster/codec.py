@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import orjson
 
-from cluster.protocol import BAD_REQUEST, MSGPACK_SUBPROTOCOL, TOO_LARGE, ProtocolError
+from fanroute.protocol import BAD_REQUEST, MSGPACK_SUBPROTOCOL, TOO_LARGE, ProtocolError
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2

@@ -1,6 +1,6 @@
 """Settings of each process, with their defaults and their checks.
 
-The command line (``cluster.cli``) fills these from flags and ``FANROUTE_*``
+The command line (``fanroute.cli``) fills these from flags and ``FANROUTE_*``
 environment variables; tests build them directly. A setting that cannot work raises
 :class:`ConfigError` with one sentence that names it.
 """
@@ -52,7 +52,7 @@ class GatewayConfig:
     command_rate: float = 0.0  # per connection, all commands
     publish_rate: float = 0.0  # per connection
     abuse_limit: int = 100  # rate-limited commands within 10 s before closing with 4029
-    # Inter-node links (cluster.wire): every message is sealed with this secret.
+    # Inter-node links (fanroute.wire): every message is sealed with this secret.
     cluster_secret: str | None = None
     cluster_encrypt: bool = False
 

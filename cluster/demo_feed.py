@@ -3,7 +3,7 @@
 It feeds the market ticker page (``/ticker.html`` on a gateway's client port) and is a
 small example of a back-end publisher written with the Python client SDK:
 
-    python -m cluster.demo_feed --url ws://127.0.0.1:8080/ --rate 5
+    python -m fanroute.demo_feed --url ws://127.0.0.1:8080/ --rate 5
 
 Each symbol moves by a geometric random walk (about 0.2 % per step); every payload is
 ``{"symbol", "price", "open", "ts"}`` where ``open`` is the first price of the run, so
@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
-from cluster.client import Client, FanrouteError
-from cluster.protocol import ProtocolError, check_topic
+from fanroute.client import Client, FanrouteError
+from fanroute.protocol import ProtocolError, check_topic
 
 log = logging.getLogger("fanroute.demo_feed")
 

@@ -27,7 +27,7 @@ ENTRY_OVERHEAD = 160
 @dataclass(slots=True)
 class Entry:
     seq: int
-    payload: bytes  # packed as it travels (cluster.codec.pack_payload)
+    payload: bytes  # packed as it travels (fanroute.codec.pack_payload)
     ts: float  # publication time (wall clock), carried for latency metrics
     stored_at: float  # monotonic time, for age-based trimming
     idem: str | None = None

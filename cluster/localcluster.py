@@ -38,7 +38,7 @@ def plan_cluster(
     router_base_port: int,
     extra_gateway_args: tuple[str, ...] = (),
 ) -> list[ProcessPlan]:
-    cmd = [sys.executable, "-m", "cluster.cli"]
+    cmd = [sys.executable, "-m", "fanroute.cli"]
     plans = []
     router_list = []
     for i in range(routers):

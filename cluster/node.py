@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 import trio
 from prometheus_client import CollectorRegistry
 
-from cluster.admin import AdminServer
-from cluster.config import ConfigError, GatewayConfig, RouterConfig
-from gateway.api import PublishApi
-from gateway.server import GatewayServer
-from router.server import RouterServer
+from fanroute.admin import AdminServer
+from fanroute.config import ConfigError, GatewayConfig, RouterConfig
+from fanroute.gateway.api import PublishApi
+from fanroute.gateway.server import GatewayServer
+from fanroute.router.server import RouterServer
 
 
 @dataclass
@@ -110,7 +110,7 @@ async def serve_standalone(
             nursery, admin, gateway_config.admin_host, gateway_config.admin_port
         )
         if demo_feed:
-            from cluster.demo_feed import run as run_demo_feed
+            from fanroute.demo_feed import run as run_demo_feed
 
             nursery.start_soon(run_demo_feed, [f"ws://127.0.0.1:{gateway.port}/"], demo_feed)
         task_status.started(

@@ -85,9 +85,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cluster.auth import Identity
-from cluster.config import ConfigError
-from cluster.protocol import ProtocolError, check_topic
+from fanroute.auth import Identity
+from fanroute.config import ConfigError
+from fanroute.protocol import ProtocolError, check_topic
 
 _SEPARATORS = ".:"
 _KINDS = ("anyone", "authenticated", "claim", "api", "nobody")

@@ -22,7 +22,7 @@ back). ``reply_as`` is set by gateways only: the name the gateway knows the shar
 to that gateway, so each gateway can match replies to its links whatever names the
 shards give themselves.
 
-A ``payload`` is the publication's msgpack bytes (``cluster.codec.pack_payload``):
+A ``payload`` is the publication's msgpack bytes (``fanroute.codec.pack_payload``):
 shards store and forward it without decoding it, and gateways check it when they
 read it back.
 

@@ -14,7 +14,7 @@ and limits as a WebSocket publish, and through the same hub: the request is a
 short-lived session whose replies are collected instead of written to a socket.
 
 A wrong API key costs the client address one try of a small budget
-(:class:`cluster.attempts.AttemptThrottle`); an address that has spent it gets 429
+(:class:`fanroute.attempts.AttemptThrottle`); an address that has spent it gets 429
 with ``Retry-After`` for every request that carries a key, right or wrong, until
 the budget refills, so a key cannot be guessed faster than the refill rate.
 
@@ -33,12 +33,12 @@ from typing import Any
 import orjson
 import trio
 
-from cluster import protocol as p
-from cluster.admin import Request, Response
-from cluster.attempts import AttemptThrottle
-from cluster.auth import API
-from cluster.codec import Encoding, ws_payload
-from gateway.hub import Session
+from fanroute import protocol as p
+from fanroute.admin import Request, Response
+from fanroute.attempts import AttemptThrottle
+from fanroute.auth import API
+from fanroute.codec import Encoding, ws_payload
+from fanroute.gateway.hub import Session
 
 MAX_ITEMS = 1000
 _TIMEOUT = 10.0

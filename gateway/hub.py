@@ -13,9 +13,9 @@ SUBOK is simply skipped by live deliveries; every message it missed meanwhile ha
 at or below the SUBOK's seq and comes inside the SUBOK's history, and every later
 delivery comes after it. No buffering, no gap, no duplicate.
 
-Payloads are checked once, on the way in (:func:`cluster.codec.pack_payload`: a JSON
+Payloads are checked once, on the way in (:func:`fanroute.codec.pack_payload`: a JSON
 value every encoding can carry, within the size limit), and again when they come
-back from a shard (:func:`cluster.codec.unpack_payload`), so nothing a shard holds
+back from a shard (:func:`fanroute.codec.unpack_payload`), so nothing a shard holds
 can make the fan-out fail. A frame whose handling raises anyway is counted and
 skipped; the rest of its batch goes on.
 
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cluster import protocol as p
-from cluster import wire
-from cluster.codec import Encoding, FrameCache, pack_payload, unpack_payload
-from cluster.ring import Ring
+from fanroute import protocol as p
+from fanroute import wire
+from fanroute.codec import Encoding, FrameCache, pack_payload, unpack_payload
+from fanroute.ring import Ring
 
 
 class Outbox(Protocol):

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import pynng
 import trio
 
-from cluster import wire
-from cluster.nngio import send
-from gateway.hub import Hub
+from fanroute import wire
+from fanroute.nngio import send
+from fanroute.gateway.hub import Hub
 
 log = logging.getLogger("fanroute.gateway.link")
 

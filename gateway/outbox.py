@@ -1,6 +1,6 @@
 """A connection's bounded outbound buffer and the one writer that drains it.
 
-Frames arrive already built (``cluster.codec``). The fan-out path only appends;
+Frames arrive already built (``fanroute.codec``). The fan-out path only appends;
 after each batch the gateway calls :meth:`SocketOutbox.flush`, which writes every
 queued frame with one non-blocking ``writev`` — several frames per syscall under
 bursts. Only when the socket is full does the connection's writer task take over

@@ -30,20 +30,20 @@ import trio
 from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
-from cluster import protocol as p
-from cluster.admin import HttpApp
-from cluster.auth import ANONYMOUS, AuthError, Authenticator, Identity
-from cluster.permissions import load_policy
-from cluster.ratelimit import Strikes, TokenBucket
-from cluster import wire
-from cluster.codec import PING_FRAME, Encoding
-from cluster.config import ConfigError, GatewayConfig
-from cluster.metrics import GatewayMetrics
-from cluster.ring import Ring
-from gateway import wsconn
-from gateway.hub import Hub, Session
-from gateway.links import ShardLink
-from gateway.outbox import SocketOutbox
+from fanroute import protocol as p
+from fanroute.admin import HttpApp
+from fanroute.auth import ANONYMOUS, AuthError, Authenticator, Identity
+from fanroute.permissions import load_policy
+from fanroute.ratelimit import Strikes, TokenBucket
+from fanroute import wire
+from fanroute.codec import PING_FRAME, Encoding
+from fanroute.config import ConfigError, GatewayConfig
+from fanroute.metrics import GatewayMetrics
+from fanroute.ring import Ring
+from fanroute.gateway import wsconn
+from fanroute.gateway.hub import Hub, Session
+from fanroute.gateway.links import ShardLink
+from fanroute.gateway.outbox import SocketOutbox
 
 log = logging.getLogger("fanroute.gateway")
 

@@ -12,7 +12,7 @@ built straight to the socket (``gateway.outbox``) while holding that same lock, 
 writes never interleave with the pongs and close frames trio-websocket sends itself.
 The lock, the per-connection entry point and the partial-message buffer are
 private to trio-websocket;
-``pyproject.toml`` pins its minor version and ``tests/test_wsconn.py`` guards both.
+``pyproject.toml`` pins its minor version and ``tests/integration/test_wsconn.py`` guards both.
 """
 
 from __future__ import annotations

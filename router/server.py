@@ -8,7 +8,7 @@ slow or dead gateway never holds up the others: when its queue overflows the sha
 forgets it, and the gateway, finding itself unknown at its next heartbeat, introduces
 itself again and recovers from history.
 
-Every message in is opened with the cluster secret (``cluster.wire.ReplayGuard``)
+Every message in is opened with the cluster secret (``fanroute.wire.ReplayGuard``)
 before anything in it is acted on, and the shard dials only inboxes that
 authenticated gateways named: an outsider can make it do nothing. The receive loop
 survives any single message: a failure is counted and the loop goes on.
@@ -22,12 +22,12 @@ import pynng
 import trio
 from prometheus_client import CollectorRegistry
 
-from cluster import wire
-from cluster.config import ConfigError, RouterConfig
-from cluster.metrics import RouterMetrics
-from cluster.nngio import send
-from cluster.permissions import load_policy
-from router.shard import Shard
+from fanroute import wire
+from fanroute.config import ConfigError, RouterConfig
+from fanroute.metrics import RouterMetrics
+from fanroute.nngio import send
+from fanroute.permissions import load_policy
+from fanroute.router.shard import Shard
 
 log = logging.getLogger("fanroute.router")
 

@@ -2,7 +2,7 @@
 
 A shard owns a slice of the topic space. For each topic it keeps the sequence
 counter and epoch, a bounded history, and the set of gateways that have at least one
-subscriber for it. It turns frames from gateways (``cluster.wire``) into frames for
+subscriber for it. It turns frames from gateways (``fanroute.wire``) into frames for
 gateways, collected per gateway in :attr:`Shard.outbound` so the I/O shell can send
 each gateway one batched nng message per turn.
 
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster import wire
-from cluster.config import is_nng_url
-from cluster.history import Entry, History
+from fanroute import wire
+from fanroute.config import is_nng_url
+from fanroute.history import Entry, History
 
 
 @dataclass(slots=True)
@@ -103,7 +103,7 @@ class Shard:
         """Apply one batch of frames from the gateway whose inbox is ``sender``.
 
         ``now`` is monotonic time. Malformed frames are counted and skipped; the
-        sender has been authenticated (``cluster.wire.ReplayGuard``), but its inbox is
+        sender has been authenticated (``fanroute.wire.ReplayGuard``), but its inbox is
         still checked before the shard would ever dial it.
         """
         gw = self.gateways.get(sender)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import start_standalone
+from tests.support import start_standalone
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Hostile-load figures: what one abusive client costs a router or a gateway.
 
-Two measurements, each against real processes on 127.0.0.1 (``python -m cluster.cli
+Two measurements, each against real processes on 127.0.0.1 (``python -m fanroute.cli
 router`` and ``gateway`` on free ports, sharing a random ``FANROUTE_CLUSTER_SECRET``),
 driven from outside by real WebSocket clients (the ``websockets`` package):
 
@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from prometheus_client.samples import Sample  # noqa: E402
 
-from cluster.loadgen import free_port, machine  # noqa: E402
+from fanroute.bench.loadgen import free_port, machine  # noqa: E402
 
 POLL = 0.05  # seconds between two looks at a metric while waiting for it
 STOP_GRACE = 5.0  # seconds a child gets after SIGTERM before SIGKILL
@@ -125,7 +125,7 @@ class Children:
         log = self.logdir / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "cluster.cli", *args],
+                [sys.executable, "-m", "fanroute.cli", *args],
                 cwd=ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
