@@ -18,7 +18,7 @@ from typing import Any
 
 import jwt
 
-from fanroute.config import ConfigError
+from fanroute.errors import AuthError, ConfigError
 
 _LEEWAY = 5.0  # seconds of clock skew tolerated on exp/nbf
 
@@ -39,10 +39,6 @@ class Identity:
 
 ANONYMOUS = Identity()
 API = Identity(api=True)
-
-
-class AuthError(Exception):
-    """A token that cannot be accepted; the message says why."""
 
 
 @dataclass

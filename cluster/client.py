@@ -42,12 +42,14 @@ from trio_websocket import (
 )
 
 from fanroute import protocol as p
+from fanroute.codes import CloseCode, ErrorCode
 from fanroute.backoff import Backoff
+from fanroute.errors import ClientError, ConnectionLost, RequestFailed
 
 log = logging.getLogger("fanroute.client")
 
 # Close codes after which reconnecting cannot help.
-TERMINAL_CLOSE_CODES = frozenset({p.CLOSE_UNAUTHORIZED, p.CLOSE_POLICY})
+TERMINAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.POLICY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +66,6 @@ class Unrecovered:
     topic: str
     epoch: str
     seq: int
-
-
-class FanrouteError(Exception):
-    """An ``error`` frame from the gateway, or a request that could not complete."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class ConnectionLost(FanrouteError):
-    def __init__(self) -> None:
-        super().__init__(p.UNAVAILABLE, "the connection closed before the answer came")
 
 
 class _Pending:
@@ -170,7 +158,7 @@ class Client:
         self._pending: dict[int, tuple[str, Any, _Pending]] = {}
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self._terminal: FanrouteError | None = None
+        self._terminal: ClientError | None = None
         self._kick: trio.CancelScope | None = None
 
     # --- lifecycle -----------------------------------------------------------------
@@ -200,16 +188,16 @@ class Client:
     # --- the application's side ------------------------------------------------------
 
     async def subscribe(self, topic: str) -> Subscription:
-        """Subscribe and wait until the gateway confirmed; raises :class:`FanrouteError`."""
+        """Subscribe and wait until the gateway confirmed; raises :class:`ClientError`."""
         p.check_topic(topic)
         if topic in self.subscriptions:
-            raise FanrouteError(p.BAD_REQUEST, f"already subscribed to {topic!r}")
+            raise RequestFailed(ErrorCode.BAD_REQUEST, f"already subscribed to {topic!r}")
         sub = self.subscriptions[topic] = Subscription(self, topic, self.buffer)
         if self._ws is not None:
             await self._send_subscribe(self._ws, sub)
         try:
             await sub.confirmed.wait()
-        except FanrouteError:
+        except ClientError:
             self.subscriptions.pop(topic, None)
             raise
         return sub
@@ -223,7 +211,7 @@ class Client:
         if ws is not None:
             try:
                 await self._request(ws, {"type": "unsubscribe", "topic": topic}, "unsubscribe", topic)
-            except FanrouteError:
+            except ClientError:
                 pass
 
     async def publish(self, topic: str, payload: Any, *, ack: bool = True, timeout: float = 10.0) -> int | None:
@@ -293,10 +281,10 @@ class Client:
             if healthy_since is not None:
                 self.backoff.connection_lasted(trio.current_time() - healthy_since)
             delay = self.backoff.next_delay()
-            if self.last_close_code == p.CLOSE_RESTART:
+            if self.last_close_code == CloseCode.RESTART:
                 # A draining gateway: come back soon, but spread over a short window.
                 delay = min(delay, self.backoff.rng.uniform(0, 1.0))
-            elif self.last_close_code == p.CLOSE_RATE_LIMIT:
+            elif self.last_close_code == CloseCode.RATE_LIMIT:
                 # Closed for abuse: stay away for the longest backoff (as fanroute.js).
                 delay = self.backoff.rng.uniform(self.backoff.max_delay, 1.5 * self.backoff.max_delay)
             await trio.sleep(delay)
@@ -311,7 +299,7 @@ class Client:
                 pending.fail(ConnectionLost())
         self._pending.clear()
 
-    def _fail_all(self, error: FanrouteError) -> None:
+    def _fail_all(self, error: ClientError) -> None:
         for sub in self.subscriptions.values():
             sub.confirmed.fail(error)
             sub._send.close()
@@ -327,7 +315,7 @@ class Client:
                 if reply.get("type") == "connected":
                     break
                 if reply.get("type") == "error":
-                    self._terminal = FanrouteError(reply.get("code", "error"), reply.get("message", ""))
+                    self._terminal = RequestFailed(reply.get("code", "error"), reply.get("message", ""))
                     return
         interval = self._ping_interval or float(reply.get("ping_interval", 25))
         timeout = self._ping_timeout or float(reply.get("ping_timeout", 8))
@@ -352,7 +340,7 @@ class Client:
                     code = exc.reason.code if exc.reason is not None else None
                     self.last_close_code = code
                     if code in TERMINAL_CLOSE_CODES:
-                        self._terminal = FanrouteError(p.UNAUTHORIZED, exc.reason.reason or "closed")
+                        self._terminal = RequestFailed(ErrorCode.UNAUTHORIZED, exc.reason.reason or "closed")
                 finally:
                     nursery.cancel_scope.cancel()
         self._kick = None
@@ -393,7 +381,7 @@ class Client:
             return
         kind_sent, ctx, pending = entry
         if kind == "error":
-            error = FanrouteError(msg.get("code", "error"), msg.get("message", ""))
+            error = RequestFailed(msg.get("code", "error"), msg.get("message", ""))
             if kind_sent == "subscribe":
                 ctx.confirmed.fail(error)
             else:

@@ -18,7 +18,9 @@ from typing import Any
 import msgpack
 import orjson
 
-from fanroute.protocol import BAD_REQUEST, MSGPACK_SUBPROTOCOL, TOO_LARGE, ProtocolError
+from fanroute.codes import ErrorCode
+from fanroute.errors import ProtocolError
+from fanroute.protocol import MSGPACK_SUBPROTOCOL
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -75,15 +77,15 @@ class Encoding(Enum):
         if self is Encoding.JSON:
             if isinstance(message, bytes):
                 raise ProtocolError(
-                    BAD_REQUEST,
+                    ErrorCode.BAD_REQUEST,
                     f"binary frames need the {MSGPACK_SUBPROTOCOL} subprotocol; send JSON as text",
                 )
             try:
                 return orjson.loads(message)
             except orjson.JSONDecodeError as exc:
-                raise ProtocolError(BAD_REQUEST, f"malformed JSON: {exc}") from None
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}") from None
         if isinstance(message, str):
-            raise ProtocolError(BAD_REQUEST, "this connection speaks msgpack: send binary frames")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "this connection speaks msgpack: send binary frames")
         return decode_msgpack_value(message)
 
 
@@ -95,7 +97,7 @@ def decode_msgpack_value(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on junk
-        raise ProtocolError(BAD_REQUEST, f"malformed msgpack: {type(exc).__name__}") from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed msgpack: {type(exc).__name__}") from None
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -115,22 +117,22 @@ def check_json_compatible(value: Any) -> None:
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise ProtocolError(BAD_REQUEST, f"value nested deeper than {MAX_DEPTH} levels")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"value nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, dict):
             for k, v in item.items():
                 if not isinstance(k, str):
-                    raise ProtocolError(BAD_REQUEST, "map keys must be strings")
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, "map keys must be strings")
                 stack.append((v, depth + 1))
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, int) and not isinstance(item, bool):
             if not -(2**63) <= item < 2**64:
-                raise ProtocolError(BAD_REQUEST, "integer out of 64-bit range")
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "integer out of 64-bit range")
         elif item is None or isinstance(item, (str, bool, float)):
             if isinstance(item, float) and item != item:
-                raise ProtocolError(BAD_REQUEST, "NaN is not a JSON value")
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "NaN is not a JSON value")
         else:
-            raise ProtocolError(BAD_REQUEST, f"{type(item).__name__} values cannot be published")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{type(item).__name__} values cannot be published")
 
 
 def pack_payload(value: Any, limit: int) -> bytes:
@@ -144,7 +146,7 @@ def pack_payload(value: Any, limit: int) -> bytes:
     check_json_compatible(value)
     data = msgpack.packb(value, use_bin_type=True)
     if len(data) > limit:
-        raise ProtocolError(TOO_LARGE, f"payload larger than {limit} bytes")
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"payload larger than {limit} bytes")
     return data
 
 
@@ -156,7 +158,7 @@ def unpack_payload(data: Any) -> Any:
     that could not be delivered to every encoding raises :class:`ProtocolError`.
     """
     if type(data) is not bytes:
-        raise ProtocolError(BAD_REQUEST, "a payload from a shard must be packed bytes")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a payload from a shard must be packed bytes")
     value = decode_msgpack_value(data)
     check_json_compatible(value)
     return value

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class ConfigError(Exception):
-    """A setting that cannot work; the message is one sentence naming it."""
+from fanroute.errors import ConfigError
 
 
 @dataclass

@@ -25,7 +25,8 @@ from typing import Any
 
 import trio
 
-from fanroute.client import Client, FanrouteError
+from fanroute.client import Client
+from fanroute.errors import FanrouteError
 from fanroute.protocol import ProtocolError, check_topic
 
 log = logging.getLogger("fanroute.demo_feed")

@@ -12,47 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fanroute.codes import ErrorCode
+from fanroute.errors import ProtocolError
+
+
 PROTOCOL_VERSION = 1
 MSGPACK_SUBPROTOCOL = "fanroute.msgpack"
-
-# Error codes (the ``code`` field of an ``error`` frame).
-BAD_REQUEST = "bad_request"
-UNAUTHORIZED = "unauthorized"
-FORBIDDEN = "forbidden"
-RATE_LIMITED = "rate_limited"
-TOO_LARGE = "too_large"
-UNAVAILABLE = "unavailable"
-# The publication was handed to its shard, but the link was lost before the answer
-# came: it may or may not have been applied. Retrying with the same ``idem`` key is safe.
-OUTCOME_UNKNOWN = "outcome_unknown"
-INTERNAL = "internal"
-
-# Close codes (RFC 6455 and the 4xxx range fanroute owns).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_RESTART = 1012
-CLOSE_TRY_AGAIN = 1013
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_SLOW_CONSUMER = 4008
-CLOSE_HEARTBEAT_TIMEOUT = 4009
-CLOSE_MESSAGE_TIMEOUT = 4010  # a message's frames did not all arrive in time
-CLOSE_RATE_LIMIT = 4029
-
-# Close codes as metric label values: anything else a client sends is "other", so a
-# hostile client cannot mint one time series per code it invents.
-KNOWN_CLOSE_CODES = frozenset(
-    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
-     4001, 4003, 4008, 4009, 4010, 4029}
-)
-
-
-def close_code_label(code: int | None) -> str:
-    """The metric label for a close code: itself when fanroute knows it, else ``other``."""
-    return str(code) if code in KNOWN_CLOSE_CODES else "other"
-
 
 MAX_TOPIC_LENGTH = 256
 MAX_IDEM_LENGTH = 64
@@ -60,16 +25,6 @@ MAX_IDEM_LENGTH = 64
 # (spaces, control characters, quotes) is refused so topics stay safe to log,
 # to put in URLs and to use as namespace keys.
 _TOPIC_EXTRA = frozenset("._:-/@=+,#~")
-
-
-class ProtocolError(Exception):
-    """A command that cannot be carried out, with the code the client is told."""
-
-    def __init__(self, code: str, message: str, id: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.id = id
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,12 +80,12 @@ Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping
 def check_topic(topic: Any, id: int | None = None) -> str:
     """Return ``topic`` if it is a valid topic name, else raise ``bad_request``."""
     if not isinstance(topic, str) or not topic:
-        raise ProtocolError(BAD_REQUEST, "topic must be a non-empty string", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "topic must be a non-empty string", id)
     if len(topic) > MAX_TOPIC_LENGTH:
-        raise ProtocolError(BAD_REQUEST, f"topic is longer than {MAX_TOPIC_LENGTH} characters", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"topic is longer than {MAX_TOPIC_LENGTH} characters", id)
     if not topic.isascii() or not all(c.isalnum() or c in _TOPIC_EXTRA for c in topic):
         raise ProtocolError(
-            BAD_REQUEST, "topic may hold only letters, digits and . _ : - / @ = + , # ~", id
+            ErrorCode.BAD_REQUEST, "topic may hold only letters, digits and . _ : - / @ = + , # ~", id
         )
     return topic
 
@@ -140,7 +95,7 @@ def check_idem(value: Any, id: int | None = None) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_IDEM_LENGTH:
-        raise ProtocolError(BAD_REQUEST, f"idem must be a string of 1 to {MAX_IDEM_LENGTH} characters", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"idem must be a string of 1 to {MAX_IDEM_LENGTH} characters", id)
     return value
 
 
@@ -150,25 +105,25 @@ def _check_id(frame: dict[str, Any]) -> int | None:
     value = frame["id"]
     # bool is an int subclass in Python; a JSON true is not an id.
     if type(value) is not int or not (0 <= value < 2**53):
-        raise ProtocolError(BAD_REQUEST, "id must be a non-negative integer")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "id must be a non-negative integer")
     return value
 
 
 def _parse_since(value: Any, id: int | None) -> Since:
     if not isinstance(value, dict):
-        raise ProtocolError(BAD_REQUEST, "since must be an object with epoch and seq", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be an object with epoch and seq", id)
     epoch, seq = value.get("epoch"), value.get("seq")
     if not isinstance(epoch, str) or len(epoch) > 64:
-        raise ProtocolError(BAD_REQUEST, "since.epoch must be a string", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "since.epoch must be a string", id)
     if type(seq) is not int or seq < 0:
-        raise ProtocolError(BAD_REQUEST, "since.seq must be a non-negative integer", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "since.seq must be a non-negative integer", id)
     return Since(epoch, seq)
 
 
 def parse_command(frame: Any) -> Command:
     """Turn one decoded client frame into a command, or raise :class:`ProtocolError`."""
     if not isinstance(frame, dict):
-        raise ProtocolError(BAD_REQUEST, "a frame must be a JSON object (or msgpack map)")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object (or msgpack map)")
     id = _check_id(frame)
     kind = frame.get("type")
     if kind is None:
@@ -176,10 +131,10 @@ def parse_command(frame: Any) -> Command:
         if "topic" in frame and "payload" in frame:
             kind = "publish"
         else:
-            raise ProtocolError(BAD_REQUEST, "frame has no type (and is not {topic, payload})", id)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame has no type (and is not {topic, payload})", id)
     if kind == "publish":
         if "payload" not in frame:
-            raise ProtocolError(BAD_REQUEST, "publish needs a payload", id)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "publish needs a payload", id)
         return Publish(check_topic(frame.get("topic"), id), frame["payload"], id, check_idem(frame.get("idem"), id))
     if kind == "subscribe":
         topic = check_topic(frame.get("topic"), id)
@@ -192,16 +147,16 @@ def parse_command(frame: Any) -> Command:
     if kind == "connect":
         token = frame.get("token")
         if token is not None and not isinstance(token, str):
-            raise ProtocolError(BAD_REQUEST, "token must be a string", id)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "token must be a string", id)
         return Connect(token, id)
     if kind == "refresh":
         token = frame.get("token")
         if not isinstance(token, str) or not token:
-            raise ProtocolError(BAD_REQUEST, "refresh needs a token string", id)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "refresh needs a token string", id)
         return Refresh(token, id)
     if not isinstance(kind, str):
-        raise ProtocolError(BAD_REQUEST, "type must be a string", id)
-    raise ProtocolError(BAD_REQUEST, f"unknown command type {kind[:40]!r}", id)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "type must be a string", id)
+    raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown command type {kind[:40]!r}", id)
 
 
 # --- server events, as plain dicts ready for either encoding -------------------

@@ -56,6 +56,8 @@ from typing import Any
 
 import msgpack
 
+from fanroute.errors import WireError
+
 WIRE_VERSION = 2
 
 HELLO, SUB, UNSUB, PUB, BEAT = 1, 2, 3, 4, 5
@@ -70,18 +72,6 @@ MAX_AGE = 120.0  # seconds: an older message is refused as a possible replay
 MAX_PAYLOAD = 16 << 20  # a payload larger than this is malformed, whatever the config
 _MAX_MESSAGE = 64 << 20  # nng messages larger than this are not even authenticated
 _MAX_SESSIONS = 4096  # (sender, session) pairs remembered for replay checks
-
-
-class WireError(Exception):
-    """An inter-node message or frame that does not follow this codec.
-
-    ``reason`` is a short fixed word for the metric label (``mac``, ``replay``,
-    ``malformed``), never text from the message.
-    """
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class LinkKey:

@@ -34,6 +34,7 @@ import orjson
 import trio
 
 from fanroute import protocol as p
+from fanroute.codes import ErrorCode
 from fanroute.admin import Request, Response
 from fanroute.attempts import AttemptThrottle
 from fanroute.auth import API
@@ -47,13 +48,13 @@ KEY_ATTEMPT_BURST = 10
 KEY_ATTEMPT_RATE = 1.0
 KEY_ATTEMPT_ADDRESSES = 10_000  # addresses remembered at most; the least recent goes
 _STATUS = {
-    p.BAD_REQUEST: 400,
-    p.UNAUTHORIZED: 401,
-    p.FORBIDDEN: 403,
-    p.TOO_LARGE: 413,
-    p.RATE_LIMITED: 429,
-    p.UNAVAILABLE: 503,
-    p.OUTCOME_UNKNOWN: 504,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.OUTCOME_UNKNOWN: 504,
 }
 
 
@@ -110,15 +111,15 @@ class PublishApi:
         if refused is not None:
             return refused
         if len(request.body) > gw.config.max_frame * 16:
-            return _error(413, p.TOO_LARGE, "request body too large")
+            return _error(413, ErrorCode.TOO_LARGE, "request body too large")
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
-            return _error(400, p.BAD_REQUEST, f"malformed JSON: {exc}")
+            return _error(400, ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}")
         if isinstance(body, dict) and "items" in body:
             items = body["items"]
             if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS:
-                return _error(400, p.BAD_REQUEST, f"items must be a list of 1 to {MAX_ITEMS} publications")
+                return _error(400, ErrorCode.BAD_REQUEST, f"items must be a list of 1 to {MAX_ITEMS} publications")
             results = await self._publish_all(items)
             return _json(200, {"results": results})
         (result,) = await self._publish_all([body])
@@ -136,7 +137,7 @@ class PublishApi:
             if wait is not None:
                 gw.metrics.limit_hits.labels("api_key_attempts").inc()
                 message = "too many wrong API keys from this address; try again after Retry-After seconds"
-                response = _error(429, p.RATE_LIMITED, message)
+                response = _error(429, ErrorCode.RATE_LIMITED, message)
                 response.headers.append(("retry-after", str(max(1, math.ceil(wait)))))
                 return response
         # Header values reach us decoded as latin-1, and a key is ASCII: anything
@@ -146,7 +147,7 @@ class PublishApi:
         gw.metrics.auth_failures.labels("api_key").inc()
         if key is not None:
             self.attempts.failed(request.client, now)
-        return _error(401, p.UNAUTHORIZED, "a valid X-API-Key header is required")
+        return _error(401, ErrorCode.UNAUTHORIZED, "a valid X-API-Key header is required")
 
     async def _publish_all(self, items: list[Any]) -> list[dict[str, Any]]:
         gw, hub = self.gateway, self.gateway.hub
@@ -158,16 +159,16 @@ class PublishApi:
             topic = item.get("topic") if isinstance(item, dict) else None
             try:
                 if not isinstance(item, dict) or "payload" not in item:
-                    raise p.ProtocolError(p.BAD_REQUEST, "each publication needs topic and payload")
+                    raise p.ProtocolError(ErrorCode.BAD_REQUEST, "each publication needs topic and payload")
                 p.check_topic(topic)
                 idem = p.check_idem(item.get("idem"))
                 if len(orjson.dumps(item["payload"])) > gw.config.max_frame:
-                    raise p.ProtocolError(p.TOO_LARGE, f"payload larger than {gw.config.max_frame} bytes")
+                    raise p.ProtocolError(ErrorCode.TOO_LARGE, f"payload larger than {gw.config.max_frame} bytes")
                 why = gw.policy.can_publish(API, topic)
                 if why is not None:
-                    raise p.ProtocolError(p.FORBIDDEN, why)
+                    raise p.ProtocolError(ErrorCode.FORBIDDEN, why)
             except (p.ProtocolError, TypeError) as exc:
-                code = exc.code if isinstance(exc, p.ProtocolError) else p.BAD_REQUEST
+                code = exc.code if isinstance(exc, p.ProtocolError) else ErrorCode.BAD_REQUEST
                 results[i] = {"topic": topic, "error": {"code": code, "message": str(exc)}}
                 continue
             id = i + 1
@@ -184,7 +185,7 @@ class PublishApi:
             topic = items[i]["topic"]
             if event is None:
                 message = "no answer from the shard in time; the publication may or may not have been applied"
-                results[i] = {"topic": topic, "error": {"code": p.OUTCOME_UNKNOWN, "message": message}}
+                results[i] = {"topic": topic, "error": {"code": ErrorCode.OUTCOME_UNKNOWN, "message": message}}
             elif event.get("type") == "published":
                 results[i] = {"topic": topic, "seq": event["seq"]}
             else:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fanroute import protocol as p
+from fanroute.codes import ErrorCode
 from fanroute import wire
 from fanroute.codec import Encoding, FrameCache, pack_payload, unpack_payload
 from fanroute.ring import Ring
@@ -147,7 +148,7 @@ class Hub:
     def _shard_for(self, session: Session, topic: str, id: int | None) -> str | None:
         shard = self.ring.owner(topic)
         if not self.shard_up[shard]:
-            self._error(session, p.UNAVAILABLE, f"the shard for {topic!r} is unreachable", id)
+            self._error(session, ErrorCode.UNAVAILABLE, f"the shard for {topic!r} is unreachable", id)
             return None
         return shard
 
@@ -159,7 +160,7 @@ class Hub:
     def subscribe(self, session: Session, cmd: p.Subscribe) -> None:
         topic, since = cmd.topic, cmd.since
         if topic in session.topics:
-            self._error(session, p.BAD_REQUEST, f"already subscribed to {topic!r}", cmd.id)
+            self._error(session, ErrorCode.BAD_REQUEST, f"already subscribed to {topic!r}", cmd.id)
             return
         shard = self._shard_for(session, topic, cmd.id)
         if shard is None:
@@ -290,13 +291,13 @@ class Hub:
             if req <= sent:
                 self._error(
                     r.session,
-                    p.OUTCOME_UNKNOWN,
+                    ErrorCode.OUTCOME_UNKNOWN,
                     f"lost the shard for {r.topic!r} after sending: the publication may have been applied",
                     r.client_id,
                 )
             else:
                 self._error(
-                    r.session, p.UNAVAILABLE, f"lost the shard for {r.topic!r}; the publication was not applied", r.client_id
+                    r.session, ErrorCode.UNAVAILABLE, f"lost the shard for {r.topic!r}; the publication was not applied", r.client_id
                 )
         self._sent_pub[shard] = self._queued_pub[shard]
 

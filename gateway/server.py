@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from fanroute import protocol as p
+from fanroute.codes import CloseCode, ErrorCode, close_code_label
 from fanroute.admin import HttpApp
 from fanroute.auth import ANONYMOUS, AuthError, Authenticator, Identity
 from fanroute.permissions import load_policy
@@ -233,7 +234,7 @@ class GatewayServer:
         start = trio.current_time()
         for i, conn in enumerate(conns):
             await trio.sleep_until(start + window * i / max(1, len(conns)))
-            conn.kill(p.CLOSE_RESTART, "service restart", "drain")
+            conn.kill(CloseCode.RESTART, "service restart", "drain")
         with trio.move_on_after(_CLOSE_TIMEOUT + 1):
             while self.conns:
                 await trio.sleep(0.02)
@@ -314,19 +315,19 @@ class GatewayServer:
             for conn in list(self.conns.values()):
                 if conn.auth_deadline is not None and now > conn.auth_deadline:
                     self.metrics.auth_failures.labels("timeout").inc()
-                    conn.kill(p.CLOSE_UNAUTHORIZED, "no valid token in time", "unauthorized")
+                    conn.kill(CloseCode.UNAUTHORIZED, "no valid token in time", "unauthorized")
                     continue
                 expires = conn.identity.expires if conn.identity is not None else None
                 if expires is not None and wall > expires:
                     self.metrics.auth_failures.labels("expired").inc()
-                    conn.kill(p.CLOSE_UNAUTHORIZED, "token expired", "unauthorized")
+                    conn.kill(CloseCode.UNAUTHORIZED, "token expired", "unauthorized")
                     continue
                 if wsconn.message_in_progress(conn.ws):
                     if conn.partial_since is None:
                         conn.partial_since = now
                     elif now - conn.partial_since > cfg.message_timeout:
                         self.metrics.limit_hits.labels("message_timeout").inc()
-                        conn.kill(p.CLOSE_MESSAGE_TIMEOUT, "message not completed in time", "message_timeout")
+                        conn.kill(CloseCode.MESSAGE_TIMEOUT, "message not completed in time", "message_timeout")
                         continue
                 else:
                     conn.partial_since = None
@@ -335,7 +336,7 @@ class GatewayServer:
                 outstanding = sent is not None and last_rx < sent
                 if outstanding and now - sent > cfg.ping_timeout:
                     self.metrics.heartbeat_timeouts.inc()
-                    conn.kill(p.CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat_timeout")
+                    conn.kill(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat_timeout")
                 elif not outstanding and now - conn.last_ping >= cfg.ping_interval:
                     conn.outbox.push(PING_FRAME)
                     conn.outbox.flush()
@@ -433,7 +434,7 @@ class GatewayServer:
             self.metrics.limit_hits.labels(refusal).inc()
             self.metrics.connections_rejected.labels(refusal).inc()
             with trio.move_on_after(_CLOSE_TIMEOUT):
-                await ws.aclose(p.CLOSE_TRY_AGAIN, "try again later")
+                await ws.aclose(CloseCode.TRY_AGAIN, "try again later")
             return
         activity = wsconn.stream_of(ws)
         sock, lock = activity.socket, wsconn.write_lock(ws)
@@ -477,7 +478,7 @@ class GatewayServer:
             if code is not None:
                 # A peer that stopped answering will not read a close frame either:
                 # do not hold its socket and buffer for long.
-                patience = 0.5 if code == p.CLOSE_HEARTBEAT_TIMEOUT else _CLOSE_TIMEOUT
+                patience = 0.5 if code == CloseCode.HEARTBEAT_TIMEOUT else _CLOSE_TIMEOUT
                 with trio.move_on_after(patience) as scope:
                     scope.shield = True
                     await outbox.drain()
@@ -486,7 +487,7 @@ class GatewayServer:
                 reason = ws.closed
                 code = reason.code if reason is not None else 1006
             self.metrics.connections.dec()
-            self.metrics.connections_closed.labels(conn.why, p.close_code_label(code)).inc()
+            self.metrics.connections_closed.labels(conn.why, close_code_label(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
 
     def _connect(self, conn: Conn, cmd: p.Connect) -> None:
@@ -494,7 +495,7 @@ class GatewayServer:
             if not self._authenticate(conn, cmd.token, cmd.id):
                 return
         elif conn.identity is None:
-            self.hub.reject(conn.session, p.ProtocolError(p.UNAUTHORIZED, "a token is required", cmd.id))
+            self.hub.reject(conn.session, p.ProtocolError(ErrorCode.UNAUTHORIZED, "a token is required", cmd.id))
             return
         conn.session.send(
             p.connected_event(conn.session.id, self.config.ping_interval, self.config.ping_timeout, cmd.id)
@@ -516,8 +517,8 @@ class GatewayServer:
                 raise AuthError("a connection's subject cannot change: the token is for another subject")
         except AuthError as exc:
             self.metrics.auth_failures.labels("refresh" if refresh else "token").inc()
-            self.hub.reject(conn.session, p.ProtocolError(p.UNAUTHORIZED, str(exc), id))
-            conn.kill(p.CLOSE_UNAUTHORIZED, "unauthorized", "unauthorized")
+            self.hub.reject(conn.session, p.ProtocolError(ErrorCode.UNAUTHORIZED, str(exc), id))
+            conn.kill(CloseCode.UNAUTHORIZED, "unauthorized", "unauthorized")
             return False
         had_identity = conn.identity is not None
         conn.identity, conn.auth_deadline = identity, None
@@ -532,17 +533,17 @@ class GatewayServer:
 
     def _forbidden(self, session: Session, why: str, id: int | None) -> None:
         self.metrics.auth_failures.labels("forbidden").inc()
-        self.hub.reject(session, p.ProtocolError(p.FORBIDDEN, why, id))
+        self.hub.reject(session, p.ProtocolError(ErrorCode.FORBIDDEN, why, id))
 
     def _rate_limited(self, conn: Conn, id: int | None, limit: str, now: float) -> None:
         self.metrics.limit_hits.labels(limit).inc()
-        self.hub.reject(conn.session, p.ProtocolError(p.RATE_LIMITED, f"too many {limit}: slow down", id))
+        self.hub.reject(conn.session, p.ProtocolError(ErrorCode.RATE_LIMITED, f"too many {limit}: slow down", id))
         if conn.strikes is not None and conn.strikes.hit(now):
-            conn.kill(p.CLOSE_RATE_LIMIT, "rate limit exceeded repeatedly", "rate_limit")
+            conn.kill(CloseCode.RATE_LIMIT, "rate limit exceeded repeatedly", "rate_limit")
 
     def _overflow(self, conn: Conn) -> None:
         self.metrics.slow_consumer_closes.inc()
-        conn.kill(p.CLOSE_SLOW_CONSUMER, "slow consumer", "slow_consumer")
+        conn.kill(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
 
     async def _read_loop(self, conn: Conn) -> None:
         hub, session, ws = self.hub, conn.session, conn.ws
@@ -569,7 +570,7 @@ class GatewayServer:
             except Exception:
                 log.exception("a %s command could not be handled", type(cmd).__name__.lower())
                 failed.inc()
-                hub.reject(session, p.ProtocolError(p.INTERNAL, "the command failed inside the gateway", cmd.id))
+                hub.reject(session, p.ProtocolError(ErrorCode.INTERNAL, "the command failed inside the gateway", cmd.id))
                 shard = None
             self.flush()
             while shard is not None and hub.backlog(shard) > self.config.backlog_limit:
@@ -590,7 +591,7 @@ class GatewayServer:
         elif kind is p.Refresh:
             self._authenticate(conn, cmd.token, cmd.id, refresh=True)
         elif conn.identity is None:
-            hub.reject(session, p.ProtocolError(p.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
+            hub.reject(session, p.ProtocolError(ErrorCode.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
         elif kind is p.Publish:
             if conn.publishes is not None and not conn.publishes.take(now):
                 self._rate_limited(conn, cmd.id, "publishes", now)
@@ -604,7 +605,7 @@ class GatewayServer:
                 self._forbidden(session, why, cmd.id)
             elif len(session.topics) >= self.config.max_subscriptions and cmd.topic not in session.topics:
                 self.metrics.limit_hits.labels("subscriptions").inc()
-                hub.reject(session, p.ProtocolError(p.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
+                hub.reject(session, p.ProtocolError(ErrorCode.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
             else:
                 hub.subscribe(session, cmd)
         elif kind is p.Unsubscribe:

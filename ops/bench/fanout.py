@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fanroute.errors import BenchError
 from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
 
 REFERENCE_SERVER = Path(__file__).resolve().with_name("reference_server.py")
@@ -76,10 +77,6 @@ _CLUSTER_SECRET = secrets.token_urlsafe(32)  # shared by every process this run 
 
 
 # --- the client side of RFC 6455, just enough for a load generator -------------------
-
-
-class BenchError(Exception):
-    """The benchmark could not run (a target did not start, a client failed)."""
 
 
 def _ws_connect(host: str, port: int, timeout: float = 5.0) -> tuple[socket.socket, bytes]:

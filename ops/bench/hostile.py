@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from prometheus_client.samples import Sample  # noqa: E402
 
+from fanroute.errors import BenchError  # noqa: E402
 from fanroute.bench.loadgen import free_port, machine  # noqa: E402
 
 POLL = 0.05  # seconds between two looks at a metric while waiting for it
@@ -60,10 +61,6 @@ STOP_GRACE = 5.0  # seconds a child gets after SIGTERM before SIGKILL
 # Close codes a client may send in the 1xxx range (RFC 6455 §7.4.1; 1004-1006 and
 # 1015 are reserved and never appear on the wire).
 SENDABLE_1XXX = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
-
-
-class HostileError(Exception):
-    """The measurement could not be taken (a child died, a wait ran out)."""
 
 
 # --- child processes -----------------------------------------------------------------
@@ -78,7 +75,7 @@ class Child:
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
-            raise HostileError(f"{self.name} exited with {self.popen.returncode}: {self.log_tail()}")
+            raise BenchError(f"{self.name} exited with {self.popen.returncode}: {self.log_tail()}")
 
     def log_tail(self, chars: int = 1500) -> str:
         try:
@@ -175,7 +172,7 @@ def wait_for(pred: Callable[[], bool], deadline: float, what: str, children: lis
         if pred():
             return
         if time.monotonic() > deadline:
-            raise HostileError(f"timed out waiting for {what}")
+            raise BenchError(f"timed out waiting for {what}")
         time.sleep(POLL)
 
 
@@ -283,7 +280,7 @@ def history_flood_run(label: str, history_bytes: int, a: argparse.Namespace, log
         try:
             flood = asyncio.run(_flood(gateway.url, router, a.topics, a.size, deadline, procs.children))  # type: ignore[attr-defined]
         except TimeoutError:
-            raise HostileError(f"the flood did not finish within --timeout {a.timeout:g} s") from None
+            raise BenchError(f"the flood did not finish within --timeout {a.timeout:g} s") from None
         after_r, after_g = router.memory_kib(), gateway.memory_kib()
         m = router.metrics()
         return {
@@ -323,7 +320,7 @@ def history_flood(a: argparse.Namespace) -> int:
             print(f"# {label}: {a.topics} topics x {a.size} B, router --history-bytes {limit}", file=sys.stderr, flush=True)
             try:
                 report["runs"].append(history_flood_run(label, limit, a, Path(tmp)))
-            except HostileError as exc:
+            except BenchError as exc:
                 report["runs"].append({"run": label, "history_bytes_limit": limit, "error": str(exc)})
                 print(f"# {label} failed: {exc}", file=sys.stderr, flush=True)
     _table(
@@ -428,7 +425,7 @@ def close_codes(a: argparse.Namespace) -> int:
                 for start in range(0, len(plan), a.batch):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise HostileError("timed out opening connections")
+                        raise BenchError("timed out opening connections")
                     async with asyncio.timeout(remaining):
                         await asyncio.gather(*(_one(gateway.url, code, delay, tally)  # type: ignore[attr-defined]
                                                for code, delay in plan[start : start + a.batch]))
@@ -517,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return a.main(a)
-    except HostileError as exc:
+    except BenchError as exc:
         print(f"hostile.py: {exc}", file=sys.stderr)
         return 1
 

@@ -69,6 +69,7 @@ from typing import Any
 
 import orjson
 
+from fanroute.errors import BenchError
 from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
 
 HOST = "127.0.0.1"
@@ -77,10 +78,6 @@ _READY_TIMEOUT = 60.0
 # Targets printed beside the figures.
 SOURCE = {"recovery_p95": 2.0, "recovery_p99": 5.0, "detection": 45.0, "stability": 0.99}
 GOALS = {"recovery_p95": 1.0, "recovery_p99": 2.0, "lost": 0, "duplicated": 0}
-
-
-class BenchError(Exception):
-    """The benchmark could not run (a process did not start, a client failed)."""
 
 
 # --- small shared helpers ---------------------------------------------------------

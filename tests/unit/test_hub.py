@@ -4,6 +4,7 @@ import msgpack
 import orjson
 
 from fanroute import protocol as p
+from fanroute.codes import ErrorCode
 from fanroute import wire
 from fanroute.codec import Encoding
 from fanroute.ring import Ring
@@ -117,7 +118,7 @@ def test_publish_ack_and_unavailable_shard():
     assert a.outbox.events() == [{"type": "published", "topic": "t", "id": 4, "seq": 17}]
     hub.publish(a, p.Publish("t", 1, 5))
     hub.link_down("s0")  # never handed to the link: not applied
-    assert a.outbox.events()[0]["code"] == p.UNAVAILABLE
+    assert a.outbox.events()[0]["code"] == ErrorCode.UNAVAILABLE
     hub.publish(a, p.Publish("t", 1, 6))
     assert a.outbox.events() == [
         {"type": "error", "code": "unavailable", "message": "the shard for 't' is unreachable", "id": 6}
@@ -162,7 +163,7 @@ def test_duplicate_subscribe_is_an_error():
     hub, a = make_hub(), session()
     hub.subscribe(a, p.Subscribe("t"))
     hub.subscribe(a, p.Subscribe("t", 3))
-    assert a.outbox.events()[0]["code"] == p.BAD_REQUEST
+    assert a.outbox.events()[0]["code"] == ErrorCode.BAD_REQUEST
 
 
 def test_a_publication_lost_after_sending_is_answered_outcome_unknown_not_unavailable():
@@ -173,7 +174,7 @@ def test_a_publication_lost_after_sending_is_answered_outcome_unknown_not_unavai
     hub.publish(a, p.Publish("t", 2, 2))  # still queued here
     hub.link_down("s0")
     codes = {e["id"]: e["code"] for e in a.outbox.events()}
-    assert codes == {1: p.OUTCOME_UNKNOWN, 2: p.UNAVAILABLE}
+    assert codes == {1: ErrorCode.OUTCOME_UNKNOWN, 2: ErrorCode.UNAVAILABLE}
 
 
 def test_a_shard_that_forgot_the_gateway_fails_queued_publications_truthfully():
@@ -183,7 +184,7 @@ def test_a_shard_that_forgot_the_gateway_fails_queued_publications_truthfully():
     hub.publish(a, p.Publish("t", 2, 2))
     hub.on_shard_frames("s0", [[wire.WELCOME, "E", ""]])  # the shard does not know us
     codes = {e["id"]: e["code"] for e in a.outbox.events()}
-    assert codes == {1: p.OUTCOME_UNKNOWN, 2: p.UNAVAILABLE}
+    assert codes == {1: ErrorCode.OUTCOME_UNKNOWN, 2: ErrorCode.UNAVAILABLE}
     assert hub.requests == {}
 
 
@@ -194,7 +195,7 @@ def test_payloads_that_cannot_reach_every_encoding_are_refused_at_publish():
         deep = [deep]
     for payload in (deep, b"bytes", {"k": {1, 2}}, "x" * 70_000):
         hub.publish(a, p.Publish("t", payload, 1))
-    assert [e["code"] for e in a.outbox.events()] == [p.BAD_REQUEST, p.BAD_REQUEST, p.BAD_REQUEST, p.TOO_LARGE]
+    assert [e["code"] for e in a.outbox.events()] == [ErrorCode.BAD_REQUEST, ErrorCode.BAD_REQUEST, ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE]
     assert hub.to_shards["s0"] == []
 
 
