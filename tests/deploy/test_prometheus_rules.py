@@ -25,6 +25,8 @@ EXPECTED_ALERTS = {
     "FanrouteDeliveryLatencyHigh",
     "FanrouteSlowConsumerCloses",
     "FanrouteShardLoadSkew",
+    "FanrouteInterNodeMessagesRefused",
+    "FanrouteHistoryEvicting",
 }
 
 
