@@ -1,58 +1,76 @@
-"""Settings of each process, with their defaults and their checks.
+"""The settings of each process, as the servers take them, and their checks.
 
-The command line (``fanroute.cli``) fills these from flags and ``FANROUTE_*``
-environment variables; tests build them directly. A setting that cannot work raises
-:class:`ConfigError` with one sentence that names it.
+Every field that is a setting takes its default from the table in
+:mod:`fanroute.settings` (``GatewayConfig`` the ``gateway`` command's defaults,
+``RouterConfig`` the ``router`` command's); the few fields that are not settings are
+tuning with no flag. The command line builds these with :meth:`GatewayConfig.from_args`
+and :meth:`RouterConfig.from_args`; tests build them directly with keyword arguments.
+A setting that cannot work raises :class:`ConfigError` with one sentence that names it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from fanroute.errors import ConfigError
+from fanroute.settings import config_field, config_values, parse_routers
+
+__all__ = ["ConfigError", "GatewayConfig", "RouterConfig", "is_nng_url", "parse_routers"]
+
+_gateway = partial(config_field, command="gateway")
+_router = partial(config_field, command="router")
 
 
 @dataclass
 class GatewayConfig:
-    routers: list[tuple[str, str]]  # (shard name, nng URL)
-    host: str = "127.0.0.1"
-    port: int = 8080
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = 9100
-    inbox: str = "tcp://127.0.0.1:0"  # where shards send to this gateway
-    advertise: str | None = None  # the inbox address shards dial, if not ``inbox``
-    ping_interval: float = 25.0
-    ping_timeout: float = 8.0
-    outbox_limit: int = 1 << 20  # bytes per connection, as Centrifugo
-    max_frame: int = 64 * 1024
+    routers: list[tuple[str, str]] = _gateway("routers", required=True)  # (shard name, nng URL)
+    host: str = _gateway("host")
+    port: int = _gateway("port")
+    admin_host: str = _gateway("admin-host")
+    admin_port: int | None = _gateway("admin-port")
+    inbox: str = _gateway("inbox")  # where shards send to this gateway
+    advertise: str | None = _gateway("advertise")  # the inbox address shards dial, if not ``inbox``
+    ping_interval: float = _gateway("ping-interval")
+    ping_timeout: float = _gateway("ping-timeout")
+    outbox_limit: int = _gateway("outbox-limit")  # bytes per connection, as Centrifugo
+    max_frame: int = _gateway("max-frame")
+    # Tuning, not settings: no flag sets these.
     shard_beat: float = 1.0
     shard_timeout: float = 3.5
     backlog_limit: int = 4096  # frames waiting for one shard before publishers wait
-    message_timeout: float = 10.0  # seconds for all frames of one client message to arrive
-    drain_window: float = 10.0  # seconds over which SIGTERM closes clients with 1012
+    message_timeout: float = _gateway("message-timeout")  # for all frames of one client message
+    drain_window: float = _gateway("drain-window")  # seconds over which SIGTERM closes clients with 1012
     # Access control (see cluster/auth.py and cluster/permissions.py).
-    config_file: str | None = None  # namespaces: TOML or YAML
-    jwt_secret: str | None = None
-    jwt_public_key_file: str | None = None
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    anonymous: str = "auto"  # allow | deny | auto (allow unless a JWT key is configured)
-    api_key: str | None = None
-    auth_timeout: float = 5.0  # seconds to present a valid token when one is required
-    jwt_require_exp: bool = True  # tokens without exp are refused
-    allowed_origins: list[str] = field(default_factory=list)  # empty: any Origin
+    config_file: str | None = _gateway("config")  # namespaces: TOML or YAML
+    jwt_secret: str | None = _gateway("jwt-secret")
+    jwt_public_key_file: str | None = _gateway("jwt-public-key-file")
+    jwt_audience: str | None = _gateway("jwt-audience")
+    jwt_issuer: str | None = _gateway("jwt-issuer")
+    anonymous: str = _gateway("anonymous")  # allow | deny | auto (allow unless a JWT key is configured)
+    api_key: str | None = _gateway("api-key")
+    auth_timeout: float = _gateway("auth-timeout")  # seconds to present a valid token when one is required
+    jwt_require_exp: bool = _gateway("jwt-require-exp")  # tokens without exp are refused
+    allowed_origins: list[str] = _gateway("allowed-origins")  # empty: any Origin
     # Limits; 0 turns a rate limit off. Per-connection command and publish rates are
     # off by default (back-end feeds publish thousands per second over one socket);
     # a gateway open to browsers should set them (the Helm chart does).
-    max_subscriptions: int = 1000
-    max_connections: int = 50000
-    connection_rate: float = 5000.0  # new connections per second (burst: the same)
-    command_rate: float = 0.0  # per connection, all commands
-    publish_rate: float = 0.0  # per connection
-    abuse_limit: int = 100  # rate-limited commands within 10 s before closing with 4029
+    max_subscriptions: int = _gateway("max-subscriptions")
+    max_connections: int = _gateway("max-connections")
+    connection_rate: float = _gateway("connection-rate")  # new connections per second (burst: the same)
+    command_rate: float = _gateway("command-rate")  # per connection, all commands
+    publish_rate: float = _gateway("publish-rate")  # per connection
+    abuse_limit: int = 100  # tuning: rate-limited commands within 10 s before closing with 4029
     # Inter-node links (fanroute.wire): every message is sealed with this secret.
-    cluster_secret: str | None = None
-    cluster_encrypt: bool = False
+    cluster_secret: str | None = _gateway("cluster-secret")
+    cluster_encrypt: bool = _gateway("cluster-encrypt")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> GatewayConfig:
+        """The gateway settings of parsed arguments (:func:`fanroute.settings.parse`)."""
+        return cls(**{**config_values(cls, args), **overrides})
 
     def check(self) -> None:
         if not self.routers:
@@ -89,17 +107,22 @@ class GatewayConfig:
 
 @dataclass
 class RouterConfig:
-    listen: str = "tcp://127.0.0.1:7101"
-    name: str = "router-0"
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = 9201
-    history_size: int = 1000
-    history_ttl: float = 300.0
-    gateway_timeout: float = 10.0
-    config_file: str | None = None  # namespaces: per-namespace history size and age
-    history_bytes: int = 256 << 20  # all topics' history together, payloads and overhead
-    cluster_secret: str | None = None
-    cluster_encrypt: bool = False
+    listen: str = _router("listen")
+    name: str = _router("name")
+    admin_host: str = _router("admin-host")
+    admin_port: int | None = _router("admin-port")
+    history_size: int = _router("history-size")
+    history_ttl: float = _router("history-ttl")
+    gateway_timeout: float = _router("gateway-timeout")
+    config_file: str | None = _router("config")  # namespaces: per-namespace history size and age
+    history_bytes: int = _router("history-bytes")  # all topics' history together, payloads and overhead
+    cluster_secret: str | None = _router("cluster-secret")
+    cluster_encrypt: bool = _router("cluster-encrypt")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> RouterConfig:
+        """The router settings of parsed arguments (in ``standalone``: those it has)."""
+        return cls(**{**config_values(cls, args), **overrides})
 
     def check(self) -> None:
         _check_nng_url("--listen", self.listen)
@@ -124,22 +147,6 @@ def _check_secret(secret: str | None) -> None:
         )
     if len(secret) < 16:
         raise ConfigError("--cluster-secret must be at least 16 characters")
-
-
-def parse_routers(value: str) -> list[tuple[str, str]]:
-    """``name=url,name=url`` or plain ``url,url`` (the URL is then the shard's name).
-
-    All gateways must list the same names, since the ring hashes names.
-    """
-    out = []
-    for item in (part.strip() for part in value.split(",")):
-        if not item:
-            continue
-        name, sep, url = item.partition("=")
-        if not sep:
-            name, url = item, item
-        out.append((name.strip(), url.strip()))
-    return out
 
 
 def is_nng_url(url: str) -> bool:

@@ -1,4 +1,4 @@
-"""The command line: bad input gets one sentence and a non-zero exit; processes start and stop."""
+"""The command line: bad input gets one sentence naming the setting and exit 2; processes start and stop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", "fanroute.cli", *args],
         cwd=ROOT,
-        env=dict(os.environ, FANROUTE_CLUSTER_SECRET=CLUSTER_SECRET, **(env or {})),
+        env={**os.environ, "FANROUTE_CLUSTER_SECRET": CLUSTER_SECRET, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -36,14 +36,47 @@ def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.
         (["gateway", "--inbox", "tcp://10.255.255.1:1", "--admin-port", "off"], {}, "--inbox"),
         (["router", "--listen", "tcp://1.2.3.4:1", "--admin-port", "off"], {}, "--listen"),
         (["router", "--history-size", "-1", "--admin-port", "off"], {}, "--history-size"),
+        # A variable whose value fails a config check is named with the flag.
+        (["standalone", "--admin-port", "off"], {"FANROUTE_PORT": "99999"}, "FANROUTE_PORT"),
+        (["router", "--admin-port", "off"], {"FANROUTE_CLUSTER_SECRET": "short"}, "FANROUTE_CLUSTER_SECRET"),
+        (["router"], {"FANROUTE_LOG_LEVEL": "loud"}, "FANROUTE_LOG_LEVEL"),
+        (["standalone", "--jwt-require-exp", "maybe"], {}, "--jwt-require-exp"),
+        (["standalone", "--admin-port"], {}, "--admin-port"),
+        ([], {}, "COMMAND"),
+        # Files the settings name.
+        (["router", "--admin-port", "off", "--cluster-secret-file", "/nonexistent/secret"], {}, "--cluster-secret-file"),
+        (["standalone", "--port", "0", "--admin-port", "off"], {"FANROUTE_CONFIG": "/nonexistent/ns.toml"}, "--config"),
+        # Names that used to collide: local-cluster's router count is not the
+        # gateway's shard list, and demo-feed's and the benchmarks' rates are their own.
+        (["local-cluster"], {"FANROUTE_LOCAL_CLUSTER_ROUTERS": "many"}, "FANROUTE_LOCAL_CLUSTER_ROUTERS"),
+        (["local-cluster", "--routers", "0"], {}, "--routers"),
+        (["local-cluster", "--gateways", "0"], {"FANROUTE_ROUTERS": "router-0=tcp://127.0.0.1:7101"}, "--gateways"),
+        (["gateway", "--admin-port", "off"], {"FANROUTE_ROUTERS": "nonsense"}, "FANROUTE_ROUTERS"),
+        (["demo-feed"], {"FANROUTE_DEMO_FEED_RATE": "fast"}, "FANROUTE_DEMO_FEED_RATE"),
+        (["bench", "fanout"], {"FANROUTE_BENCH_FANOUT_RATE": "fast", "FANROUTE_DEMO_FEED_RATE": "1"}, "FANROUTE_BENCH_FANOUT_RATE"),
+        (["bench", "fanout", "--targets", "nginx"], {"FANROUTE_RATE": "fast"}, "--targets"),
+        (["standalone", "--port", "99999"], {"FANROUTE_BENCH_FANOUT_RATE": "fast", "FANROUTE_RATE": "x"}, "--port"),
     ],
 )
-def test_bad_flags_get_one_sentence_and_exit_non_zero(args, env, needle):
+def test_bad_flags_get_one_sentence_and_exit_2(args, env, needle):
     result = run(*args, env=env)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fanroute:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_variable_that_is_no_setting_is_named_in_a_warning():
+    result = run("--log-level", "warning", "standalone", "--port", "99999", env={"FANROUTE_RATE": "5"})
+    assert result.returncode == 2
+    warning = next(line for line in result.stderr.splitlines() if "FANROUTE_RATE" in line)
+    assert "FANROUTE_DEMO_FEED_RATE" in warning
+
+
+def test_list_settings_prints_the_reference():
+    result = run("--list-settings")
+    assert result.returncode == 0
+    assert result.stdout == (ROOT / "cluster/SETTINGS.md").read_text()
 
 
 def test_port_in_use_is_one_sentence():
