@@ -53,13 +53,12 @@ def test_bad_flags_stop_with_one_sentence(argv: list[str], message: str, capsys:
     assert err.startswith("fanroute demo-feed: ") and message in err and "\n" not in err
 
 
-def test_flags_plug_into_the_cli_with_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    # What `fanroute demo-feed` does: the CLI's own flag helper reads FANROUTE_*.
-    monkeypatch.setenv("FANROUTE_RATE", "7.5")
-    monkeypatch.setenv("FANROUTE_URL", "ws://127.0.0.1:8081/,ws://127.0.0.1:8082/")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, cli._flag)
-    args = parser.parse_args(["--symbols", "AAPL"])
+def test_flags_plug_into_the_cli_with_environment_variables() -> None:
+    # What `fanroute demo-feed` does: its flags read FANROUTE_DEMO_FEED_*, names that
+    # no other command's settings share.
+    env = {"FANROUTE_DEMO_FEED_RATE": "7.5", "FANROUTE_DEMO_FEED_URL": "ws://127.0.0.1:8081/,ws://127.0.0.1:8082/",
+           "FANROUTE_RATE": "not read by demo-feed"}
+    args = cli.parse_args(["demo-feed", "--symbols", "AAPL"], env)
     assert args.rate == 7.5
     assert args.url == "ws://127.0.0.1:8081/,ws://127.0.0.1:8082/"
     assert args.symbols == "AAPL" and args.count == 0 and args.seed is None
