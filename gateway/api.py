@@ -9,9 +9,15 @@ A market-data handler or a moderation tool publishes without holding a WebSocket
     {"items": [{"topic": "a.1", "payload": 1, "idem": "feed-7731"}, {"topic": "b.2", "payload": 2}]}
     → 200 {"results": [{"topic": "a.1", "seq": 7}, {"topic": "b.2", "error": {"code": ..., "message": ...}}]}
 
-Each item goes through the same validation, permission rules (as the ``api`` role)
-and limits as a WebSocket publish, and through the same hub: the request is a
-short-lived session whose replies are collected instead of written to a socket.
+Each item goes through the same admission rules as a WebSocket publish
+(:meth:`fanroute.gateway.admission.Admission.api_publication`: topic, ``idem``,
+payload size, the permissions of the ``api`` role) and through the same hub: the
+request is a short-lived session whose replies are collected instead of written to
+a socket. It meets the same back-pressure too: while the shard of the next item has
+more frames waiting than ``--backlog-limit`` (:meth:`Admission.room`), the batch
+waits for the link to catch up instead of piling frames on. All waiting — for room,
+then for the shards' answers — shares the request's one deadline; an item not sent
+by then (still waiting for room) fails with ``unavailable``: it was not applied.
 
 A wrong API key costs the client address one try of a small budget
 (:class:`fanroute.attempts.AttemptThrottle`); an address that has spent it gets 429
@@ -37,12 +43,12 @@ from fanroute import protocol as p
 from fanroute.codes import ErrorCode
 from fanroute.admin import Request, Response
 from fanroute.attempts import AttemptThrottle
-from fanroute.auth import API
 from fanroute.codec import Encoding, ws_payload
+from fanroute.gateway.admission import Answer, no_room
 from fanroute.gateway.hub import Session
 
 MAX_ITEMS = 1000
-_TIMEOUT = 10.0
+_TIMEOUT = 10.0  # the request's deadline: room in the shards' backlogs, then their answers
 # Wrong keys allowed per client address: a burst, then one more per second.
 KEY_ATTEMPT_BURST = 10
 KEY_ATTEMPT_RATE = 1.0
@@ -110,8 +116,8 @@ class PublishApi:
         refused = self._authenticate(request)
         if refused is not None:
             return refused
-        if len(request.body) > gw.config.max_frame * 16:
-            return _error(413, ErrorCode.TOO_LARGE, "request body too large")
+        if (refused := gw.admission.api_body(len(request.body))) is not None:
+            return _error(_STATUS[refused.code], refused.code, refused.reason)
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
@@ -150,32 +156,28 @@ class PublishApi:
         return _error(401, ErrorCode.UNAUTHORIZED, "a valid X-API-Key header is required")
 
     async def _publish_all(self, items: list[Any]) -> list[dict[str, Any]]:
-        gw, hub = self.gateway, self.gateway.hub
+        gw, hub, admission = self.gateway, self.gateway.hub, self.gateway.admission
+        deadline = trio.current_time() + _TIMEOUT
         replies = _Replies()
         session = Session(f"api-{next(self._ids)}", Encoding.JSON, replies)
         results: list[dict[str, Any] | None] = [None] * len(items)
         waiting: dict[int, int] = {}
         for i, item in enumerate(items):
-            topic = item.get("topic") if isinstance(item, dict) else None
-            try:
-                if not isinstance(item, dict) or "payload" not in item:
-                    raise p.ProtocolError(ErrorCode.BAD_REQUEST, "each publication needs topic and payload")
-                p.check_topic(topic)
-                idem = p.check_idem(item.get("idem"))
-                if len(orjson.dumps(item["payload"])) > gw.config.max_frame:
-                    raise p.ProtocolError(ErrorCode.TOO_LARGE, f"payload larger than {gw.config.max_frame} bytes")
-                why = gw.policy.can_publish(API, topic)
-                if why is not None:
-                    raise p.ProtocolError(ErrorCode.FORBIDDEN, why)
-            except (p.ProtocolError, TypeError) as exc:
-                code = exc.code if isinstance(exc, p.ProtocolError) else ErrorCode.BAD_REQUEST
-                results[i] = {"topic": topic, "error": {"code": code, "message": str(exc)}}
+            decision = admission.api_publication(item, i + 1, trio.current_time())
+            if type(decision) is Answer:
+                gw.count(decision.counts)
+                topic = item.get("topic") if isinstance(item, dict) else None
+                results[i] = {"topic": topic, "error": {"code": decision.code, "message": decision.reason}}
                 continue
-            id = i + 1
-            waiting[id] = i
-            hub.publish(session, p.Publish(topic, item["payload"], id, idem))
+            cmd: p.Publish = decision  # type: ignore[assignment]
+            if not await self._room(hub.ring.owner(cmd.topic), deadline):
+                refused = no_room(cmd.topic)
+                results[i] = {"topic": cmd.topic, "error": {"code": refused.code, "message": refused.reason}}
+                continue
+            waiting[cmd.id] = i  # type: ignore[index]
+            hub.publish(session, cmd)
         gw.flush()
-        with trio.move_on_after(_TIMEOUT):
+        with trio.move_on_at(deadline):
             while len(replies.events) < len(waiting):
                 await replies.changed.wait()
                 replies.changed = trio.Event()
@@ -191,3 +193,19 @@ class PublishApi:
             else:
                 results[i] = {"topic": topic, "error": {"code": event["code"], "message": event["message"]}}
         return results  # type: ignore[return-value]
+
+    async def _room(self, shard: str, deadline: float) -> bool:
+        """Wait while ``shard``'s backlog is over the limit; ``False`` if the deadline came first.
+
+        Past the deadline nothing more is sent: its answer could not be waited for.
+        """
+        gw = self.gateway
+        if trio.current_time() >= deadline:
+            return False
+        while (wait := gw.admission.room(shard, gw.hub.backlog(shard))) is not None:
+            gw.flush()  # hand the link what this batch queued so far
+            with trio.move_on_at(deadline) as scope:
+                await gw.links[wait.shard].room.wait()
+            if scope.cancelled_caught:
+                return False
+        return True

@@ -1,11 +1,15 @@
 """The gateway process: WebSocket clients on one side, shard links on the other.
 
-This is the I/O shell around :class:`gateway.hub.Hub`. It accepts connections
-(trio-websocket), decodes frames and hands commands to the hub, receives shard
-batches from its nng inbox (Pull0) and hands them to the hub, and after every
-command or batch flushes each touched socket once. One task sweeps all connections
-for heartbeats, auth deadlines and unfinished messages; there is no timer task per
-connection.
+This is the I/O shell around two pure cores: :class:`gateway.admission.Admission`
+decides what happens to each new connection and each command (forward it, answer
+with an error, close, wait for room), and :class:`gateway.hub.Hub` carries out what
+is forwarded. The shell accepts connections (trio-websocket), decodes frames, asks
+the admission rules, hands commands to the hub, receives shard batches from its nng
+inbox (Pull0) and hands them to the hub, and after every command or batch flushes
+each touched socket once. It counts the metric each decision names and does what
+it says; it holds no rule of its own. One task sweeps all connections for the
+timing rules (auth deadline, token expiry, unfinished messages, heartbeats); there
+is no timer task per connection.
 
 No single input stops the process: a command or inter-node message whose handling
 raises is answered (``internal``) or dropped, counted, and the loop goes on. Every
@@ -24,6 +28,7 @@ import time
 from urllib.parse import parse_qs
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import Any
 
 import pynng
 import trio
@@ -33,15 +38,29 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from fanroute import protocol as p
 from fanroute.codes import CloseCode, ErrorCode, close_code_label
 from fanroute.admin import HttpApp
-from fanroute.auth import ANONYMOUS, AuthError, Authenticator, Identity
+from fanroute.auth import Authenticator
 from fanroute.permissions import load_policy
-from fanroute.ratelimit import Strikes, TokenBucket
 from fanroute import wire
 from fanroute.codec import PING_FRAME, Encoding
 from fanroute.config import ConfigError, GatewayConfig
 from fanroute.metrics import GatewayMetrics
 from fanroute.ring import Ring
 from fanroute.gateway import wsconn
+from fanroute.gateway.admission import (
+    FORWARD,
+    RESTART,
+    SEND_PING,
+    SHED_SLACK,
+    SLOW_CONSUMER,
+    Admission,
+    Answer,
+    Authenticated,
+    Close,
+    ConnState,
+    Count,
+    Decision,
+    Refuse,
+)
 from fanroute.gateway.hub import Hub, Session
 from fanroute.gateway.links import ShardLink
 from fanroute.gateway.outbox import SocketOutbox
@@ -56,12 +75,10 @@ _COMMAND_NAMES = {
     p.Connect: "connect",
     p.Refresh: "refresh",
 }
+_Publish = p.Publish
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _HEAD_TIMEOUT = 10.0
 _FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and files
-# Connections past --max-connections still get an answer (1013, or HTTP 503) from the
-# handshake path; past this many more they are closed at accept, before any read.
-_SHED_SLACK = 64
 _SHED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_BACKOFF = 0.1
@@ -70,30 +87,23 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 @dataclass(eq=False)
 class Conn:
-    """The I/O side of one client connection."""
+    """The I/O side of one client connection; ``state`` is what the admission rules know of it."""
 
     session: Session
     ws: WebSocketConnection
     activity: wsconn.ClientStream
     outbox: SocketOutbox
     opened: float
-    last_ping: float  # when the last ping was sent (or the connection opened)
-    ping_sent_at: float | None = None  # the last ping sent; None before the first
-    identity: Identity | None = None  # None: a token is required and not yet given
-    auth_deadline: float | None = None
-    commands: TokenBucket | None = None
-    publishes: TokenBucket | None = None
-    strikes: Strikes | None = None
-    partial_since: float | None = None  # when the message now arriving began
+    state: ConnState
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int | None = None
     close_reason: str = ""
     why: str = "client"
 
-    def kill(self, code: int, reason: str, why: str) -> None:
-        """Close from the server side; safe to call from synchronous code."""
+    def kill(self, close: Close) -> None:
+        """Close from the server side as ``close`` says; safe to call from synchronous code."""
         if self.close_code is None:
-            self.close_code, self.close_reason, self.why = code, reason, why
+            self.close_code, self.close_reason, self.why = close.code, close.reason, close.why
         self.cancel.cancel()
 
 
@@ -119,8 +129,6 @@ class GatewayServer:
         self.instance = secrets.token_hex(6)
         self.conns: dict[Session, Conn] = {}
         self.client_sockets = 0  # TCP connections open on the client port, of any kind
-        self.max_connections = _connection_cap(config.max_connections)
-        self.draining = False
         self.port: int | None = None
         self._inbox_sock: pynng.Pull0 | None = None
         self.hub: Hub | None = None
@@ -144,10 +152,34 @@ class GatewayServer:
         self.auth.allow_anonymous = anonymous == "allow" or (anonymous == "auto" and not self.auth.tokens_enabled)
         if not self.auth.allow_anonymous and not self.auth.tokens_enabled:
             raise ConfigError("--anonymous deny needs a JWT key (--jwt-secret or --jwt-public-key-file)")
-        self._accepts = TokenBucket(config.connection_rate, max(1.0, config.connection_rate)) if config.connection_rate else None
+        self.admission = Admission(
+            config, policy=self.policy, auth=self.auth, max_connections=_connection_cap(config.max_connections)
+        )
+        self._counters: dict[Count, Any] = {}  # metric children by decision count, bound once
         # Plain HTTP on the client port: the browser client and the demo pages.
         self.http = HttpApp()
         self.http.add_static(STATIC_DIR)
+
+    @property
+    def max_connections(self) -> int:
+        return self.admission.max_connections
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
+
+    def count(self, counts: tuple[Count, ...]) -> None:
+        """Count what a decision names (a labels() lookup takes a lock: each child is bound once)."""
+        for count in counts:
+            child = self._counters.get(count)
+            if child is None:
+                family = getattr(self.metrics, count.metric)
+                child = self._counters[count] = family if count.label is None else family.labels(count.label)
+            child.inc()
 
     # --- start-up ------------------------------------------------------------------
 
@@ -234,7 +266,7 @@ class GatewayServer:
         start = trio.current_time()
         for i, conn in enumerate(conns):
             await trio.sleep_until(start + window * i / max(1, len(conns)))
-            conn.kill(CloseCode.RESTART, "service restart", "drain")
+            conn.kill(RESTART)
         with trio.move_on_after(_CLOSE_TIMEOUT + 1):
             while self.conns:
                 await trio.sleep(0.02)
@@ -305,42 +337,23 @@ class GatewayServer:
         link.heard()
 
     async def _sweep(self) -> None:
-        """Heartbeats for every connection, from one task."""
-        cfg = self.config
+        """The timing rules of every connection (:meth:`Admission.sweep`), from one task."""
+        cfg, sweep = self.config, self.admission.sweep
         interval = max(0.02, min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4))
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             wall = time.time()
             for conn in list(self.conns.values()):
-                if conn.auth_deadline is not None and now > conn.auth_deadline:
-                    self.metrics.auth_failures.labels("timeout").inc()
-                    conn.kill(CloseCode.UNAUTHORIZED, "no valid token in time", "unauthorized")
+                due = sweep(conn.state, now, wall, conn.activity.last_rx, wsconn.message_in_progress(conn.ws))
+                if due is None:
                     continue
-                expires = conn.identity.expires if conn.identity is not None else None
-                if expires is not None and wall > expires:
-                    self.metrics.auth_failures.labels("expired").inc()
-                    conn.kill(CloseCode.UNAUTHORIZED, "token expired", "unauthorized")
-                    continue
-                if wsconn.message_in_progress(conn.ws):
-                    if conn.partial_since is None:
-                        conn.partial_since = now
-                    elif now - conn.partial_since > cfg.message_timeout:
-                        self.metrics.limit_hits.labels("message_timeout").inc()
-                        conn.kill(CloseCode.MESSAGE_TIMEOUT, "message not completed in time", "message_timeout")
-                        continue
-                else:
-                    conn.partial_since = None
-                last_rx = conn.activity.last_rx
-                sent = conn.ping_sent_at
-                outstanding = sent is not None and last_rx < sent
-                if outstanding and now - sent > cfg.ping_timeout:
-                    self.metrics.heartbeat_timeouts.inc()
-                    conn.kill(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat_timeout")
-                elif not outstanding and now - conn.last_ping >= cfg.ping_interval:
+                if due is SEND_PING:
                     conn.outbox.push(PING_FRAME)
                     conn.outbox.flush()
-                    conn.last_ping = conn.ping_sent_at = now
+                else:
+                    self.count(due.counts)
+                    conn.kill(due)
 
     # --- one client connection -----------------------------------------------------
 
@@ -365,9 +378,8 @@ class GatewayServer:
                         log.error("accept failed: %s; backing off (counted in fanroute_gateway_accept_errors_total)", exc.strerror)
                     await trio.sleep(_ACCEPT_BACKOFF)
                     continue
-                if self.client_sockets >= self.max_connections + _SHED_SLACK:
-                    self.metrics.limit_hits.labels("connections").inc()
-                    self.metrics.connections_rejected.labels("connections").inc()
+                if (refused := self.admission.shed(self.client_sockets)) is not None:
+                    self.count(refused.counts)
                     try:
                         stream.socket.send(_SHED_RESPONSE)
                     except OSError:
@@ -394,9 +406,8 @@ class GatewayServer:
             client = wsconn.ClientStream(stream, head)
             if wsconn.is_websocket_upgrade(head):
                 await wsconn.serve_connection(self._ws_server, client)
-            elif self.client_sockets > self.max_connections:
-                self.metrics.limit_hits.labels("connections").inc()
-                self.metrics.connections_rejected.labels("connections").inc()
+            elif (refused := self.admission.http_request(self.client_sockets)) is not None:
+                self.count(refused.counts)
                 await stream.send_all(_SHED_RESPONSE)
             else:
                 await self.http.handle(client)
@@ -411,30 +422,19 @@ class GatewayServer:
                 await stream.aclose()
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        if self.draining:
-            self.metrics.connections_rejected.labels("draining").inc()
-            await request.reject(503, body=b"draining\n")
+        refused = self.admission.handshake(
+            _header(request.headers, b"origin"), self.client_sockets, trio.current_time()
+        )
+        if type(refused) is Refuse:
+            self.count(refused.counts)
+            await request.reject(refused.status, body=refused.body)
             return
-        cfg = self.config
-        if cfg.allowed_origins:
-            origin = _header(request.headers, b"origin")
-            if origin is not None and origin not in cfg.allowed_origins:
-                # Cross-site WebSocket hijacking: a page from another site is refused.
-                self.metrics.connections_rejected.labels("origin").inc()
-                await request.reject(403, body=b"origin not allowed\n")
-                return
         encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=encoding.subprotocol)
-        refusal = None
-        if self.client_sockets > self.max_connections:
-            refusal = "connections"
-        elif self._accepts is not None and not self._accepts.take(trio.current_time()):
-            refusal = "connection_rate"
-        if refusal is not None:
-            self.metrics.limit_hits.labels(refusal).inc()
-            self.metrics.connections_rejected.labels(refusal).inc()
+        if refused is not None:  # a Close: accepted, then told to try again later
+            self.count(refused.counts)
             with trio.move_on_after(_CLOSE_TIMEOUT):
-                await ws.aclose(CloseCode.TRY_AGAIN, "try again later")
+                await ws.aclose(refused.code, refused.reason)
             return
         activity = wsconn.stream_of(ws)
         sock, lock = activity.socket, wsconn.write_lock(ws)
@@ -447,19 +447,11 @@ class GatewayServer:
             on_overflow=lambda: self._overflow(conn),
         )
         session = Session(secrets.token_hex(8), encoding, outbox)
-        conn = Conn(session, ws, activity, outbox, opened=now, last_ping=now)
-        if cfg.command_rate:
-            conn.commands = TokenBucket(cfg.command_rate, cfg.command_rate)
-        if cfg.publish_rate:
-            conn.publishes = TokenBucket(cfg.publish_rate, cfg.publish_rate)
-        conn.strikes = Strikes(cfg.abuse_limit, 10.0)
+        state = self.admission.connection(session.topics, now)
+        conn = Conn(session, ws, activity, outbox, opened=now, state=state)
         token = _query_param(request.path, "token")
         if token is not None:
-            self._authenticate(conn, token, None)
-        elif self.auth.allow_anonymous:
-            conn.identity = ANONYMOUS
-        else:
-            conn.auth_deadline = now + cfg.auth_timeout
+            self._authenticated(conn, self.admission.authenticate(state, token), None)
         self.conns[session] = conn
         self.metrics.connections.inc()
         self.metrics.connections_opened.inc()
@@ -490,63 +482,33 @@ class GatewayServer:
             self.metrics.connections_closed.labels(conn.why, close_code_label(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
 
-    def _connect(self, conn: Conn, cmd: p.Connect) -> None:
-        if cmd.token is not None:
-            if not self._authenticate(conn, cmd.token, cmd.id):
-                return
-        elif conn.identity is None:
-            self.hub.reject(conn.session, p.ProtocolError(ErrorCode.UNAUTHORIZED, "a token is required", cmd.id))
+    def _refuse(self, conn: Conn, decision: Answer | Close, id: int | None) -> None:
+        """Carry out a refusal: count it, answer with an ``error`` frame, close if it says so."""
+        self.count(decision.counts)
+        if type(decision) is Answer:
+            self.hub.reject(conn.session, p.ProtocolError(decision.code, decision.reason, id))
             return
-        conn.session.send(
-            p.connected_event(conn.session.id, self.config.ping_interval, self.config.ping_timeout, cmd.id)
-        )
-        self.hub.dirty.add(conn.session)
+        if decision.answer is not None:
+            self.hub.reject(conn.session, p.ProtocolError(decision.answer.code, decision.answer.reason, id))
+        conn.kill(decision)
 
-    def _authenticate(self, conn: Conn, token: str, id: int | None, refresh: bool = False) -> bool:
-        """Verify a token; on failure answer ``unauthorized`` and close with 4001.
-
-        A connection's subject is set once: a later token (``connect`` or
-        ``refresh``) must be for the same subject. A token that grants less than the
-        one before ends the subscriptions it no longer allows, each with an
-        unsolicited ``unsubscribed``.
-        """
-        try:
-            identity = self.auth.verify(token)
-            before = conn.identity.subject if conn.identity is not None else None
-            if before is not None and identity.subject != before:
-                raise AuthError("a connection's subject cannot change: the token is for another subject")
-        except AuthError as exc:
-            self.metrics.auth_failures.labels("refresh" if refresh else "token").inc()
-            self.hub.reject(conn.session, p.ProtocolError(ErrorCode.UNAUTHORIZED, str(exc), id))
-            conn.kill(CloseCode.UNAUTHORIZED, "unauthorized", "unauthorized")
+    def _authenticated(self, conn: Conn, decision: Authenticated | Close, id: int | None) -> bool:
+        """A token was judged (:meth:`Admission.authenticate`): end what it revoked, or refuse."""
+        if type(decision) is not Authenticated:
+            self._refuse(conn, decision, id)
             return False
-        had_identity = conn.identity is not None
-        conn.identity, conn.auth_deadline = identity, None
-        if had_identity and conn.session.topics:
-            for topic in self.policy.revoked(identity, list(conn.session.topics)):
-                self.metrics.auth_failures.labels("revoked").inc()
-                self.hub.revoke(conn.session, topic)
-        if refresh:
-            conn.session.send(p.refreshed_event(identity.expires, id))
-            self.hub.dirty.add(conn.session)
+        for topic in decision.revoked:
+            self.count((decision.count_each,))
+            self.hub.revoke(conn.session, topic)
         return True
 
-    def _forbidden(self, session: Session, why: str, id: int | None) -> None:
-        self.metrics.auth_failures.labels("forbidden").inc()
-        self.hub.reject(session, p.ProtocolError(ErrorCode.FORBIDDEN, why, id))
-
-    def _rate_limited(self, conn: Conn, id: int | None, limit: str, now: float) -> None:
-        self.metrics.limit_hits.labels(limit).inc()
-        self.hub.reject(conn.session, p.ProtocolError(ErrorCode.RATE_LIMITED, f"too many {limit}: slow down", id))
-        if conn.strikes is not None and conn.strikes.hit(now):
-            conn.kill(CloseCode.RATE_LIMIT, "rate limit exceeded repeatedly", "rate_limit")
-
     def _overflow(self, conn: Conn) -> None:
-        self.metrics.slow_consumer_closes.inc()
-        conn.kill(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+        self.count(SLOW_CONSUMER.counts)
+        conn.kill(SLOW_CONSUMER)
 
     async def _read_loop(self, conn: Conn) -> None:
-        hub, session, ws = self.hub, conn.session, conn.ws
+        hub, session, ws, state = self.hub, conn.session, conn.ws, conn.state
+        admit, room, clock = self.admission.command, self.admission.room, trio.current_time
         encoding = session.encoding
         # Label children bound once: a labels() lookup per command takes a lock.
         counted = {kind: self.metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
@@ -564,53 +526,56 @@ class GatewayServer:
                 hub.reject(session, err)
                 self.flush()
                 continue
-            counted[type(cmd)].inc()
+            kind = type(cmd)
+            counted[kind].inc()
+            shard = None
             try:
-                shard = self._command(conn, cmd)
+                decision = admit(state, cmd, clock())
+                if decision is not FORWARD:
+                    self._decided(conn, cmd, decision)
+                elif kind is _Publish:  # the hot path, kept to one call into the hub
+                    hub.publish(session, cmd)
+                    shard = hub.ring.owner(cmd.topic)
+                else:
+                    self._forward(conn, cmd)
             except Exception:
-                log.exception("a %s command could not be handled", type(cmd).__name__.lower())
+                log.exception("a %s command could not be handled", kind.__name__.lower())
                 failed.inc()
                 hub.reject(session, p.ProtocolError(ErrorCode.INTERNAL, "the command failed inside the gateway", cmd.id))
                 shard = None
             self.flush()
-            while shard is not None and hub.backlog(shard) > self.config.backlog_limit:
+            while shard is not None and (wait := room(shard, hub.backlog(shard))) is not None:
                 # The shard link is behind: stop reading this client until it
                 # catches up (TCP pushes back on the publisher).
-                await self.links[shard].room.wait()
+                await self.links[wait.shard].room.wait()
 
-    def _command(self, conn: Conn, cmd: p.Command) -> str | None:
-        """Carry out one command; return the shard a publication went to, if any."""
+    def _forward(self, conn: Conn, cmd: p.Command) -> None:
+        """Carry out a command the admission rules let through (a publish is carried out inline)."""
         hub, session, kind = self.hub, conn.session, type(cmd)
-        now = trio.current_time()
-        if conn.commands is not None and not conn.commands.take(now):
-            self._rate_limited(conn, cmd.id, "commands", now)
+        if kind is p.Subscribe:
+            hub.subscribe(session, cmd)
         elif kind is p.Ping:
             hub.ping(session, cmd)
-        elif kind is p.Connect:
-            self._connect(conn, cmd)
-        elif kind is p.Refresh:
-            self._authenticate(conn, cmd.token, cmd.id, refresh=True)
-        elif conn.identity is None:
-            hub.reject(session, p.ProtocolError(ErrorCode.UNAUTHORIZED, "send a connect frame with a valid token first", cmd.id))
-        elif kind is p.Publish:
-            if conn.publishes is not None and not conn.publishes.take(now):
-                self._rate_limited(conn, cmd.id, "publishes", now)
-            elif (why := self.policy.can_publish(conn.identity, cmd.topic)) is not None:
-                self._forbidden(session, why, cmd.id)
-            else:
-                hub.publish(session, cmd)
-                return hub.ring.owner(cmd.topic)
-        elif kind is p.Subscribe:
-            if (why := self.policy.can_subscribe(conn.identity, cmd.topic)) is not None:
-                self._forbidden(session, why, cmd.id)
-            elif len(session.topics) >= self.config.max_subscriptions and cmd.topic not in session.topics:
-                self.metrics.limit_hits.labels("subscriptions").inc()
-                hub.reject(session, p.ProtocolError(ErrorCode.TOO_LARGE, f"at most {self.config.max_subscriptions} subscriptions per connection", cmd.id))
-            else:
-                hub.subscribe(session, cmd)
         elif kind is p.Unsubscribe:
             hub.unsubscribe(session, cmd)
-        return None
+        elif kind is p.Connect:
+            self._connected(conn, cmd.id)
+
+    def _decided(self, conn: Conn, cmd: p.Command, decision: Decision) -> None:
+        """Carry out a decision other than :data:`FORWARD`: a token accepted, or a refusal."""
+        if type(decision) is not Authenticated:
+            self._refuse(conn, decision, cmd.id)  # type: ignore[arg-type]
+        elif self._authenticated(conn, decision, cmd.id):
+            if type(cmd) is p.Refresh:
+                conn.session.send(p.refreshed_event(decision.identity.expires, cmd.id))
+                self.hub.dirty.add(conn.session)
+            else:
+                self._connected(conn, cmd.id)
+
+    def _connected(self, conn: Conn, id: int | None) -> None:
+        cfg = self.config
+        conn.session.send(p.connected_event(conn.session.id, cfg.ping_interval, cfg.ping_timeout, id))
+        self.hub.dirty.add(conn.session)
 
 
 def _connection_cap(configured: int) -> int:
@@ -629,7 +594,7 @@ def _connection_cap(configured: int) -> int:
             pass
     if soft == resource.RLIM_INFINITY:
         return configured
-    allowed = max(1, soft - _FD_RESERVE - _SHED_SLACK)
+    allowed = max(1, soft - _FD_RESERVE - SHED_SLACK)
     if allowed < configured:
         log.warning("--max-connections %d lowered to %d: the descriptor limit is %d", configured, allowed, soft)
         return allowed
