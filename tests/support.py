@@ -1,18 +1,18 @@
-"""Test helpers: JSON/msgpack WebSocket clients, free ports, process clusters, metrics."""
+"""Test helpers: JSON/msgpack WebSocket clients, free ports, process clusters, metrics.
+
+Processes, ports and Prometheus text are :mod:`fanroute.localcluster`'s; the names
+here are the ones the tests use.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
-import re
+import shutil
 import signal
-import socket
-import subprocess
-import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import orjson
 import trio
 from trio_websocket import open_websocket_url
 
+from fanroute import localcluster
 from fanroute.config import GatewayConfig, RouterConfig
+from fanroute.localcluster import FANROUTE, LocalCluster, Node, free_port, free_port_run  # noqa: F401 - for the tests
 from fanroute.node import Bound, serve_standalone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,52 +72,14 @@ async def ws_connect(url: str, binary: bool = False):
         yield WS(conn, binary)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_run(n: int) -> int:
-    """The first of ``n`` consecutive ports that are free now, below the ephemeral range."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(10000, 32000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports found")
-
-
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return localcluster.http_get(url, timeout)
 
 
 def metric(text: str, name: str, labels: str | None = None) -> float:
-    """Sum of a metric's samples in Prometheus text (optionally those with ``labels``)."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if m and (labels is None or labels in (m.group(1) or "")):
-            total += float(m.group(2))
-            found = True
-    if not found:
-        raise KeyError(name)
-    return total
+    """Sum of a metric's samples in Prometheus text (optionally those whose labels
+    include ``labels``, e.g. ``'reason="mac"'``); KeyError when there is none."""
+    return localcluster.metric(text, name, labels)
 
 
 def wait_until(pred, timeout: float = DEADLINE, what: str = "condition") -> None:
@@ -134,90 +98,80 @@ async def await_until(pred, timeout: float = DEADLINE, what: str = "condition") 
             await trio.sleep(0.05)
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    url: str = ""
-    admin: str = ""
-    argv: list[str] = field(default_factory=list)
+# Processes are fanroute.localcluster's: one implementation for the command line, the
+# benchmarks and the tests. These are its names as the tests have always used them.
+Proc = Node
+_SPAWN_LOGS = Path(tempfile.mkdtemp(prefix="fanroute-tests-"))
+atexit.register(shutil.rmtree, _SPAWN_LOGS, True)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
 
-    def metrics(self) -> str:
-        return http_get(self.admin + "/metrics")[1]
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("FANROUTE_CLUSTER_SECRET", CLUSTER_SECRET)
+    return env
 
 
 def spawn(name: str, args: list[str], url: str = "", admin: str = "") -> Proc:
-    argv = [sys.executable, "-m", "fanroute.cli", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("FANROUTE_CLUSTER_SECRET", CLUSTER_SECRET)
-    popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return Proc(name, popen, url, admin, argv)
+    """One ``python -m fanroute.cli <args>`` process, outside any cluster."""
+    node = Node(name, args[0], [*FANROUTE, *args], url=url, admin=admin, env=_env(), cwd=str(ROOT), log=_SPAWN_LOGS / f"{name}-{os.urandom(4).hex()}.log")
+    return node.start()
 
 
 def ready(proc: Proc) -> bool:
-    if proc.popen.poll() is not None:
-        raise AssertionError(f"{proc.name} exited: {proc.popen.stderr.read().decode()[-2000:]}")
-    try:
-        return http_get(proc.admin + "/readyz", timeout=1)[0] == 200
-    except OSError:
-        return False
+    if proc.dead:
+        raise AssertionError(f"{proc.name} {proc.exit_text()}: {proc.log_tail()}")
+    return proc.ready()
 
 
-@dataclass
 class Cluster:
-    routers: list[Proc]
-    gateways: list[Proc]
-    router_arg: str
+    """A :class:`LocalCluster` with the tests' names: ``routers``, ``gateways``,
+    ``all()``, ``stop()`` (SIGKILL), ``start_gateway``, ``start_router``."""
+
+    def __init__(self, local: LocalCluster) -> None:
+        self.local = local
+
+    @property
+    def routers(self) -> list[Proc]:
+        return self.local.routers
+
+    @property
+    def gateways(self) -> list[Proc]:
+        return self.local.gateways
+
+    @property
+    def router_arg(self) -> str:
+        return self.local.router_list
 
     def all(self) -> list[Proc]:
-        return [*self.routers, *self.gateways]
+        return self.local.nodes
 
     def stop(self) -> None:
-        for p in self.all():
-            p.kill()
-        for p in self.all():
-            p.popen.wait(timeout=10)
+        self.local.stop(signal.SIGKILL)
 
     def start_gateway(self, extra: list[str] = ()) -> Proc:
-        port, admin = free_port(), free_port()
-        i = len(self.gateways)
-        proc = spawn(
-            f"gateway-{i}",
-            ["gateway", "--routers", self.router_arg, "--port", str(port), "--admin-port", str(admin), *extra],
-            f"ws://127.0.0.1:{port}/",
-            f"http://127.0.0.1:{admin}",
-        )
-        self.gateways.append(proc)
-        return proc
+        """One more gateway, started (not waited for)."""
+        return self.local.start_gateway(list(extra))
 
     def start_router(self, i: int, port: int, extra: list[str] = ()) -> Proc:
-        admin = free_port()
-        return spawn(
-            f"router-{i}",
-            ["router", "--listen", f"tcp://127.0.0.1:{port}", "--name", f"router-{i}", "--admin-port", str(admin), *extra],
-            f"tcp://127.0.0.1:{port}",
-            f"http://127.0.0.1:{admin}",
-        )
+        """Router ``i`` started again on its own port (after it was killed)."""
+        node = self.local.routers[i]
+        assert port == node.port and not extra, "a router comes back on its own port, with its own flags"
+        return self.local.restart(node.name, signal.SIGKILL)
 
 
-def start_cluster(gateways: int, routers: int, gateway_args: list[str] = (), router_args: list[str] = ()) -> Cluster:
-    ports = [free_port() for _ in range(routers)]
-    cluster = Cluster([], [], ",".join(f"router-{i}=tcp://127.0.0.1:{p}" for i, p in enumerate(ports)))
+def start_cluster(gateways: int, routers: int, gateway_args: list[str] = (), router_args: list[str] = (), env: dict[str, str] | None = None) -> Cluster:
+    """Routers and gateways as processes, every one ready; ``stop()`` when done."""
+    local = LocalCluster(
+        gateways, routers, gateway_args=gateway_args, router_args=router_args,
+        env=env, secret=os.environ.get("FANROUTE_CLUSTER_SECRET", CLUSTER_SECRET), cwd=ROOT,
+    )
     try:
-        for i, port in enumerate(ports):
-            cluster.routers.append(cluster.start_router(i, port, list(router_args)))
-        for _ in range(gateways):
-            cluster.start_gateway(list(gateway_args))
-        for proc in cluster.all():
-            wait_until(lambda: ready(proc), what=f"{proc.name} ready")
+        local.start()
+        local.wait_ready(2 * DEADLINE)
     except BaseException:
-        cluster.stop()
+        local.stop(signal.SIGKILL)
         raise
-    return cluster
+    return Cluster(local)
 
 
 async def start_standalone(nursery: trio.Nursery, shards: int = 4, router: RouterConfig | None = None, **gateway: Any) -> Bound:

@@ -42,7 +42,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import secrets
 import selectors
 import signal
 import socket
@@ -50,14 +49,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fanroute.errors import BenchError
-from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
+from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, machine, split_frames
+from fanroute.localcluster import LocalCluster, LocalClusterError, free_port
 
 REFERENCE_SERVER = Path(__file__).resolve().with_name("reference_server.py")
 TARGETS = ("standalone", "cluster", "reference")
@@ -73,7 +71,6 @@ SERVER_ENV = {
     "FANROUTE_CONNECTION_RATE": "0",
 }
 _STOP_TIMEOUT = 5.0
-_CLUSTER_SECRET = secrets.token_urlsafe(32)  # shared by every process this run starts
 
 
 # --- the client side of RFC 6455, just enough for a load generator -------------------
@@ -457,40 +454,31 @@ def publisher_worker(
 # --- the targets: servers started as processes -------------------------------------
 
 
-def _free_block(offsets: list[int]) -> int:
-    """A base port such that base+offset is free for every offset (checked by binding)."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - max(offsets))
-        held = []
-        try:
-            for off in offsets:
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", base + off))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise BenchError("no block of free loopback ports found")
-
-
 @dataclass
 class Target:
-    """A running server under test: its processes and where clients connect."""
+    """A running server under test: its processes and where clients connect.
+
+    fanroute's targets are a :class:`~fanroute.localcluster.LocalCluster`; the
+    reference server, which is not fanroute, is one plain process.
+    """
 
     name: str
+    cluster: LocalCluster | None = None
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     endpoints: list[tuple[str, int]] = field(default_factory=list)  # client ports
     logs: list[Path] = field(default_factory=list)
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(proc.pid) for name, proc in self.procs}
+        out = {node.name: cpu_seconds(node.pid) for node in self.cluster.nodes} if self.cluster else {}
+        out.update({name: cpu_seconds(proc.pid) for name, proc in self.procs})
+        return out
 
     def check_alive(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.check_alive()
+            except LocalClusterError as exc:
+                raise BenchError(f"{self.name}: {exc}") from None
         for name, proc in self.procs:
             if proc.poll() is not None:
                 raise BenchError(f"{self.name}: {name} exited with status {proc.returncode}{self._tail()}")
@@ -507,6 +495,8 @@ class Target:
         return text
 
     def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop(timeout=_STOP_TIMEOUT)
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -519,82 +509,53 @@ class Target:
                 proc.wait()
 
 
-def _spawn(target: Target, name: str, argv: list[str], logdir: Path) -> None:
-    log = logdir / f"{target.name}-{name}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **SERVER_ENV)
-    env.setdefault("FANROUTE_CLUSTER_SECRET", _CLUSTER_SECRET)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    target.procs.append((name, proc))
-    target.logs.append(log)
-
-
-def _wait_ready(target: Target, admin_urls: list[str]) -> None:
-    """Poll until every admin /readyz answers 200 and every client port takes a
-    subscription (never a fixed sleep)."""
-    deadline = time.monotonic() + _READY_TIMEOUT
-    pending_admin = list(admin_urls)
+def _wait_ready(target: Target, deadline: float) -> None:
+    """Poll until every client port takes a subscription (never a fixed sleep)."""
     pending_ports = list(target.endpoints)
     last_error = "not started"
-    while pending_admin or pending_ports:
+    while pending_ports:
         target.check_alive()
         if time.monotonic() > deadline:
             raise BenchError(f"{target.name} was not ready within {_READY_TIMEOUT:g} s: {last_error}{target._tail()}")
-        if pending_admin:
-            try:
-                with urllib.request.urlopen(pending_admin[0], timeout=1.0) as resp:
-                    if resp.status == 200:
-                        pending_admin.pop(0)
-                        continue
-            except (urllib.error.URLError, OSError) as exc:
-                last_error = f"{pending_admin[0]}: {exc}"
-        else:
-            host, port = pending_ports[0]
-            try:
-                sock, _ = _subscribe(host, port, "bench.ready", timeout=2.0)
-                sock.close()
-                pending_ports.pop(0)
-                continue
-            except (BenchError, OSError) as exc:
-                last_error = f"ws://{host}:{port}/: {exc}"
+        host, port = pending_ports[0]
+        try:
+            sock, _ = _subscribe(host, port, "bench.ready", timeout=2.0)
+            sock.close()
+            pending_ports.pop(0)
+            continue
+        except (BenchError, OSError) as exc:
+            last_error = f"ws://{host}:{port}/: {exc}"
         time.sleep(0.05)
 
 
 def start_target(name: str, logdir: Path) -> Target:
-    py = sys.executable
     target = Target(name)
+    deadline = time.monotonic() + _READY_TIMEOUT
     try:
-        if name == "standalone":
-            port = free_port()
-            _spawn(target, "standalone", [py, "-m", "fanroute.cli", "standalone", "--port", str(port), "--admin-port", "off"], logdir)
-            target.endpoints = [("127.0.0.1", port)]
-            _wait_ready(target, [])
-        elif name == "cluster":
-            from fanroute.localcluster import plan_cluster
-
-            gateways, routers = 2, 3
-            client = _free_block(list(range(gateways)))
-            admin = _free_block([*range(gateways), *(100 + i for i in range(routers))])
-            nng = _free_block(list(range(routers)))
-            plans = plan_cluster(gateways, routers, base_port=client, admin_base_port=admin, router_base_port=nng)
-            inboxes = _free_block(list(range(gateways)))
-            for plan in plans:
-                if plan.kind == "gateway":
-                    # An explicit inbox port for each gateway, so every port the
-                    # cluster uses was chosen (and checked free) here.
-                    i = int(plan.name.rsplit("-", 1)[1])
-                    plan.argv += ["--inbox", f"tcp://127.0.0.1:{inboxes + i}"]
-                _spawn(target, plan.name, plan.argv, logdir)
-            target.endpoints = [("127.0.0.1", client + i) for i in range(gateways)]
-            ready = [plan.admin_url.replace("/metrics", "/readyz") for plan in plans if plan.kind == "gateway"]
-            _wait_ready(target, ready)
+        if name in ("standalone", "cluster"):
+            # standalone: gateway and shards in one process; cluster: 2 gateways, 3 routers.
+            shape = {"gateways": 0, "routers": 0, "standalones": 1} if name == "standalone" else {"gateways": 2, "routers": 3}
+            target.cluster = LocalCluster(**shape, env=SERVER_ENV, logdir=logdir / name)
+            target.cluster.start()
+            try:
+                target.cluster.wait_ready(_READY_TIMEOUT)
+            except LocalClusterError as exc:
+                raise BenchError(f"{name}: {exc}") from None
+            target.endpoints = target.cluster.endpoints
         elif name == "reference":
             port = free_port()
-            _spawn(target, "reference", [py, str(REFERENCE_SERVER), "--port", str(port)], logdir)
+            log = logdir / "reference.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, str(REFERENCE_SERVER), "--port", str(port)],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                )
+            target.procs.append(("reference", proc))
+            target.logs.append(log)
             target.endpoints = [("127.0.0.1", port)]
-            _wait_ready(target, [])
         else:
             raise BenchError(f"unknown target {name!r} (known: {', '.join(TARGETS)})")
+        _wait_ready(target, deadline)
     except BaseException:
         target.stop()
         raise

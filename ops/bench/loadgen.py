@@ -1,5 +1,6 @@
 """Pieces the benchmarks' load generators share: raw WebSocket client frames,
-frame splitting, free ports, process CPU time and the machine's description.
+frame splitting, process CPU time and the machine's description (free ports are
+:func:`fanroute.localcluster.free_port`, imported here for the benchmarks).
 
 Load generators speak WebSocket over plain sockets (not a client library) so that
 the clients cost far less CPU than the servers they measure.
@@ -11,10 +12,11 @@ import json
 import os
 import platform
 import resource
-import socket
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
+
+from fanroute.localcluster import free_port  # noqa: F401 - the one finder, re-exported
 
 
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -74,12 +76,6 @@ def expect(pipe: Any, kind: str, timeout: float, error: type[Exception], who: st
     if msg[0] != kind:
         raise error(f"{who} answered {msg[0]!r}, expected {kind!r}")
     return msg
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,26 +51,24 @@ import heapq
 import math
 import multiprocessing
 import os
-import secrets
 import random
 import resource
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from fanroute import localcluster
 from fanroute.errors import BenchError
-from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, free_port, machine, split_frames
+from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, machine, split_frames
+from fanroute.localcluster import LocalClusterError
 
 HOST = "127.0.0.1"
 _READY_TIMEOUT = 60.0
@@ -789,109 +787,43 @@ def publisher_worker(host: str, port: int, topic: str, rate: float, shared: Any,
 # --- the cluster under test ----------------------------------------------------------
 
 
-def _http(url: str, timeout: float = 1.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-
-
 def metric(text: str, name: str) -> float:
     """The sum of a metric's samples in Prometheus text (0 if absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return localcluster.metric(text, name, default=0.0)
 
 
-@dataclass
-class Node:
-    name: str
-    popen: subprocess.Popen
-    admin: str
-    port: int = 0
-    log: Path | None = None
-
-
-@dataclass
-class LocalCluster:
-    routers: list[Node] = field(default_factory=list)
-    gateways: list[Node] = field(default_factory=list)
-
-    def all(self) -> list[Node]:
-        return [*self.routers, *self.gateways]
-
-    @property
-    def endpoints(self) -> list[tuple[str, int]]:
-        return [(HOST, g.port) for g in self.gateways]
+class LocalCluster(localcluster.LocalCluster):
+    """The cluster under test (:class:`fanroute.localcluster.LocalCluster`): gateways
+    by number, and a process that died is a BenchError."""
 
     def metrics(self, i: int) -> str:
-        return _http(self.gateways[i].admin + "/metrics", timeout=2.0)[1]
+        return self.gateways[i].metrics(timeout=2.0)
 
     def check_alive(self, skip: tuple[int, ...] = ()) -> None:
-        for k, n in enumerate(self.all()):
-            if n.popen.poll() is not None and (k - len(self.routers)) not in skip:
-                tail = n.log.read_text(errors="replace").splitlines()[-5:] if n.log else []
-                raise BenchError(f"{n.name} exited with status {n.popen.returncode}: " + " | ".join(tail))
-
-    def stop(self) -> None:
-        for n in self.all():
-            if n.popen.poll() is None:
-                n.popen.send_signal(signal.SIGCONT)
-                n.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 3.0
-        for n in self.all():
-            try:
-                n.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                n.popen.kill()
-                n.popen.wait()
+        try:
+            super().check_alive(skip=[self.gateways[i].name for i in skip])
+        except LocalClusterError as exc:
+            raise BenchError(str(exc)) from None
 
 
 def start_cluster(gateways: int, routers: int, ping_interval: float, ping_timeout: float, logdir: Path, extra: list[str]) -> LocalCluster:
     """Routers and gateways as ``python -m fanroute.cli`` processes on free ports,
     waited for by polling every ``/readyz`` (never a fixed sleep)."""
-    py = [sys.executable, "-m", "fanroute.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FANROUTE_")}
-    env["FANROUTE_CLUSTER_SECRET"] = secrets.token_urlsafe(32)
-    env.update(PYTHONUNBUFFERED="1", FANROUTE_LOG_LEVEL="warning")
-    cluster = LocalCluster()
-
-    def spawn(name: str, argv: list[str], admin: int, port: int = 0) -> Node:
-        log = logdir / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        return Node(name, popen, f"http://{HOST}:{admin}", port, log)
-
+    cluster = LocalCluster(
+        gateways,
+        routers,
+        gateway_args=["--ping-interval", f"{ping_interval:g}", "--ping-timeout", f"{ping_timeout:g}", *extra],
+        env={"FANROUTE_LOG_LEVEL": "warning"},
+        clean_env=True,
+        logdir=logdir,
+        stop_timeout=3.0,
+    )
     try:
-        shard_list = []
-        for i in range(routers):
-            port, admin = free_port(), free_port()
-            shard_list.append(f"router-{i}=tcp://{HOST}:{port}")
-            cluster.routers.append(
-                spawn(f"router-{i}", [*py, "router", "--listen", f"tcp://{HOST}:{port}", "--name", f"router-{i}", "--admin-port", str(admin)], admin)
-            )
-        for i in range(gateways):
-            port, admin = free_port(), free_port()
-            argv = [
-                *py, "gateway", "--routers", ",".join(shard_list), "--port", str(port), "--admin-port", str(admin),
-                "--ping-interval", f"{ping_interval:g}", "--ping-timeout", f"{ping_timeout:g}", *extra,
-            ]
-            cluster.gateways.append(spawn(f"gateway-{i}", argv, admin, port))
-        deadline = time.monotonic() + _READY_TIMEOUT
-        for n in cluster.all():
-            while True:
-                cluster.check_alive()
-                try:
-                    if _http(n.admin + "/readyz")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{n.name} was not ready within {_READY_TIMEOUT:g} s")
-                time.sleep(0.05)
+        cluster.start()
+        cluster.wait_ready(_READY_TIMEOUT)
+    except LocalClusterError as exc:
+        cluster.stop()
+        raise BenchError(str(exc)) from None
     except BaseException:
         cluster.stop()
         raise
@@ -1092,16 +1024,12 @@ def _recovery(records: list[dict[str, Any]], t0: float) -> dict[str, Any]:
 def gateway_closes(text: str) -> dict[str, float]:
     """Closed and refused connections of one gateway by reason (from /metrics)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name, short in (
-            ("fanroute_gateway_connections_closed_total{", "closed"),
-            ("fanroute_gateway_connections_rejected_total{", "rejected"),
-        ):
-            if line.startswith(name):
-                labels, value = line[len(name) :].rsplit("} ", 1)
-                if float(value):
-                    key = short + " " + ",".join(kv.split("=", 1)[1].strip('"') for kv in labels.split(","))
-                    out[key] = out.get(key, 0) + float(value)
+    shorts = {"fanroute_gateway_connections_closed_total": "closed", "fanroute_gateway_connections_rejected_total": "rejected"}
+    for sample in localcluster.samples(text):
+        short = shorts.get(sample.name)
+        if short and sample.labels and sample.value:
+            key = short + " " + ",".join(sample.labels.values())
+            out[key] = out.get(key, 0) + sample.value
     return out
 
 
@@ -1118,7 +1046,7 @@ def _gateways_report(cluster: LocalCluster, skip: tuple[int, ...]) -> dict[str, 
 
 
 def _cpu_of(cluster: LocalCluster, pool: Pool) -> dict[str, float]:
-    out = {n.name: cpu_seconds(n.popen.pid) for n in cluster.all()}
+    out = {n.name: cpu_seconds(n.pid) for n in cluster.nodes}
     out["clients"] = sum(cpu_seconds(p.pid) for p in pool.procs if p.pid)
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
+from fanroute.localcluster import LocalCluster, Node, free_port
 from tests.support import CLUSTER_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,12 +58,6 @@ pytestmark = pytest.mark.timeout(240)
 # --- processes ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -74,133 +68,65 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes
 
 @dataclass
 class Proc:
-    name: str
-    popen: subprocess.Popen
-    port: int | None = None  # client port (gateways)
-    admin: int | None = None
+    """A gateway or standalone server of a :class:`LocalCluster`, with the URLs a page uses."""
+
+    node: Node
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def popen(self) -> subprocess.Popen:
+        return self.node.popen
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.node.port}"
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def stderr_tail(self) -> str:
-        if self.popen.poll() is None:
-            return ""
-        return self.popen.stderr.read().decode(errors="replace")[-2000:]
-
-
-def spawn(name: str, args: list[str], port: int | None = None, admin: int | None = None) -> Proc:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "fanroute.cli", *args],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", FANROUTE_CLUSTER_SECRET=CLUSTER_SECRET),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    return Proc(name, popen, port, admin)
-
-
-class PortTaken(Exception):
-    """A free port found by free_port() was taken by someone else before we bound it."""
-
-
-def wait_ready(proc: Proc) -> None:
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc.popen.poll() is not None:
-            err = proc.stderr_tail()
-            if "cannot be listened on" in err:
-                raise PortTaken(err)
-            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}: {err}")
-        try:
-            if http_get(f"http://127.0.0.1:{proc.admin}/readyz", timeout=1)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)  # polling a process that is starting, not synchronising a page
-    raise AssertionError(f"{proc.name} not ready within {DEADLINE}s")
+        return f"ws://127.0.0.1:{self.node.port}/ws"
 
 
 @contextmanager
-def processes() -> Iterator[list[Proc]]:
-    """Every process started in the block is SIGKILLed at its end, pass or fail."""
-    procs: list[Proc] = []
+def processes() -> Iterator[list[LocalCluster]]:
+    """Every cluster started in the block is SIGKILLed at its end, pass or fail."""
+    clusters: list[LocalCluster] = []
     try:
-        yield procs
+        yield clusters
     finally:
-        for proc in procs:
-            proc.kill()
+        for cluster in clusters:
+            cluster.stop(signal.SIGKILL)
 
 
 HEARTBEAT = ["--ping-interval", "1", "--ping-timeout", "5"]
 
 
-def with_free_ports(start: Any) -> Any:
-    """Run a start-up again (with new ports) when a port was taken meanwhile: other
-    test runs on the machine pick free ports too."""
-
-    def retrying(procs: list[Proc], *args: Any, **kwargs: Any) -> Any:
-        for attempt in range(3):
-            mine: list[Proc] = []
-            try:
-                result = start(mine, *args, **kwargs)
-            except PortTaken:
-                for proc in mine:
-                    proc.kill()
-                if attempt == 2:
-                    raise
-                continue
-            finally:
-                procs.extend(mine)
-            return result
-
-    return retrying
+def _started(clusters: list[LocalCluster], cluster: LocalCluster) -> LocalCluster:
+    clusters.append(cluster)
+    cluster.start()
+    cluster.wait_ready(2 * DEADLINE)  # a port taken meanwhile is chosen anew there
+    return cluster
 
 
-@with_free_ports
-def start_standalone(procs: list[Proc], extra: tuple[str, ...] = ()) -> Proc:
-    port, admin = free_port(), free_port()
-    args = ["standalone", "--port", str(port), "--admin-port", str(admin), *HEARTBEAT, *extra]
-    proc = spawn("standalone", args, port, admin)
-    procs.append(proc)
-    wait_ready(proc)
-    return proc
+def start_standalone(clusters: list[LocalCluster], extra: tuple[str, ...] = ()) -> Proc:
+    cluster = LocalCluster(0, 0, standalones=1, standalone_args=[*HEARTBEAT, *extra], secret=CLUSTER_SECRET, cwd=ROOT)
+    return Proc(_started(clusters, cluster).standalones[0])
 
 
-@with_free_ports
 def start_cluster(
-    procs: list[Proc],
+    clusters: list[LocalCluster],
     gateways: int,
     routers: int,
     gateway_args: tuple[str, ...] = (),
     router_args: tuple[str, ...] = (),
 ) -> list[Proc]:
     """Routers and gateways as separate processes; returns the gateways."""
-    router_list = []
-    for i in range(routers):
-        url = f"tcp://127.0.0.1:{free_port()}"
-        router_list.append(f"router-{i}={url}")
-        admin = free_port()
-        procs.append(spawn(f"router-{i}", ["router", "--listen", url, "--name", f"router-{i}", "--admin-port", str(admin), *router_args], None, admin))
-    gws = []
-    for i in range(gateways):
-        port, admin = free_port(), free_port()
-        args = ["gateway", "--routers", ",".join(router_list), "--port", str(port), "--admin-port", str(admin), *HEARTBEAT, *gateway_args]
-        gws.append(spawn(f"gateway-{i}", args, port, admin))
-    procs.extend(gws)
-    for proc in procs:
-        wait_ready(proc)
-    return gws
+    cluster = LocalCluster(
+        gateways, routers, gateway_args=[*HEARTBEAT, *gateway_args], router_args=router_args, secret=CLUSTER_SECRET, cwd=ROOT
+    )
+    return [Proc(g) for g in _started(clusters, cluster).gateways]
 
 
 @pytest.fixture(scope="module")

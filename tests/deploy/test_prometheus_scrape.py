@@ -227,8 +227,6 @@ def scraped(tmp_path_factory):
     """A 2-gateway, 3-router cluster under traffic, scraped by Prometheus."""
     assert PROMETHEUS, "prometheus is missing: run ops/setup-prometheus.sh as root"
     workdir = tmp_path_factory.mktemp("prometheus")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FANROUTE_LOG_LEVEL", "warning")
     cluster = start_cluster(
         gateways=2,
         routers=3,
@@ -237,8 +235,8 @@ def scraped(tmp_path_factory):
             "--max-subscriptions", "5",
             "--allowed-origins", "http://fanroute.example",
         ],
+        env={"FANROUTE_LOG_LEVEL": "warning"},
     )
-    mp.undo()
     prom: Prometheus | None = None
     traffic: Traffic | None = None
     try:
