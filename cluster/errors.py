@@ -10,6 +10,7 @@
     ├── ClientError            what the Python SDK (``fanroute.client``) raises
     │   ├── RequestFailed      the gateway answered with an ``error`` frame: ``code``
     │   └── ConnectionLost     the connection dropped before the answer came
+    ├── LocalClusterError      a local cluster's process died or was not ready in time
     └── BenchError             a benchmark that could not run as asked (``fanroute.bench``)
 
 Servers never let one of these escape their loops on account of a single client or
@@ -78,6 +79,11 @@ class ConnectionLost(ClientError):
         super().__init__("connection lost before the answer")
         self.code = ErrorCode.OUTCOME_UNKNOWN
         self.message = "connection lost before the answer"
+
+
+class LocalClusterError(FanrouteError):
+    """A process of a local cluster died or was not ready in time; the message names
+    it and ends with the last lines of its log."""
 
 
 class BenchError(FanrouteError):

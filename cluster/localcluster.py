@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fanroute.errors import ConfigError, FanrouteError
+from fanroute.errors import ConfigError, LocalClusterError
 
 LOOPBACK = "127.0.0.1"
 FANROUTE = (sys.executable, "-m", "fanroute.cli")
@@ -60,11 +60,6 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _PORT_TAKEN = "cannot be listened on"  # how a process says a port of its was taken
 _PORT_RETRIES = 3
-
-
-class LocalClusterError(FanrouteError):
-    """A process of a local cluster died or was not ready in time; the message names
-    it and ends with the last lines of its log."""
 
 
 # --- ports ----------------------------------------------------------------------------

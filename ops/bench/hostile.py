@@ -21,8 +21,8 @@ Each prints a small table, then the whole report as one JSON line. Every child i
 stopped in a ``finally`` (SIGTERM, then SIGKILL); each wait polls for its event with
 a deadline (``--timeout``). Run from the checkout::
 
-    .venv/bin/python ops/bench/hostile.py history-flood
-    .venv/bin/python ops/bench/hostile.py close-codes
+    .venv/bin/python -m fanroute.bench.hostile history-flood
+    .venv/bin/python -m fanroute.bench.hostile close-codes
 """
 
 from __future__ import annotations
@@ -30,31 +30,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from prometheus_client.samples import Sample  # noqa: E402
-
-from fanroute.errors import BenchError  # noqa: E402
-from fanroute.bench.loadgen import free_port, machine  # noqa: E402
+from fanroute.errors import BenchError
+from fanroute.bench.loadgen import machine
+from fanroute.localcluster import LocalCluster, LocalClusterError, Node
 
 POLL = 0.05  # seconds between two looks at a metric while waiting for it
 STOP_GRACE = 5.0  # seconds a child gets after SIGTERM before SIGKILL
@@ -66,37 +56,26 @@ SENDABLE_1XXX = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 101
 # --- child processes -----------------------------------------------------------------
 
 
-@dataclass
 class Child:
-    name: str
-    popen: subprocess.Popen
-    admin: str  # http://127.0.0.1:port
-    log: Path
+    """One process of a run (a ``fanroute.localcluster`` node), with what this tool reads."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.name, self.url, self.admin, self.popen = node.name, node.url, node.admin, node.popen
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
-            raise BenchError(f"{self.name} exited with {self.popen.returncode}: {self.log_tail()}")
-
-    def log_tail(self, chars: int = 1500) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:].strip() or "(no output)"
-        except OSError:
-            return "(no log)"
+            raise BenchError(f"{self.name} exited with {self.popen.returncode}: {self.node.log_tail()}")
 
     def exposition(self) -> str:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            return r.read().decode()
+        return self.node.metrics()
 
     def metrics(self) -> list[Sample]:
         return samples(self.exposition())
 
     def ready(self) -> bool:
         self.check_alive()
-        try:
-            with urllib.request.urlopen(self.admin + "/readyz", timeout=1) as r:
-                return r.status == 200
-        except (OSError, urllib.error.HTTPError):
-            return False
+        return self.node.ready()
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS (resident now) and VmHWM (peak resident) of the process, in KiB."""
@@ -110,58 +89,30 @@ class Child:
 
 
 class Children:
-    """The processes of one run; :meth:`stop` ends every one of them."""
+    """The router and gateway of one run, started as every local cluster is
+    (``fanroute.localcluster``: free loopback ports, one random cluster secret)."""
 
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
-        # One random secret per run, shared by its router and gateway only.
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", FANROUTE_CLUSTER_SECRET=secrets.token_hex(24))
+        self.cluster: LocalCluster | None = None
         self.children: list[Child] = []
 
-    def start(self, name: str, args: list[str], admin_port: int) -> Child:
-        log = self.logdir / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "fanroute.cli", *args],
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        child = Child(name, popen, f"http://127.0.0.1:{admin_port}", log)
-        self.children.append(child)
-        return child
-
     def stop(self) -> None:
-        for c in self.children:
-            if c.popen.poll() is None:
-                c.popen.send_signal(signal.SIGTERM)
-        for c in self.children:
-            try:
-                c.popen.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                c.popen.kill()
-                c.popen.wait()
+        if self.cluster is not None:
+            self.cluster.stop(timeout=STOP_GRACE)
 
     def router_and_gateway(self, router_args: list[str], gateway_args: list[str], timeout: float) -> tuple[Child, Child]:
-        nng, radmin, port, gadmin = free_port(), free_port(), free_port(), free_port()
-        router = self.start(
-            "router",
-            ["router", "--listen", f"tcp://127.0.0.1:{nng}", "--name", "router-0", "--admin-port", str(radmin), *router_args],
-            radmin,
+        self.cluster = LocalCluster(
+            1, 1, router_args=router_args, gateway_args=["--drain-window", "0", *gateway_args],
+            logdir=self.logdir, ready_timeout=timeout,
         )
-        gateway = self.start(
-            "gateway",
-            ["gateway", "--routers", f"router-0=tcp://127.0.0.1:{nng}", "--port", str(port),
-             "--admin-port", str(gadmin), "--drain-window", "0", *gateway_args],
-            gadmin,
-        )
-        gateway.url = f"ws://127.0.0.1:{port}/"  # type: ignore[attr-defined]
-        deadline = time.monotonic() + timeout
-        for child in (router, gateway):  # the gateway is ready once its shard link is up
-            wait_for(child.ready, deadline, f"{child.name} ready", self.children)
-        return router, gateway
+        try:
+            self.cluster.start()
+            self.cluster.wait_ready()  # the gateway is ready once its shard link is up
+        except LocalClusterError as exc:
+            raise BenchError(str(exc)) from None
+        self.children = [Child(self.cluster.routers[0]), Child(self.cluster.gateways[0])]
+        return self.children[0], self.children[1]
 
 
 def wait_for(pred: Callable[[], bool], deadline: float, what: str, children: list[Child]) -> None:
@@ -278,7 +229,7 @@ def history_flood_run(label: str, history_bytes: int, a: argparse.Namespace, log
         )
         before_r, before_g = router.memory_kib(), gateway.memory_kib()
         try:
-            flood = asyncio.run(_flood(gateway.url, router, a.topics, a.size, deadline, procs.children))  # type: ignore[attr-defined]
+            flood = asyncio.run(_flood(gateway.url, router, a.topics, a.size, deadline, procs.children))
         except TimeoutError:
             raise BenchError(f"the flood did not finish within --timeout {a.timeout:g} s") from None
         after_r, after_g = router.memory_kib(), gateway.memory_kib()
@@ -427,7 +378,7 @@ def close_codes(a: argparse.Namespace) -> int:
                     if remaining <= 0:
                         raise BenchError("timed out opening connections")
                     async with asyncio.timeout(remaining):
-                        await asyncio.gather(*(_one(gateway.url, code, delay, tally)  # type: ignore[attr-defined]
+                        await asyncio.gather(*(_one(gateway.url, code, delay, tally)
                                                for code, delay in plan[start : start + a.batch]))
                     print(f"# {min(start + a.batch, len(plan))}/{len(plan)} connections done", file=sys.stderr, flush=True)
 
