@@ -2,17 +2,25 @@
 // All times are in milliseconds.
 
 export declare const CLOSE_NORMAL: 1000;
+export declare const CLOSE_ABNORMAL: 1006;
 export declare const CLOSE_POLICY: 1008;
 export declare const CLOSE_RESTART: 1012;
 export declare const CLOSE_TRY_AGAIN: 1013;
 export declare const CLOSE_UNAUTHORIZED: 4001;
+export declare const CLOSE_DISCONNECTED: 4003;
 export declare const CLOSE_SLOW_CONSUMER: 4008;
 export declare const CLOSE_HEARTBEAT_TIMEOUT: 4009;
 export declare const CLOSE_RATE_LIMIT: 4029;
-/** Close codes after which the client stops reconnecting (4001, 1008). */
+/** Close codes after which the client stops reconnecting (4001, 4003, 1008). */
 export declare const TERMINAL_CLOSE_CODES: ReadonlySet<number>;
 /** 1012 (a gateway draining): the client returns at a random moment within this window. */
 export declare const RESTART_WINDOW: number;
+/** Error codes answering a subscribe after which it is retried (unavailable, rate_limited, internal). */
+export declare const TRANSIENT_ERRORS: ReadonlySet<string>;
+
+export type ReconnectRule = "never" | "prompt" | "longest" | "backoff";
+/** The rule for close `code` (fanroute.codes in Python): 4001, 4003, 1008 never; 1012 prompt; 4029 longest. */
+export declare function reconnectRule(code: number | null): ReconnectRule;
 
 export interface BackoffOptions {
   /** Cap of the first draw (default 100). */
@@ -42,7 +50,9 @@ export declare class Backoff {
 }
 
 /** The delay before reconnecting after close `code`, or null to stop. */
-export declare function reconnectDelay(code: number, backoff: Backoff, random?: () => number): number | null;
+export declare function reconnectDelay(
+  code: number | null, backoff: Backoff, random?: () => number, restartWindow?: number,
+): number | null;
 
 /** Letters, digits and . _ : - / @ = + , # ~ ; 1 to 256 characters. */
 export declare function isValidTopic(topic: unknown): topic is string;
@@ -60,19 +70,96 @@ export interface LostRange {
   previous: Position | null;
 }
 
-/** Where one topic's stream stands; pure (no I/O). */
-export declare class SeqTracker {
+export type StreamState = "waiting" | "pending" | "active" | "retry";
+
+/** One subscription's position and state, as ClientCore tracks it. */
+export declare class Stream {
+  readonly topic: string;
   epoch: string | null;
   seq: number;
-  awaiting: boolean;
+  state: StreamState;
+  request: number | null;
   resuming: boolean;
+  confirmed: boolean;
+  retryAt: number | null;
+  tries: number;
   duplicates: number;
   gaps: number;
+  unrecovered: number;
   since(): Position | null;
-  subscribing(): Position | null;
-  reset(): void;
-  onSubscribed(event: { epoch: string; seq: number; recovered: boolean }, solicited?: boolean): LostRange | null;
-  onMessage(seq: number): "deliver" | "duplicate" | "gap" | "ignore";
+}
+
+export interface CoreSettings {
+  minDelay?: number;
+  maxDelay?: number;
+  /** A connection up this long (from `connected`) resets the backoff. */
+  backoffReset?: number;
+  /** null: the gateway's value from `connected` (else 25000). */
+  pingInterval?: number | null;
+  /** null: the gateway's value from `connected` (else 8000). */
+  pingTimeout?: number | null;
+  /** Between application pings; null: pingInterval; 0: none. */
+  appPing?: number | null;
+  /** From connect() to the `connected` frame. */
+  connectTimeout?: number;
+  restartWindow?: number;
+  token?: string | null;
+  /** Subscribe together with `connect` (anonymous gateways only). */
+  eager?: boolean;
+}
+
+export type Action =
+  | { type: "connect"; url: string }
+  | { type: "send"; frame: Record<string, unknown> }
+  | { type: "ping" }
+  | { type: "deliver" }
+  | { type: "subscribed"; topic: string; epoch: string; seq: number; recovered: boolean; resumed: boolean }
+  | ({ type: "unrecovered"; topic: string } & LostRange)
+  | { type: "subscribeError"; topic: string; code: string; message: string; retryAt: number | null }
+  | { type: "ready"; session: string | null }
+  | { type: "answer"; id: number | null; frame: Record<string, unknown> }
+  | { type: "drop"; code: number | null; reason: string }
+  | { type: "reconnect"; at: number; delay: number; code: number | null }
+  | { type: "stop"; code: number | null; reason: string };
+
+export declare const NOTHING: readonly Action[];
+export declare const PING: { readonly type: "ping" };
+export declare const DELIVER: { readonly type: "deliver" };
+/** What ClientCore.message returns for an in-order message (compare with ===). */
+export declare const DELIVERED: readonly Action[];
+
+/**
+ * The client's rules as a sans-I/O state machine (the twin of Python's
+ * fanroute.clientcore): one method per event, each returning the actions to carry
+ * out in order. Times are ms on any monotonic clock.
+ */
+export declare class ClientCore {
+  constructor(urls: string[], settings?: CoreSettings, options?: { random?: () => number; firstUrl?: number });
+  readonly urls: string[];
+  readonly settings: Required<CoreSettings>;
+  readonly backoff: Backoff;
+  readonly streams: Map<string, Stream>;
+  readonly stats: { connects: number; duplicates: number; gaps: number; unrecovered: number };
+  readonly phase: "idle" | "connecting" | "open" | "ready" | "stopped";
+  readonly url: string | null;
+  readonly session: string | null;
+  /** pingInterval + pingTimeout. */
+  readonly deadline: number;
+  /** How often to call tick(). */
+  readonly checkPeriod: number;
+  position(topic: string): Position | null;
+  nextId(): number;
+  subscribe(topic: string): readonly Action[];
+  unsubscribe(topic: string): readonly Action[];
+  start(now: number): readonly Action[];
+  stop(): void;
+  connect(now: number): readonly Action[];
+  opened(now: number): readonly Action[];
+  closed(code: number | null, now: number, reason?: string): readonly Action[];
+  heard(now: number): void;
+  tick(now: number): readonly Action[];
+  message(topic: string, seq: unknown, skipped?: unknown): readonly Action[];
+  received(frame: Record<string, unknown>, now: number): readonly Action[];
 }
 
 /** An `error` frame from the gateway, or a request that could not complete. */
@@ -94,9 +181,8 @@ export interface ClientOptions {
   resetAfter?: number;
   /** Interval of the client's `ping` (default: the gateway's ping_interval). */
   pingInterval?: number;
-  /** The connection is dead when nothing arrived for this long after a ping
-   * (so silence is noticed within about pingInterval + pingTimeout;
-   * default: the gateway's ping_timeout). */
+  /** The connection is dead when nothing arrived for pingInterval + pingTimeout
+   * (default: the gateway's ping_timeout). */
   pingTimeout?: number;
   /** An attempt that got no `connected` within this is abandoned (default 10000). */
   connectTimeout?: number;
@@ -113,6 +199,8 @@ export type State = "disconnected" | "connecting" | "connected";
 export interface MessageContext {
   topic: string;
   seq: number;
+  /** Messages of the topic left out just before this one (conflation): not a fault. */
+  skipped?: number;
 }
 
 export interface ClientEvents {
@@ -128,8 +216,11 @@ export interface ClientEvents {
   /** Messages of `topic` up to `seq` may have been lost (history too short, or the
    * stream restarted); delivery goes on from seq + 1. */
   unrecovered: { topic: string } & LostRange;
-  /** An error frame not tied to a publish, or a refused subscribe (with topic). */
-  error: { code: string; message: string; topic?: string };
+  /** An error frame not tied to a publish, or a refused subscribe (with topic). For a
+   * subscribe, `final` says the subscription ended (refused for good, or withdrawn by
+   * the server: code "unsubscribed") and its handlers were removed; otherwise it is
+   * sent again in `retryIn` ms, with `since`. */
+  error: { code: string; message: string; topic?: string; final?: boolean; retryIn?: number | null };
 }
 
 export declare class FanrouteClient {

@@ -15,40 +15,77 @@
  *
  * - one WebSocket to one gateway at a time, rotating through the URLs it was given
  *   (it starts at a random one so that pages spread over the gateways);
- * - an application-level `ping` every `pingInterval`; a connection that answers a ping
- *   with nothing at all for `pingTimeout` is dead, so silence is noticed within about
- *   `pingInterval + pingTimeout` (a browser cannot see the gateway's WebSocket pings,
- *   so the client keeps its own deadline);
+ * - an application-level `ping` every `pingInterval`; a connection from which
+ *   nothing arrived for `pingInterval + pingTimeout` (the gateway's values from
+ *   `connected` unless given) is dead. A browser cannot see the gateway's WebSocket
+ *   pings, so the client keeps its own deadline; a background tab whose timers fire
+ *   late pings before it blames the gateway for its own silence;
  * - reconnection with exponential backoff and full jitter; the attempt count resets
- *   only after a connection stayed healthy for `resetAfter` ms, so a gateway that
+ *   only after a connection stayed up for `resetAfter` ms, so a gateway that
  *   accepts and drops at once cannot pull pages into a tight loop;
  * - after every reconnect, each topic is subscribed again with `since` (the last
  *   epoch and seq the page saw); duplicates are dropped and gaps repaired by
  *   resubscribing, so every handler sees each message once and in `seq` order, or
  *   an `unrecovered` event where the cluster could not fill the gap;
- * - close codes: see `reconnectDelay` below.
+ * - a subscribe refused for a transient reason (unavailable, rate_limited,
+ *   internal) is retried with backoff; any other refusal, or the server withdrawing
+ *   the subscription, ends it: an `error` event with `final: true`, and its handlers
+ *   are removed;
+ * - close codes: 4001, 4003 and 1008 stop reconnecting; 1012 comes back within a
+ *   second, with jitter; 4029 waits the longest backoff; anything else backs off.
  *
- * The pure parts (Backoff, SeqTracker, reconnectDelay, isValidTopic) are exported
- * for tests and do no I/O; the client takes its WebSocket class as an option so it
- * can run under Node's test runner with a fake socket.
+ * Every one of those rules is in `ClientCore` below: a sans-I/O state machine (events
+ * in, actions out, no socket, no timer, no clock of its own) that is the twin of the
+ * Python `fanroute.clientcore`, case for case — `tests/data/client_cases.json` drives
+ * both. `FanrouteClient` only moves frames between a WebSocket and it. The pure parts
+ * (ClientCore, Backoff, reconnectRule, reconnectDelay, isValidTopic) are exported for
+ * tests; the client takes its WebSocket class as an option so it can run under
+ * Node's test runner with a fake socket.
  */
 
 // --- Close codes ----------------------------------------------------------------
 
 export const CLOSE_NORMAL = 1000;
+export const CLOSE_ABNORMAL = 1006;
 export const CLOSE_POLICY = 1008;
 export const CLOSE_RESTART = 1012;
 export const CLOSE_TRY_AGAIN = 1013;
 export const CLOSE_UNAUTHORIZED = 4001;
+export const CLOSE_DISCONNECTED = 4003;
 export const CLOSE_SLOW_CONSUMER = 4008;
 export const CLOSE_HEARTBEAT_TIMEOUT = 4009;
 export const CLOSE_RATE_LIMIT = 4029;
 
+// What a client does after each close code: fanroute.codes (CloseCode.reconnect) in
+// Python; the shared cases hold the two to the same table.
+const RULES = new Map([
+  [CLOSE_POLICY, "never"],
+  [CLOSE_UNAUTHORIZED, "never"],
+  [CLOSE_DISCONNECTED, "never"],
+  [CLOSE_RESTART, "prompt"],
+  [CLOSE_RATE_LIMIT, "longest"],
+]);
+
+/** "never", "prompt", "longest" or "backoff": the rule for close `code` (any code). */
+export function reconnectRule(code) {
+  return RULES.get(code) ?? "backoff";
+}
+
 /** Close codes after which reconnecting cannot help: the client stops. */
-export const TERMINAL_CLOSE_CODES = new Set([CLOSE_UNAUTHORIZED, CLOSE_POLICY]);
+export const TERMINAL_CLOSE_CODES = new Set([...RULES].filter(([, rule]) => rule === "never").map(([code]) => code));
 
 /** A draining gateway (1012) asks clients back soon: spread them over this window. */
 export const RESTART_WINDOW = 1000;
+
+/** Errors answering a subscribe that may pass by themselves: the subscribe is retried. */
+export const TRANSIENT_ERRORS = new Set(["unavailable", "rate_limited", "internal"]);
+
+const DEFAULT_PING_INTERVAL = 25000; // what a gateway announces unless configured otherwise
+const DEFAULT_PING_TIMEOUT = 8000;
+
+function uniform(random, a, b) {
+  return a + (b - a) * random();
+}
 
 // --- Backoff --------------------------------------------------------------------
 
@@ -81,7 +118,7 @@ export class Backoff {
 
   /** The delay before the next attempt. */
   next() {
-    const delay = this.random() * this.cap(this.attempt);
+    const delay = uniform(this.random, 0, this.cap(this.attempt));
     this.attempt += 1;
     return delay;
   }
@@ -98,27 +135,28 @@ export class Backoff {
 
 /**
  * What to do after a connection closed with `code`: the delay in ms before the next
- * attempt, or `null` to stop reconnecting.
+ * attempt, or `null` to stop reconnecting. Every rule draws `backoff.next()` first
+ * (so each attempt counts), then:
  *
- * - 4001 (unauthorized) and 1008 (policy violation): stop; the same token or the
- *   same behaviour would fail again. The application decides what to do.
- * - 1012 (service restart, a gateway draining): come back promptly, at a random
- *   moment within RESTART_WINDOW (or the backoff delay, if that is shorter).
- * - 4029 (rate limit exceeded repeatedly): wait between maxDelay and 1.5 × maxDelay,
- *   whatever the attempt count: a page that was cut off for flooding must not
- *   return at once.
- * - anything else (1006 lost, 1001, 1011, 1013, 4008 slow consumer, 4009 heartbeat
- *   timeout, ...): exponential backoff with full jitter.
+ * - never (4001 unauthorized, 4003 disconnected by the server, 1008 policy): stop;
+ *   the same token or the same behaviour would fail again;
+ * - prompt (1012, a gateway draining): a random moment within RESTART_WINDOW (or
+ *   the backoff delay, if that is shorter);
+ * - longest (4029, rate limit exceeded repeatedly): between maxDelay and
+ *   1.5 × maxDelay, whatever the attempt count: a page cut off for flooding must
+ *   not return at once;
+ * - backoff (anything else: 1006 lost, 1001, 1011, 1013, 4008, 4009, …): the draw.
  */
-export function reconnectDelay(code, backoff, random = Math.random) {
-  if (TERMINAL_CLOSE_CODES.has(code)) return null;
+export function reconnectDelay(code, backoff, random = Math.random, restartWindow = RESTART_WINDOW) {
+  const rule = reconnectRule(code);
+  if (rule === "never") return null;
   const delay = backoff.next();
-  if (code === CLOSE_RESTART) return Math.min(delay, random() * RESTART_WINDOW);
-  if (code === CLOSE_RATE_LIMIT) return backoff.maxDelay * (1 + random() / 2);
+  if (rule === "prompt") return Math.min(delay, uniform(random, 0, restartWindow));
+  if (rule === "longest") return uniform(random, backoff.maxDelay, 1.5 * backoff.maxDelay);
   return delay;
 }
 
-// --- Topics and sequence numbers --------------------------------------------------
+// --- Topics ---------------------------------------------------------------------------
 
 const TOPIC_RE = /^[A-Za-z0-9._:\-/@=+,#~]{1,256}$/;
 
@@ -127,78 +165,438 @@ export function isValidTopic(topic) {
   return typeof topic === "string" && TOPIC_RE.test(topic);
 }
 
-/**
- * Where one topic's stream stands, as the page has seen it.
- *
- * `epoch`/`seq` is the last message handed to the page (or the position the
- * subscription started from). While a subscribe is in flight (`awaiting`), messages
- * are ignored: the `subscribed` answer says where the stream stands, and what was
- * missed follows it.
- */
-export class SeqTracker {
-  constructor() {
-    this.epoch = null;
-    this.seq = 0;
-    this.awaiting = false;
-    this.resuming = false; // the subscribe in flight carries `since`
+// --- The client core (sans-I/O) ----------------------------------------------------------
+
+// Phases of the connection.
+const IDLE = "idle"; // no socket: not started, or waiting for a reconnect to come due
+const CONNECTING = "connecting"; // an attempt is under way
+const OPEN = "open"; // the WebSocket is up, `connect` sent, no `connected` yet
+const READY = "ready"; // `connected` received
+const STOPPED = "stopped"; // a terminal close code, or the page stopped it
+
+// States of one subscription.
+const WAITING = "waiting"; // to be subscribed on the next ready connection
+const PENDING = "pending"; // a subscribe is in flight
+const ACTIVE = "active"; // confirmed: messages are tracked
+const RETRY = "retry"; // refused for a transient reason: subscribed again at retryAt
+
+const CONNECT_ID = 0;
+
+/** Returned when there is nothing to do (never mutate it). */
+export const NOTHING = Object.freeze([]);
+export const PING = Object.freeze({ type: "ping" });
+/** Deliver the message just given: it carries nothing, the host holds the frame. */
+export const DELIVER = Object.freeze({ type: "deliver" });
+/** What `ClientCore.message` returns for an in-order message (compare with ===). */
+export const DELIVERED = Object.freeze([DELIVER]);
+
+function positive(value) {
+  return typeof value === "number" && Number.isFinite(value) && value > 0 ? value : null;
+}
+
+/** One subscription's position and state. */
+export class Stream {
+  constructor(topic) {
+    this.topic = topic;
+    this.epoch = null; // null until the first `subscribed`
+    this.seq = 0; // the last seq delivered (or where the stream started)
+    this.state = WAITING;
+    this.request = null; // id of the subscribe in flight
+    this.resuming = false; // that subscribe carries `since`
+    this.confirmed = false;
+    this.retryAt = null;
+    this.tries = 0; // transient refusals since the last success
     this.duplicates = 0;
     this.gaps = 0;
+    this.unrecovered = 0;
   }
 
-  /** The `since` cursor for the next subscribe, or null on a first subscribe. */
+  /** The `since` cursor to resubscribe with, or null before the first answer. */
   since() {
     return this.epoch === null ? null : { epoch: this.epoch, seq: this.seq };
   }
+}
 
-  /** A subscribe is being sent: returns its `since` (or null). */
-  subscribing() {
-    const since = this.since();
-    this.awaiting = true;
-    this.resuming = since !== null;
-    return since;
+/**
+ * One client's connection and subscriptions as a state machine: the host calls one
+ * method per event and carries out the actions returned, in order. Times are ms on
+ * any monotonic clock (`now`); frames are decoded objects. The host calls `tick(now)`
+ * at least every `checkPeriod` while a connection is opening or open, and
+ * `connect(now)` once a `reconnect` action is due.
+ *
+ * Actions: `{type: "connect", url}`, `{type: "send", frame}`, `PING`, `DELIVER`,
+ * `{type: "subscribed", topic, epoch, seq, recovered, resumed}`,
+ * `{type: "unrecovered", topic, epoch, seq, previous}`,
+ * `{type: "subscribeError", topic, code, message, retryAt}` (retryAt null: ended),
+ * `{type: "ready", session}`, `{type: "answer", id, frame}`, `{type: "drop", code, reason}`
+ * (close the socket, then report `closed(code)`), `{type: "reconnect", at, delay, code}`,
+ * `{type: "stop", code, reason}`.
+ *
+ * The rules, case by case the same as fanroute.clientcore (see its docstring):
+ * sequence (deliver the next seq, drop duplicates, repair a gap nobody announced with
+ * `skipped` by unsubscribe + subscribe with since, ignore messages while a subscribe
+ * is in flight); answers to subscribe (recovered:true continues, recovered:false after
+ * since or an unsolicited `subscribed` is `unrecovered`); errors answering a subscribe
+ * (transient codes retried after a full-jitter delay with since kept, any other code
+ * ends the subscription, as does the server's unsolicited `unsubscribed`); close codes
+ * (`reconnectDelay`); backoff reset after `backoffReset` ms from `connected`; the
+ * heartbeat (dead after pingInterval + pingTimeout of silence from `connected`; a
+ * tick more than pingInterval late with nothing of ours unanswered pings first).
+ */
+export class ClientCore {
+  constructor(urls, settings = {}, { random = Math.random, firstUrl = 0 } = {}) {
+    if (urls.length === 0) throw new TypeError("a client needs at least one URL");
+    this.urls = [...urls];
+    this.settings = {
+      minDelay: 50,
+      maxDelay: 10000,
+      backoffReset: 5000,
+      pingInterval: null, // null: the gateway's (`connected`), else 25000
+      pingTimeout: null, // null: the gateway's, else 8000
+      appPing: null, // ms between app pings; null: pingInterval; 0: none
+      connectTimeout: 5000, // from connect() to the `connected` frame
+      restartWindow: RESTART_WINDOW,
+      token: null,
+      eager: false, // subscribe together with `connect` (anonymous gateways only)
+      ...settings,
+    };
+    const s = this.settings;
+    this.random = random;
+    this.backoff = new Backoff({ minDelay: s.minDelay, maxDelay: s.maxDelay, resetAfter: s.backoffReset, random });
+    this.streams = new Map();
+    this.stats = { connects: 0, duplicates: 0, gaps: 0, unrecovered: 0 };
+    this.phase = IDLE;
+    this.url = null;
+    this.session = null;
+    this._nextUrl = firstUrl % this.urls.length;
+    this._ids = 0;
+    this._requests = new Map(); // our own commands in flight: id -> Stream, or null (ignore the answer)
+    this._attemptAt = 0;
+    this._readyAt = 0;
+    this.lastRx = 0;
+    this._lastPing = 0;
+    this._lastTick = 0;
+    this.interval = s.pingInterval || DEFAULT_PING_INTERVAL;
+    this.timeout = s.pingTimeout || DEFAULT_PING_TIMEOUT;
+    this._pingEvery = 0;
+    this._due = Infinity; // no tick needs a full look before this
+    this._late = Infinity; // a tick this long after the previous one means we were paused
   }
 
-  /** The connection dropped: whatever was in flight will be asked again. */
-  reset() {
-    this.awaiting = false;
-    this.resuming = false;
+  // --- what the host reads ---
+
+  /** Silence after which the connection counts as dead: pingInterval + pingTimeout. */
+  get deadline() {
+    return this.interval + this.timeout;
   }
 
-  /**
-   * Apply a `subscribed` event. `solicited` is false for the gateway's unsolicited
-   * `subscribed` (no id), which says the stream restarted. Returns null when the
-   * stream goes on without a break, or `{epoch, seq, previous}` when messages before
-   * `seq + 1` may have been lost.
-   */
-  onSubscribed({ epoch, seq, recovered }, solicited = true) {
-    if (!solicited && this.awaiting) return null; // our own answer is on its way
-    const previous = this.since();
-    const resuming = this.resuming || !solicited;
-    this.awaiting = false;
-    this.resuming = false;
-    if (recovered === true && resuming) {
-      this.epoch = epoch; // the missed messages follow, from this.seq + 1
-      return null;
-    }
-    this.epoch = epoch;
-    this.seq = seq;
-    return resuming ? { epoch, seq, previous } : null;
+  /** How often the host should call tick() (a quarter of the tightest timer). */
+  get checkPeriod() {
+    return Math.max(10, Math.min(this.interval, this.timeout, this.settings.connectTimeout) / 4);
   }
 
-  /** Classify a message: "deliver", "duplicate", "gap" or "ignore". */
-  onMessage(seq) {
-    if (this.awaiting || this.epoch === null) return "ignore";
-    if (!Number.isInteger(seq)) return "deliver"; // untracked (not sent by fanroute)
-    if (seq <= this.seq) {
-      this.duplicates += 1;
-      return "duplicate";
+  position(topic) {
+    return this.streams.get(topic)?.since() ?? null;
+  }
+
+  /** An id for a command of the host's own (a publish): never one the core uses. */
+  nextId() {
+    this._ids += 1;
+    return this._ids;
+  }
+
+  // --- the page's side ---
+
+  subscribe(topic) {
+    if (this.streams.has(topic)) return NOTHING;
+    const s = new Stream(topic);
+    this.streams.set(topic, s);
+    return this._canSend() ? [this._subscribe(s)] : NOTHING;
+  }
+
+  unsubscribe(topic) {
+    if (!this.streams.delete(topic) || !this._canSend()) return NOTHING;
+    return [{ type: "send", frame: { type: "unsubscribe", topic, id: this.nextId() } }];
+  }
+
+  start(now) {
+    if (this.phase !== IDLE && this.phase !== STOPPED) return NOTHING;
+    this.backoff.reset();
+    this.phase = IDLE;
+    return this.connect(now);
+  }
+
+  stop() {
+    this._loseConnection();
+    this.phase = STOPPED;
+  }
+
+  // --- the connection ---
+
+  connect(now) {
+    if (this.phase !== IDLE) return NOTHING;
+    this.url = this.urls[this._nextUrl];
+    this._nextUrl = (this._nextUrl + 1) % this.urls.length;
+    this.phase = CONNECTING;
+    this._attemptAt = this._lastTick = now;
+    this._due = now + this.settings.connectTimeout;
+    return [{ type: "connect", url: this.url }];
+  }
+
+  opened(now) {
+    if (this.phase !== CONNECTING) return NOTHING;
+    this.phase = OPEN;
+    const hello = { type: "connect", id: CONNECT_ID };
+    if (this.settings.token !== null && this.settings.token !== undefined) hello.token = this.settings.token;
+    const out = [{ type: "send", frame: hello }];
+    if (this.settings.eager) out.push(...this._subscribeAll());
+    return out;
+  }
+
+  closed(code, now, reason = "") {
+    if (this.phase === IDLE || this.phase === STOPPED) return NOTHING;
+    if (this.phase === READY) this.backoff.connectionLasted(now - this._readyAt);
+    this._loseConnection();
+    const delay = reconnectDelay(code, this.backoff, this.random, this.settings.restartWindow);
+    if (delay === null) {
+      this.phase = STOPPED;
+      return [{ type: "stop", code, reason }];
     }
-    if (seq !== this.seq + 1) {
-      this.gaps += 1;
-      return "gap";
+    this.phase = IDLE;
+    return [{ type: "reconnect", at: now + delay, delay, code }];
+  }
+
+  heard(now) {
+    this.lastRx = now;
+  }
+
+  tick(now) {
+    const previous = this._lastTick;
+    this._lastTick = now;
+    if (now < this._due && now - previous <= this._late) return NOTHING;
+    return this._timers(now, now - previous > this._late);
+  }
+
+  // --- frames from the gateway ---
+
+  message(topic, seq, skipped = 0) {
+    const s = this.streams.get(topic);
+    if (s === undefined || s.state !== ACTIVE || !Number.isInteger(seq)) return NOTHING;
+    const last = s.seq;
+    if (seq <= last) {
+      s.duplicates += 1;
+      this.stats.duplicates += 1;
+      return NOTHING;
     }
-    this.seq = seq;
-    return "deliver";
+    if (seq !== last + 1 && (!Number.isInteger(skipped) || seq - skipped > last + 1)) {
+      // A gap nobody announced: ask again from the last message we have.
+      s.gaps += 1;
+      this.stats.gaps += 1;
+      return [{ type: "send", frame: { type: "unsubscribe", topic, id: this._own(null) } }, this._subscribe(s)];
+    }
+    s.seq = seq;
+    return DELIVERED;
+  }
+
+  received(frame, now) {
+    this.lastRx = now;
+    const kind = frame.type;
+    if (kind === undefined || kind === null || kind === "message") {
+      if (typeof frame.topic !== "string") return NOTHING;
+      return this.message(frame.topic, frame.seq, frame.skipped ?? 0);
+    }
+    if (kind === "pong") return NOTHING;
+    const id = Number.isInteger(frame.id) ? frame.id : null;
+    if (kind === "connected") return this._onConnected(frame, now);
+    if (kind === "subscribed") return this._onSubscribed(frame, id);
+    if (kind === "unsubscribed") return this._onUnsubscribed(frame, id);
+    if (kind === "error") return this._onError(frame, id, now);
+    return id !== null ? [{ type: "answer", id, frame }] : NOTHING;
+  }
+
+  // --- inside ---
+
+  _canSend() {
+    return this.phase === READY || (this.phase === OPEN && this.settings.eager);
+  }
+
+  _own(stream) {
+    const id = this.nextId();
+    this._requests.set(id, stream);
+    return id;
+  }
+
+  _subscribe(s) {
+    const id = this._own(s);
+    s.request = id;
+    s.state = PENDING;
+    s.retryAt = null;
+    const frame = { type: "subscribe", topic: s.topic, id };
+    s.resuming = s.epoch !== null;
+    if (s.resuming) frame.since = { epoch: s.epoch, seq: s.seq };
+    return { type: "send", frame };
+  }
+
+  _subscribeAll() {
+    const out = [];
+    for (const s of this.streams.values()) if (s.state === WAITING) out.push(this._subscribe(s));
+    return out;
+  }
+
+  _loseConnection() {
+    this._requests.clear();
+    for (const s of this.streams.values()) {
+      s.state = WAITING;
+      s.request = null;
+      s.resuming = false;
+      s.retryAt = null;
+    }
+    this.session = null;
+    this._due = this._late = Infinity;
+  }
+
+  _onConnected(frame, now) {
+    if (this.phase !== OPEN) return NOTHING;
+    const s = this.settings;
+    this.phase = READY;
+    this.session = typeof frame.session === "string" ? frame.session : null;
+    const fromFrame = (v) => (positive(v) === null ? null : v * 1000);
+    this.interval = s.pingInterval || fromFrame(frame.ping_interval) || DEFAULT_PING_INTERVAL;
+    this.timeout = s.pingTimeout || fromFrame(frame.ping_timeout) || DEFAULT_PING_TIMEOUT;
+    this._pingEvery = s.appPing === null || s.appPing === undefined ? this.interval : s.appPing;
+    this._readyAt = this.lastRx = this._lastPing = this._lastTick = now;
+    this._late = this.interval;
+    this.stats.connects += 1;
+    const out = [{ type: "ready", session: this.session }];
+    if (!s.eager) out.push(...this._subscribeAll());
+    this._reschedule();
+    return out;
+  }
+
+  _onSubscribed(frame, id) {
+    const { epoch, seq } = frame;
+    const recovered = frame.recovered === true;
+    if (typeof epoch !== "string" || !Number.isInteger(seq)) return NOTHING;
+    if (id === null) {
+      // Unsolicited: the stream restarted. While our own subscribe is in flight,
+      // its answer will say where the stream stands.
+      const s = this.streams.get(frame.topic);
+      if (s === undefined || s.state !== ACTIVE) return NOTHING;
+      return [this._unrecovered(s, epoch, seq)];
+    }
+    const s = this._requests.get(id) ?? null;
+    this._requests.delete(id);
+    if (s === null || this.streams.get(s.topic) !== s || s.request !== id) return NOTHING; // stale
+    const resumed = s.resuming;
+    s.state = ACTIVE;
+    s.request = null;
+    s.resuming = false;
+    s.tries = 0;
+    s.confirmed = true;
+    const out = [{ type: "subscribed", topic: s.topic, epoch, seq, recovered, resumed }];
+    if (resumed && recovered) {
+      s.epoch = epoch; // the missed messages follow, from s.seq + 1
+    } else if (resumed) {
+      out.push(this._unrecovered(s, epoch, seq));
+    } else {
+      s.epoch = epoch;
+      s.seq = seq;
+    }
+    return out;
+  }
+
+  _unrecovered(s, epoch, seq) {
+    const previous = s.since();
+    s.epoch = epoch;
+    s.seq = seq;
+    s.unrecovered += 1;
+    this.stats.unrecovered += 1;
+    return { type: "unrecovered", topic: s.topic, epoch, seq, previous };
+  }
+
+  _onUnsubscribed(frame, id) {
+    if (id !== null) {
+      if (this._requests.has(id)) {
+        this._requests.delete(id); // the first half of a gap repair
+        return NOTHING;
+      }
+      return [{ type: "answer", id, frame }];
+    }
+    // Unsolicited: the server withdrew the subscription; resubscribing would be refused.
+    const s = this.streams.get(frame.topic);
+    if (s === undefined) return NOTHING;
+    this.streams.delete(s.topic);
+    return [{ type: "subscribeError", topic: s.topic, code: "unsubscribed", message: "the server ended the subscription", retryAt: null }];
+  }
+
+  _onError(frame, id, now) {
+    const code = String(frame.code ?? "error");
+    const message = String(frame.message ?? "");
+    if (id === CONNECT_ID && this.phase === OPEN) {
+      if (code === "unauthorized") return [{ type: "drop", code: CLOSE_UNAUTHORIZED, reason: message }];
+      return [{ type: "answer", id, frame }];
+    }
+    if (id === null || !this._requests.has(id)) return [{ type: "answer", id, frame }];
+    const s = this._requests.get(id);
+    this._requests.delete(id);
+    if (s === null || this.streams.get(s.topic) !== s || s.request !== id) return NOTHING;
+    return [this._refused(s, code, message, now)];
+  }
+
+  _refused(s, code, message, now) {
+    s.request = null;
+    s.resuming = false;
+    if (TRANSIENT_ERRORS.has(code)) {
+      const delay = Math.max(this.settings.minDelay, uniform(this.random, 0, this.backoff.cap(s.tries)));
+      s.tries += 1;
+      s.state = RETRY;
+      s.retryAt = now + delay;
+      this._due = Math.min(this._due, s.retryAt);
+      return { type: "subscribeError", topic: s.topic, code, message, retryAt: s.retryAt };
+    }
+    this.streams.delete(s.topic);
+    return { type: "subscribeError", topic: s.topic, code, message, retryAt: null };
+  }
+
+  _timers(now, late) {
+    if (this.phase === CONNECTING || this.phase === OPEN) {
+      if (now - this._attemptAt > this.settings.connectTimeout) {
+        this._due = Infinity;
+        return [{ type: "drop", code: null, reason: "connect timeout" }];
+      }
+      return NOTHING;
+    }
+    if (this.phase !== READY) {
+      this._due = Infinity;
+      return NOTHING;
+    }
+    const grace = late && this._lastPing <= this.lastRx;
+    if (grace) {
+      // We were paused, with nothing of ours unanswered: our pause is not the
+      // gateway's silence. Ping now and give it pingTimeout to answer.
+      this.lastRx = Math.max(this.lastRx, now - this.interval);
+    }
+    if (now - this.lastRx > this.deadline) {
+      this._due = this._late = Infinity; // once: the host closes, then reports closed()
+      return [{ type: "drop", code: CLOSE_HEARTBEAT_TIMEOUT, reason: "heartbeat timeout" }];
+    }
+    const out = [];
+    if (this._pingEvery && (grace || now - this._lastPing >= this._pingEvery)) {
+      this._lastPing = now;
+      out.push(PING);
+    }
+    for (const s of this.streams.values()) {
+      if (s.state === RETRY && s.retryAt !== null && s.retryAt <= now) out.push(this._subscribe(s));
+    }
+    this._reschedule();
+    return out;
+  }
+
+  _reschedule() {
+    let due = this.lastRx + this.deadline;
+    if (this._pingEvery) due = Math.min(due, this._lastPing + this._pingEvery);
+    for (const s of this.streams.values()) if (s.retryAt !== null) due = Math.min(due, s.retryAt);
+    this._due = due;
   }
 }
 
@@ -215,9 +613,6 @@ export class FanrouteError extends Error {
 }
 
 // --- The client ---------------------------------------------------------------------
-
-const DEFAULT_PING_INTERVAL = 25000;
-const DEFAULT_PING_TIMEOUT = 8000;
 
 function reportError(err) {
   // A throwing handler must not break the client; the page still sees the error.
@@ -243,30 +638,34 @@ export class FanrouteClient {
       WebSocket: options.WebSocket ?? globalThis.WebSocket,
       random,
     };
-    this.backoff = new Backoff({
+    const first = Math.floor(random() * this.urls.length) % this.urls.length;
+    this._core = new ClientCore(this.urls, {
       minDelay: options.minDelay ?? 100,
       maxDelay: options.maxDelay ?? 10000,
-      resetAfter: options.resetAfter ?? 5000,
-      random,
-    });
+      backoffReset: options.resetAfter ?? 5000,
+      pingInterval: this.options.pingInterval,
+      pingTimeout: this.options.pingTimeout,
+      connectTimeout: this.options.connectTimeout,
+    }, { random, firstUrl: first });
+    this.backoff = this._core.backoff;
     this.state = "disconnected";
     this.url = null; // the gateway currently connected to
     this.session = null;
     this.lastClose = null; // {code, reason} of the last connection that ended
-    this.stats = { connects: 0, duplicates: 0, gaps: 0, unrecovered: 0 };
-    this._next = Math.floor(random() * this.urls.length) % this.urls.length;
     this._attempt = 0;
     this._ws = null;
-    this._ids = 1;
+    this._wsUrl = null;
     this._handlers = new Map(); // event -> Set<fn>
-    this._topics = new Map(); // topic -> {handlers, tracker, id, retry, tries}
-    this._requests = new Map(); // id -> {kind: "subscribe"|"publish", ...}
+    this._topics = new Map(); // topic -> Set<{handler}>
+    this._requests = new Map(); // id -> publish waiting for its answer
     this._queue = []; // publishes waiting for a connection
-    this._timers = { reconnect: null, connect: null, heartbeat: null };
+    this._timers = { reconnect: null, tick: null };
     this._stopped = true;
-    this._connectedAt = 0;
-    this._lastRx = 0;
-    this._lastPing = 0;
+  }
+
+  /** Counts so far: connects, duplicates dropped, gaps repaired, unrecovered. */
+  get stats() {
+    return this._core.stats;
   }
 
   // --- events --------------------------------------------------------------------
@@ -306,8 +705,7 @@ export class FanrouteClient {
   connect() {
     if (!this._stopped) return;
     this._stopped = false;
-    this.backoff.reset();
-    this._open();
+    this._apply(this._core.start(Date.now()));
   }
 
   /** Close the connection and stop reconnecting. Subscriptions are kept: a later
@@ -315,6 +713,7 @@ export class FanrouteClient {
   close(code = CLOSE_NORMAL, reason = "client closed") {
     if (this._stopped && this._ws === null) return;
     this._stopped = true;
+    this._core.stop();
     const ws = this._ws;
     this._detach();
     if (ws !== null) {
@@ -336,21 +735,21 @@ export class FanrouteClient {
       throw new FanrouteError("bad_request", `invalid topic ${JSON.stringify(topic)}`);
     }
     if (typeof handler !== "function") throw new TypeError("subscribe needs a handler function");
-    let entry = this._topics.get(topic);
-    if (!entry) {
-      entry = { handlers: new Set(), tracker: new SeqTracker(), id: null, retry: null, tries: 0 };
-      this._topics.set(topic, entry);
-      if (this.state === "connected") this._sendSubscribe(topic, entry);
+    let boxes = this._topics.get(topic);
+    if (!boxes) {
+      boxes = new Set();
+      this._topics.set(topic, boxes);
+      this._apply(this._core.subscribe(topic));
     }
     // Wrap so the same function can be subscribed twice and removed once.
     const box = { handler };
-    entry.handlers.add(box);
-    return () => this._unsubscribe(topic, entry, box);
+    boxes.add(box);
+    return () => this._unsubscribe(topic, boxes, box);
   }
 
   /** The position the page reached in `topic`: `{epoch, seq}`, or null. */
   position(topic) {
-    return this._topics.get(topic)?.tracker.since() ?? null;
+    return this._core.position(topic);
   }
 
   /** The topics subscribed to. */
@@ -378,7 +777,7 @@ export class FanrouteClient {
         reject(new FanrouteError("closed", "the client is not connecting (call connect())"));
         return;
       }
-      const item = { kind: "publish", topic, payload, resolve, reject, timer: null, id: null };
+      const item = { topic, payload, resolve, reject, timer: null, id: null };
       item.timer = setTimeout(() => {
         this._forget(item);
         reject(new FanrouteError("timeout", `no answer to publish on ${topic}`));
@@ -388,26 +787,98 @@ export class FanrouteClient {
     });
   }
 
+  // --- the core's actions ----------------------------------------------------------
+
+  /** Carry out what the core asked for, in order (`frame`: the frame that caused them). */
+  _apply(actions, frame) {
+    for (const a of actions) {
+      switch (a.type) {
+        case "deliver":
+          this._deliver(frame);
+          break;
+        case "send":
+          this._send(a.frame);
+          break;
+        case "ping":
+          this._send({ type: "ping", ts: Date.now() });
+          break;
+        case "connect":
+          this._open(a.url);
+          break;
+        case "ready":
+          this._onReady(a);
+          break;
+        case "subscribed":
+          this._emit("subscribed", { topic: a.topic, epoch: a.epoch, seq: a.seq, recovered: a.recovered, resumed: a.resumed });
+          break;
+        case "unrecovered":
+          this._emit("unrecovered", { topic: a.topic, epoch: a.epoch, seq: a.seq, previous: a.previous });
+          break;
+        case "subscribeError": {
+          const final = a.retryAt === null;
+          if (final) this._topics.delete(a.topic); // ended: its handlers hear nothing more
+          this._emit("error", { topic: a.topic, code: a.code, message: a.message, final, retryIn: final ? null : a.retryAt - Date.now() });
+          break;
+        }
+        case "answer":
+          this._onAnswer(a);
+          break;
+        case "drop":
+          if (a.code === CLOSE_UNAUTHORIZED) this._emit("error", { code: "unauthorized", message: a.reason });
+          this._drop(a.code, a.reason);
+          return;
+        case "reconnect":
+        case "stop":
+          break; // only closed() returns these, and _lost() handles them
+      }
+    }
+  }
+
+  _deliver(frame) {
+    const boxes = this._topics.get(frame.topic);
+    if (!boxes) return;
+    const ctx = { topic: frame.topic, seq: frame.seq };
+    if (Number.isInteger(frame.skipped) && frame.skipped > 0) ctx.skipped = frame.skipped;
+    for (const box of [...boxes]) {
+      try {
+        box.handler(frame.payload, ctx);
+      } catch (err) {
+        reportError(err);
+      }
+    }
+  }
+
+  _onReady(a) {
+    this.url = this._wsUrl;
+    this.session = a.session;
+    this._attempt = 0;
+    this._startTicker(); // the gateway's ping settings change the period
+    this._setState("connected");
+    for (const item of this._queue.splice(0)) this._sendPublish(item);
+    this._emit("connected", { url: this.url, session: this.session });
+  }
+
+  _onAnswer(a) {
+    const msg = a.frame;
+    const item = a.id !== null ? this._requests.get(a.id) : undefined;
+    if (item !== undefined) {
+      this._requests.delete(a.id);
+      clearTimeout(item.timer);
+      if (msg.type === "error") item.reject(new FanrouteError(msg.code ?? "error", msg.message ?? ""));
+      else item.resolve(msg.seq);
+    } else if (msg.type === "error") {
+      this._emit("error", { code: msg.code ?? "error", message: msg.message ?? "" });
+    }
+  }
+
   // --- the wire ------------------------------------------------------------------
 
   _send(frame) {
-    this._ws.send(JSON.stringify(frame));
-  }
-
-  _sendSubscribe(topic, entry) {
-    clearTimeout(entry.retry);
-    entry.retry = null;
-    const id = this._ids++;
-    const frame = { type: "subscribe", topic, id };
-    const since = entry.tracker.subscribing();
-    if (since !== null) frame.since = since;
-    entry.id = id;
-    this._requests.set(id, { kind: "subscribe", topic, entry });
-    this._send(frame);
+    this._ws?.send(JSON.stringify(frame));
   }
 
   _sendPublish(item) {
-    item.id = this._ids++;
+    item.id = this._core.nextId();
     this._requests.set(item.id, item);
     this._send({ type: "publish", topic: item.topic, payload: item.payload, id: item.id });
   }
@@ -418,19 +889,22 @@ export class FanrouteClient {
     if (i >= 0) this._queue.splice(i, 1);
   }
 
-  _unsubscribe(topic, entry, box) {
-    if (!entry.handlers.delete(box) || entry.handlers.size > 0) return;
-    if (this._topics.get(topic) !== entry) return;
+  _unsubscribe(topic, boxes, box) {
+    if (!boxes.delete(box) || boxes.size > 0) return;
+    if (this._topics.get(topic) !== boxes) return;
     this._topics.delete(topic);
-    clearTimeout(entry.retry);
-    if (this.state === "connected") this._send({ type: "unsubscribe", topic });
+    this._apply(this._core.unsubscribe(topic));
   }
 
-  _open() {
+  _startTicker() {
+    clearInterval(this._timers.tick);
+    this._timers.tick = setInterval(() => this._apply(this._core.tick(Date.now())), this._core.checkPeriod);
+  }
+
+  _open(url) {
     this._timers.reconnect = null;
-    const url = this.urls[this._next];
-    this._next = (this._next + 1) % this.urls.length;
     this._attempt += 1;
+    this._core.settings.token = this.options.token; // read at every attempt
     this._setState("connecting");
     this._emit("connecting", { url, attempt: this._attempt });
     let ws;
@@ -438,21 +912,16 @@ export class FanrouteClient {
       ws = new this.options.WebSocket(url);
     } catch (err) {
       // A malformed URL: no point retrying it, but others in the list may work.
-      this._lost(1006, String(err?.message ?? err), url);
+      this._lost(CLOSE_ABNORMAL, String(err?.message ?? err), url);
       return;
     }
     this._ws = ws;
     this._wsUrl = url;
     ws.onopen = () => {
-      if (this._ws !== ws) return;
-      const hello = { type: "connect", id: 0 };
-      if (this.options.token !== null) hello.token = this.options.token;
-      this._send(hello);
+      if (this._ws === ws) this._apply(this._core.opened(Date.now()));
     };
     ws.onmessage = (event) => {
-      if (this._ws !== ws) return;
-      this._lastRx = Date.now();
-      this._receive(event.data);
+      if (this._ws === ws) this._receive(event.data);
     };
     ws.onclose = (event) => {
       if (this._ws !== ws) return;
@@ -460,7 +929,7 @@ export class FanrouteClient {
       this._lost(event.code, event.reason ?? "", url);
     };
     ws.onerror = () => {}; // a close event always follows
-    this._timers.connect = setTimeout(() => this._drop(4000, "connect timeout"), this.options.connectTimeout);
+    this._startTicker();
   }
 
   /** Abandon the current socket from our side and go on as if it had closed. */
@@ -470,20 +939,20 @@ export class FanrouteClient {
     const url = this._wsUrl;
     this._detach();
     try {
-      ws.close(code, reason);
+      if (code === null) ws.close();
+      else ws.close(code, reason);
     } catch {
       /* a socket still CONNECTING may refuse a code; it is abandoned anyway */
     }
-    this._lost(code, reason, url);
+    this._lost(code ?? CLOSE_ABNORMAL, reason, url);
   }
 
   _detach() {
     const ws = this._ws;
     if (ws !== null) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this._ws = null;
-    clearTimeout(this._timers.connect);
-    clearInterval(this._timers.heartbeat);
-    this._timers.connect = this._timers.heartbeat = null;
+    clearInterval(this._timers.tick);
+    this._timers.tick = null;
   }
 
   _receive(data) {
@@ -495,167 +964,28 @@ export class FanrouteClient {
       this._emit("error", { code: "bad_frame", message: "a frame from the gateway is not JSON" });
       return;
     }
-    if (msg === null || typeof msg !== "object") return;
-    const type = msg.type;
-    if (type === undefined || type === "message") {
-      this._onMessage(msg);
-    } else if (type === "pong") {
-      // liveness only: _lastRx is already updated
-    } else if (type === "connected") {
-      this._onConnected(msg);
-    } else if (type === "subscribed") {
-      this._onSubscribed(msg);
-    } else if (type === "published") {
-      const item = this._requests.get(msg.id);
-      if (item?.kind === "publish") {
-        this._requests.delete(msg.id);
-        clearTimeout(item.timer);
-        item.resolve(msg.seq);
-      }
-    } else if (type === "error") {
-      this._onError(msg);
-    }
-  }
-
-  _onConnected(msg) {
-    if (this.state === "connected") return;
-    clearTimeout(this._timers.connect);
-    this._timers.connect = null;
-    this.url = this._wsUrl;
-    this.session = msg.session ?? null;
-    this._attempt = 0;
-    this.stats.connects += 1;
-    const now = Date.now();
-    this._connectedAt = this._lastRx = this._lastPing = now;
-    const interval = this.options.pingInterval ?? (msg.ping_interval > 0 ? msg.ping_interval * 1000 : DEFAULT_PING_INTERVAL);
-    const timeout = this.options.pingTimeout ?? (msg.ping_timeout > 0 ? msg.ping_timeout * 1000 : DEFAULT_PING_TIMEOUT);
-    this._startHeartbeat(interval, timeout);
-    this._setState("connected");
-    for (const [topic, entry] of this._topics) this._sendSubscribe(topic, entry);
-    for (const item of this._queue.splice(0)) this._sendPublish(item);
-    this._emit("connected", { url: this.url, session: this.session });
-  }
-
-  _startHeartbeat(interval, timeout) {
-    // Dead means: a ping went out, nothing at all came back since, for `timeout`.
-    // Judged from the last ping rather than from a fixed silence window, because a
-    // background tab's timers may fire a minute late: a late tick then sends a
-    // fresh ping instead of mistaking the browser's own throttling for silence.
-    const tick = Math.max(10, Math.min(interval, timeout) / 4);
-    this._timers.heartbeat = setInterval(() => {
-      const now = Date.now();
-      if (this._lastRx < this._lastPing) {
-        if (now - this._lastPing > timeout) this._drop(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout");
-        return;
-      }
-      if (now - this._lastPing >= interval) {
-        this._lastPing = now;
-        this._send({ type: "ping", ts: now });
-      }
-    }, tick);
-  }
-
-  _onMessage(msg) {
-    const entry = this._topics.get(msg.topic);
-    if (!entry) return;
-    const verdict = entry.tracker.onMessage(msg.seq);
-    if (verdict === "duplicate") {
-      this.stats.duplicates += 1;
-    } else if (verdict === "gap") {
-      // Ask again from the last message we have; the missed ones come first.
-      this.stats.gaps += 1;
-      this._send({ type: "unsubscribe", topic: msg.topic });
-      this._sendSubscribe(msg.topic, entry);
-    } else if (verdict === "deliver") {
-      const ctx = { topic: msg.topic, seq: msg.seq };
-      for (const box of [...entry.handlers]) {
-        try {
-          box.handler(msg.payload, ctx);
-        } catch (err) {
-          reportError(err);
-        }
-      }
-    }
-  }
-
-  _onSubscribed(msg) {
-    let entry;
-    const solicited = msg.id !== undefined && msg.id !== null;
-    if (solicited) {
-      const req = this._requests.get(msg.id);
-      if (req?.kind !== "subscribe") return;
-      this._requests.delete(msg.id);
-      entry = req.entry;
-      if (this._topics.get(req.topic) !== entry || entry.id !== msg.id) return; // stale
-    } else {
-      entry = this._topics.get(msg.topic);
-      if (!entry) return;
-    }
-    const resuming = entry.tracker.resuming;
-    const lost = entry.tracker.onSubscribed(msg, solicited);
-    entry.tries = 0;
-    if (solicited) {
-      this._emit("subscribed", {
-        topic: msg.topic, epoch: msg.epoch, seq: msg.seq, recovered: msg.recovered === true, resumed: resuming,
-      });
-    }
-    if (lost !== null) {
-      this.stats.unrecovered += 1;
-      this._emit("unrecovered", { topic: msg.topic, ...lost });
-    }
-  }
-
-  _onError(msg) {
-    const error = new FanrouteError(msg.code ?? "error", msg.message ?? "");
-    const req = msg.id !== undefined ? this._requests.get(msg.id) : undefined;
-    if (msg.id === 0 && this.state === "connecting") {
-      // The connect frame was refused (a bad token): the gateway closes next.
-      this._emit("error", { code: error.code, message: error.reason });
-      if (error.code === "unauthorized") this._drop(CLOSE_UNAUTHORIZED, error.reason);
-      return;
-    }
-    if (req?.kind === "publish") {
-      this._requests.delete(msg.id);
-      clearTimeout(req.timer);
-      req.reject(error);
-      return;
-    }
-    if (req?.kind === "subscribe") {
-      this._requests.delete(msg.id);
-      const entry = req.entry;
-      this._emit("error", { topic: req.topic, code: error.code, message: error.reason });
-      if (this._topics.get(req.topic) !== entry || entry.id !== msg.id) return;
-      entry.tracker.reset();
-      if (error.code === "unavailable" || error.code === "rate_limited") {
-        // The shard is away for a moment: ask again later, with the same backoff shape.
-        const cap = this.backoff.cap(entry.tries++);
-        entry.retry = setTimeout(() => {
-          entry.retry = null;
-          if (this.state === "connected" && this._topics.get(req.topic) === entry) this._sendSubscribe(req.topic, entry);
-        }, Math.max(this.backoff.minDelay, this.options.random() * cap));
-      }
-      return;
-    }
-    this._emit("error", { code: error.code, message: error.reason });
+    if (msg === null || typeof msg !== "object" || Array.isArray(msg)) return;
+    this._apply(this._core.received(msg, Date.now()), msg);
   }
 
   /** A socket ended (or never opened): settle requests, then reconnect or stop. */
   _lost(code, reason, url) {
-    const wasConnected = this.state === "connected";
-    if (wasConnected) this.backoff.connectionLasted(Date.now() - this._connectedAt);
     if (this._stopped) return;
-    const delay = reconnectDelay(code, this.backoff, this.options.random);
-    if (delay === null) {
-      this._stopped = true;
-      this._ended(code, reason, "terminal");
-      return;
+    for (const a of this._core.closed(code, Date.now(), reason)) {
+      if (a.type === "stop") {
+        this._stopped = true;
+        this._ended(code, reason, "terminal");
+        return;
+      }
+      if (a.type === "reconnect") {
+        this._settle(code);
+        this.lastClose = { code, reason };
+        this.url = this.session = null;
+        this._setState("connecting");
+        this._emit("disconnected", { code, reason, url, reconnect: true, delay: a.delay });
+        this._timers.reconnect = setTimeout(() => this._apply(this._core.connect(Date.now())), a.delay);
+      }
     }
-    this._settle(code);
-    this.lastClose = { code, reason };
-    this.url = this.session = null;
-    this._setState("connecting");
-    this._emit("disconnected", { code, reason, url, reconnect: true, delay });
-    this._timers.reconnect = setTimeout(() => this._open(), delay);
   }
 
   /** No more reconnecting: after close() or a terminal close code. */
@@ -675,17 +1005,10 @@ export class FanrouteClient {
   }
 
   _settle(code) {
-    for (const [id, req] of this._requests) {
-      if (req.kind === "publish") {
-        clearTimeout(req.timer);
-        req.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came; the publication may or may not have happened`));
-      }
+    for (const [id, item] of this._requests) {
+      clearTimeout(item.timer);
+      item.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came; the publication may or may not have happened`));
       this._requests.delete(id);
-    }
-    for (const entry of this._topics.values()) {
-      entry.tracker.reset();
-      clearTimeout(entry.retry);
-      entry.retry = null;
     }
   }
 }

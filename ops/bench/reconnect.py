@@ -65,6 +65,7 @@ from typing import Any
 
 import orjson
 
+from fanroute import clientcore as cc
 from fanroute import localcluster
 from fanroute.errors import BenchError
 from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, machine, split_frames
@@ -233,59 +234,66 @@ class _Loop:
         self.max_delay = opts["max_delay"]
         self.connect_timeout = opts["connect_timeout"]
         self.client_ping = opts["client_ping"]
-        self.ids = 0
 
     def later(self, at: float, client: Any) -> None:
         self.tick += 1
         heapq.heappush(self.timers, (at, self.tick, client))
 
 
+DELIVERED = cc.DELIVERED  # what ClientCore.message returns for an in-order message
+
+
 class LightClient:
     """A subscriber that does what ``fanroute.client.Client`` does, without trio.
 
-    Connects to ``urls`` in turn, sends ``connect`` and ``subscribe`` (with ``since``
-    once it has a stream position), answers WebSocket pings, sends an application ping
-    every ``--client-ping`` seconds, counts a connection dead after
-    ``ping_interval + ping_timeout`` of silence (values from the ``connected`` reply),
-    and reconnects after a full-jitter backoff delay, rotating to the next URL.
+    Every rule — URL rotation, backoff and close codes, resubscription with ``since``,
+    duplicate drop and gap repair, the ``ping_interval + ping_timeout`` deadline, the
+    application pings (every ``--client-ping`` seconds) — is
+    :class:`fanroute.clientcore.ClientCore`'s, the SDK's and ``fanroute.js``'s one
+    core; this class moves bytes between a non-blocking socket and it, and keeps the
+    audit (:class:`Track`). It is *eager*: ``connect`` and ``subscribe`` go out in one
+    write (the bench's gateways are anonymous), as before.
+
+    The per-message path stays cheap: a message frame is recognised by its first
+    bytes, only its ``seq`` is parsed, and :meth:`ClientCore.message` returns the shared
+    :data:`~fanroute.clientcore.DELIVERED` tuple for an in-order one.
     """
 
     def __init__(self, loop: _Loop, urls: list[tuple[str, int, int]], rng: random.Random) -> None:
-        from fanroute.backoff import Backoff
-
         self.loop = loop
-        self.urls = urls
-        self.ui = 0
-        self.backoff = Backoff(min_delay=loop.min_delay, max_delay=loop.max_delay, reset_after=5.0, rng=rng)
-        self.rng = rng
+        settings = cc.Settings(
+            min_delay=loop.min_delay, max_delay=loop.max_delay, backoff_reset=5.0,
+            connect_timeout=loop.connect_timeout, app_ping=loop.client_ping, eager=True,
+        )
+        self.core: cc.ClientCore[tuple[str, int, int]] = cc.ClientCore(urls, settings, rng=rng)
+        self.core.subscribe(loop.topic)
+        self.stream = self.core.streams[loop.topic]
+        self._message = self.core.message  # bound once: on_message runs per message
+        self._topic = loop.topic
         self.state = IDLE
-        self.sub = NONE
+        self.sub = NONE  # the stream's state, mirrored for the worker's sweep
         self.sock: socket.socket | None = None
+        self.url: tuple[str, int, int] | None = None
         self.rest = b""
-        self.t_state = 0.0
-        self.healthy_since: float | None = None
-        self.last_rx = 0.0
-        self.last_ping = 0.0
-        self.deadline = 2.0
-        self.ping_every = loop.client_ping
-        self.epoch: str | None = None
-        self.close_code: int | None = None
         self.track = Track()
 
     # --- connecting -----------------------------------------------------------
 
     def connect(self, now: float) -> None:
-        host, port, gw = self.urls[self.ui]
+        actions = self.core.connect(now)
+        if not actions:
+            return  # stopped by a terminal close code
+        self.url = host, port, _ = actions[0].url
         self.track.on_attempt()
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = s.connect_ex((host, port))
-        self.sock, self.rest, self.close_code = s, b"", None
+        self.sock, self.rest = s, b""
+        self.state = CONNECTING
         if err not in (0, errno.EINPROGRESS):
             self.fail(now, f"connect: {errno.errorcode.get(err, err)}")
             return
-        self.state, self.t_state = CONNECTING, now
         self.loop.sel.register(s, selectors.EVENT_WRITE, self)
 
     def on_writable(self, now: float) -> None:
@@ -293,7 +301,7 @@ class LightClient:
         if err:
             self.fail(now, f"connect: {errno.errorcode.get(err, err)}")
             return
-        host, port, _ = self.urls[self.ui]
+        host, port, _ = self.url
         try:
             self.sock.send(_handshake(host, port))
         except OSError as exc:
@@ -302,9 +310,10 @@ class LightClient:
         self.state = HANDSHAKE
         self.loop.sel.modify(self.sock, selectors.EVENT_READ, self)
 
-    def fail(self, now: float, why: str) -> None:
-        """The connection (or the attempt) ended: back off, then try the next URL."""
-        was_open = self.state == OPEN
+    def fail(self, now: float, why: str, code: int | None = None) -> None:
+        """The connection (or the attempt) ended: the core says when to try again."""
+        if self.state == IDLE:
+            return
         if self.sock is not None:
             try:
                 self.loop.sel.unregister(self.sock)
@@ -312,17 +321,14 @@ class LightClient:
                 pass
             self.sock.close()
             self.sock = None
-        if was_open:
+        if self.state == OPEN:
             self.track.on_disconnect(now, why)
-        self.state, self.sub, self.rest = IDLE, NONE, b""
-        if self.healthy_since is not None:
-            self.backoff.connection_lasted(now - self.healthy_since)
-            self.healthy_since = None
-        delay = self.backoff.next_delay()
-        if self.close_code == 1012:
-            delay = min(delay, self.rng.uniform(0, 1.0))
-        self.ui = (self.ui + 1) % len(self.urls)
-        self.loop.later(now + delay, self)
+        self.state, self.rest = IDLE, b""
+        for action in self.core.closed(code, now, why):
+            if type(action) is cc.ReconnectAt:
+                self.loop.later(action.at, self)
+            # Stop (4001, 4003, 1008): nothing is scheduled, the client stays down.
+        self.sub = NONE
 
     def send(self, data: bytes) -> None:
         try:
@@ -330,22 +336,11 @@ class LightClient:
         except OSError:
             pass  # the read side notices the broken connection
 
-    def _subscribe_frame(self) -> bytes:
-        self.loop.ids += 1
-        frame: dict[str, Any] = {"type": "subscribe", "topic": self.loop.topic, "id": self.loop.ids}
-        if self.epoch is not None:
-            frame["since"] = {"epoch": self.epoch, "seq": self.track.hi}
-        return client_frame(orjson.dumps(frame))
-
     def on_open(self, now: float) -> None:
         self.state = OPEN
-        self.healthy_since = self.last_rx = now
-        self.last_ping = now - self.rng.uniform(0, self.ping_every or 1.0)  # spread the pings
-        self.track.gw = self.urls[self.ui][2]
-        self.sub = PENDING
-        # connect and subscribe in one write: anonymous access needs no wait for
-        # `connected`, whose ping settings are taken when it arrives.
-        self.send(client_frame(b'{"type":"connect","id":0}') + self._subscribe_frame())
+        self.track.gw = self.url[2]
+        # `connect` and `subscribe` in one write (eager): no wait for `connected`.
+        self.act(now, self.core.opened(now))
 
     # --- reading --------------------------------------------------------------
 
@@ -371,7 +366,8 @@ class LightClient:
                 return
             buf = buf[end + 4 :]
             self.on_open(now)
-        self.last_rx = now
+        core = self.core
+        core.heard(now)
         frames, rest_at = split_frames(buf)
         for op, start, end in frames:
             if op == 0x1:
@@ -379,71 +375,68 @@ class LightClient:
                     at = buf.rfind(b'"seq":', start, end)
                     self.on_message(now, int(buf[at + 6 : end - 1]))
                 elif not buf.startswith(_PONG, start):
-                    self.on_control(now, orjson.loads(buf[start:end]))
+                    self.act(now, core.received(orjson.loads(buf[start:end]), now))
                     if self.state != OPEN:
                         return
             elif op == 0x9:
                 self.send(client_frame(bytes(buf[start:end]), 0xA))
             elif op == 0x8:
-                self.close_code = int.from_bytes(buf[start : start + 2], "big") if end - start >= 2 else 1005
-                self.fail(now, f"close {self.close_code}")
+                code = int.from_bytes(buf[start : start + 2], "big") if end - start >= 2 else 1005
+                self.fail(now, f"close {code}", code)
                 return
         self.rest = buf[rest_at:]
 
     def on_message(self, now: float, seq: int) -> None:
+        actions = self._message(self._topic, seq)
         track = self.track
-        if self.sub != ACTIVE:
-            return  # not confirmed yet: the subscribed reply says where we stand
-        if seq <= track.hi:
-            track.dups += 1
-            return
-        if seq != track.hi + 1:
-            # A gap: ask again from the last message we have (as the SDK does).
-            track.gaps += 1
-            self.sub = PENDING
-            self.send(
-                client_frame(orjson.dumps({"type": "unsubscribe", "topic": self.loop.topic})) + self._subscribe_frame()
-            )
-            return
-        track.hi = seq
-        track.received += 1
-        if track.live_t is None:
-            track.on_live(now, seq)
+        if actions is DELIVERED:
+            track.hi = seq
+            track.received += 1
+            if track.live_t is None:
+                track.on_live(now, seq)
+        elif actions:
+            track.gaps = self.stream.gaps
+            self.act(now, actions)  # a gap: unsubscribe + subscribe with since
+        else:
+            track.dups = self.stream.duplicates
 
-    def on_control(self, now: float, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "subscribed":
-            track = self.track
-            epoch, seq, recovered = msg["epoch"], msg["seq"], msg.get("recovered", False)
-            was_recovering = self.epoch is not None and (self.sub == PENDING or msg.get("id") is None)
-            if was_recovering and not recovered:
+    def act(self, now: float, actions: Any) -> None:
+        """Carry out the core's actions; the audit follows what they say."""
+        out = []
+        track = self.track
+        for a in actions:
+            kind = type(a)
+            if kind is cc.Send:
+                out.append(client_frame(orjson.dumps(a.frame)))
+            elif kind is cc.Ping:
+                out.append(client_frame(b'{"type":"ping","ts":%d}' % int(time.time() * 1000)))
+            elif kind is cc.Subscribed:
+                if not a.resumed:
+                    track.hi = a.seq  # a first subscribe starts at the stream's head
+                track.on_subscribed(now, a.seq)
+                if track.sub_t == now:
+                    track.sub_recovered = a.recovered
+            elif kind is cc.Unrecovered:
                 track.unrecovered += 1
-                if seq > track.hi:
-                    track.lost += seq - track.hi
-                track.hi = seq
-            elif not recovered:
-                track.hi = seq
-            self.epoch = epoch
-            self.sub = ACTIVE
-            track.on_subscribed(now, seq)
-            if track.sub_t == now:
-                track.sub_recovered = bool(recovered)
-        elif kind == "connected":
-            pi, pt = msg.get("ping_interval", 25), msg.get("ping_timeout", 8)
-            self.deadline = float(pi) + float(pt)
-        elif kind == "error":
-            if self.sub == PENDING:
-                self.fail(now, f"error {msg.get('code')}")
+                if a.seq > track.hi:
+                    track.lost += a.seq - track.hi
+                track.hi = a.seq
+            elif kind is cc.Drop:
+                if out:
+                    self.send(b"".join(out))
+                self.fail(now, "heartbeat" if a.code == 4009 else a.reason, a.code)
+                return
+            # Ready, Answer, SubscribeError (retried by the core, or the topic ended:
+            # the stream leaves ACTIVE and the audit shows it) need nothing here.
+        if out:
+            self.send(b"".join(out))
+        state = self.stream.state if self.core.streams.get(self.loop.topic) is self.stream else None
+        self.sub = ACTIVE if state is cc.ACTIVE else PENDING if state in (cc.PENDING, cc.RETRY) else NONE
 
     def sweep(self, now: float) -> None:
-        if self.state == OPEN:
-            if now - self.last_rx > self.deadline:
-                self.fail(now, "heartbeat")
-            elif self.ping_every and now - self.last_ping >= self.ping_every:
-                self.last_ping = now
-                self.send(client_frame(b'{"type":"ping","ts":%d}' % int(time.time() * 1000)))
-        elif self.state in (CONNECTING, HANDSHAKE) and now - self.t_state > self.loop.connect_timeout:
-            self.fail(now, "connect timeout")
+        actions = self.core.tick(now)
+        if actions:
+            self.act(now, actions)
 
 
 def _plan_urls(endpoints: list[tuple[str, int]], first: int) -> list[tuple[str, int, int]]:

@@ -1,16 +1,21 @@
-// Unit tests of fanroute.js: the pure parts, and the client against a fake socket
-// with mocked timers. Run: node --test gateway/static/tests/
+// Unit tests of fanroute.js: the pure parts, the shared client cases, and the client
+// against a fake socket with mocked timers. Run: node --test gateway/static/tests/
 import { test, describe, beforeEach, afterEach, mock } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 
 import {
   Backoff,
+  ClientCore,
+  DELIVERED,
   FanrouteClient,
   FanrouteError,
+  NOTHING,
   RESTART_WINDOW,
-  SeqTracker,
+  TERMINAL_CLOSE_CODES,
   isValidTopic,
   reconnectDelay,
+  reconnectRule,
 } from "../fanroute.js";
 
 // --- Backoff ---------------------------------------------------------------------
@@ -57,9 +62,11 @@ describe("Backoff", () => {
 describe("reconnectDelay", () => {
   const backoff = () => new Backoff({ minDelay: 100, maxDelay: 8000, random: () => 0.5 });
 
-  test("4001 and 1008 stop reconnecting", () => {
+  test("4001, 4003 and 1008 stop reconnecting", () => {
     assert.equal(reconnectDelay(4001, backoff()), null);
+    assert.equal(reconnectDelay(4003, backoff()), null);
     assert.equal(reconnectDelay(1008, backoff()), null);
+    assert.deepEqual([...TERMINAL_CLOSE_CODES].sort(), [1008, 4001, 4003]);
   });
 
   test("1012 comes back within the restart window even after many attempts", () => {
@@ -91,79 +98,127 @@ test("isValidTopic follows the protocol's character set", () => {
   for (const t of ["", "a b", "quote\"", "é", "9".repeat(257), null, 42]) assert.ok(!isValidTopic(t), String(t));
 });
 
-// --- SeqTracker --------------------------------------------------------------------
+// --- The shared cases (tests/data/client_cases.json, also run by tests/unit/test_clientcore.py) ---
 
-describe("SeqTracker", () => {
-  test("a first subscribe starts at the stream's head", () => {
-    const t = new SeqTracker();
-    assert.equal(t.subscribing(), null);
-    assert.equal(t.onMessage(3), "ignore"); // before the answer
-    assert.equal(t.onSubscribed({ epoch: "e1", seq: 7, recovered: false }), null);
-    assert.equal(t.onMessage(8), "deliver");
-    assert.equal(t.onMessage(9), "deliver");
-    assert.deepEqual(t.since(), { epoch: "e1", seq: 9 });
+const TABLE = JSON.parse(readFileSync(new URL("../../../tests/data/client_cases.json", import.meta.url), "utf8"));
+
+// The table is in seconds and snake_case; fanroute.js works in milliseconds.
+const MS = new Set(["min_delay", "max_delay", "backoff_reset", "ping_interval", "ping_timeout", "app_ping", "connect_timeout", "restart_window"]);
+const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+const ms = (s) => (s === null ? null : s * 1000);
+const sec = (m) => (m === null ? null : m / 1000);
+
+function settingsOf(c) {
+  const out = {};
+  for (const [k, v] of Object.entries({ ...TABLE.settings_defaults, ...c.settings })) out[camel(k)] = MS.has(k) ? ms(v) : v;
+  return out;
+}
+
+function scripted(draws) {
+  let i = 0;
+  return () => draws[i++ % draws.length];
+}
+
+function canonical(a) {
+  switch (a.type) {
+    case "connect": return { type: "connect", url: a.url };
+    case "send": return { type: "send", frame: a.frame };
+    case "ping": return { type: "ping" };
+    case "deliver": return { type: "deliver" };
+    case "subscribed": return { type: "subscribed", topic: a.topic, epoch: a.epoch, seq: a.seq, recovered: a.recovered, resumed: a.resumed };
+    case "unrecovered": return { type: "unrecovered", topic: a.topic, epoch: a.epoch, seq: a.seq, previous: a.previous };
+    case "subscribeError": return { type: "subscribe_error", topic: a.topic, code: a.code, retry_at: sec(a.retryAt) };
+    case "ready": return { type: "ready", session: a.session };
+    case "answer": return { type: "answer", id: a.id };
+    case "drop": return { type: "drop", code: a.code };
+    case "reconnect": return { type: "reconnect", at: sec(a.at), delay: sec(a.delay) };
+    case "stop": return { type: "stop", code: a.code };
+  }
+  throw new Error(`unknown action ${JSON.stringify(a)}`);
+}
+
+// Deep equality, numbers within 1e-9 (floats in seconds against ms / 1000).
+function same(got, want) {
+  if (typeof want === "number" && !Number.isInteger(want) || typeof got === "number" && !Number.isInteger(got)) {
+    return typeof got === "number" && typeof want === "number" && Math.abs(got - want) <= 1e-9 * Math.max(1, Math.abs(want));
+  }
+  if (Array.isArray(want)) return Array.isArray(got) && got.length === want.length && want.every((w, i) => same(got[i], w));
+  if (want !== null && typeof want === "object") {
+    if (got === null || typeof got !== "object" || Array.isArray(got)) return false;
+    const keys = Object.keys(want);
+    return Object.keys(got).length === keys.length && keys.every((k) => k in got && same(got[k], want[k]));
+  }
+  return got === want;
+}
+
+function run(core, step) {
+  const now = ms(step.now ?? 0);
+  switch (step.do) {
+    case "up":
+      core.connect(now);
+      core.opened(now);
+      return core.received(step.frame, now);
+    case "receive": return core.received(step.frame, now);
+    case "closed": return core.closed(step.code, now);
+    case "start": case "connect": case "opened": case "tick": return core[step.do](now);
+    case "subscribe": case "unsubscribe": return core[step.do](step.topic);
+    case "stop": core.stop(); return [];
+  }
+  throw new Error(`unknown step ${step.do}`);
+}
+
+function state(core, key, want) {
+  switch (key) {
+    case "phase": return core.phase;
+    case "attempt": return core.backoff.attempt;
+    case "deadline": return sec(core.deadline);
+    case "topics": return [...core.streams.keys()];
+    case "position": return Object.fromEntries(Object.keys(want).map((t) => [t, core.position(t)]));
+    case "stream": return Object.fromEntries(Object.keys(want).map((t) => [t, core.streams.get(t)?.state ?? null]));
+    case "stats": return Object.fromEntries(Object.keys(want).map((k) => [k, core.stats[k]]));
+  }
+  throw new Error(`unknown check ${key}`);
+}
+
+describe("shared client cases", () => {
+  test("the table is there and not empty", () => assert.ok(TABLE.cases.length >= 40, String(TABLE.cases.length)));
+  for (const c of TABLE.cases) {
+    test(c.name, () => {
+      const core = new ClientCore(c.urls, settingsOf(c), { random: scripted(c.random) });
+      c.steps.forEach((step, i) => {
+        const where = `step ${i} ${JSON.stringify(step)}`;
+        const got = run(core, step).map(canonical);
+        if ("expect" in step) {
+          const want = step.expect.map((a) => Object.fromEntries(["type", ...TABLE.action_fields[a.type]].map((k) => [k, a[k]])));
+          assert.ok(same(got, want), `${where}\n got  ${JSON.stringify(got)}\n want ${JSON.stringify(want)}`);
+        }
+        for (const [key, want] of Object.entries(step.check ?? {})) {
+          const value = state(core, key, want);
+          assert.ok(same(value, want), `${where}\n ${key}: got ${JSON.stringify(value)}, want ${JSON.stringify(want)}`);
+        }
+      });
+    });
+  }
+
+  test("each close code's rule is the one the table names", () => {
+    for (const c of TABLE.cases.filter((x) => x.name.startsWith("close "))) {
+      const [code, rule] = c.name.slice("close ".length).split(": ");
+      assert.equal(reconnectRule(code === "None" ? null : Number(code)), rule, c.name);
+    }
   });
+});
 
-  test("duplicates are dropped and counted", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 0, recovered: false });
-    assert.equal(t.onMessage(1), "deliver");
-    assert.equal(t.onMessage(1), "duplicate");
-    assert.equal(t.onMessage(0), "duplicate");
-    assert.equal(t.onMessage(2), "deliver");
-    assert.equal(t.duplicates, 2);
-  });
-
-  test("a gap is reported and does not move the position", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 4, recovered: false });
-    assert.equal(t.onMessage(5), "deliver");
-    assert.equal(t.onMessage(7), "gap");
-    assert.equal(t.gaps, 1);
-    assert.deepEqual(t.since(), { epoch: "e", seq: 5 });
-  });
-
-  test("a recovered resubscribe continues from the last seen seq", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 2, recovered: false });
-    t.onMessage(3);
-    t.reset(); // connection lost
-    assert.deepEqual(t.subscribing(), { epoch: "e", seq: 3 });
-    assert.equal(t.onMessage(9), "ignore"); // stale, before the answer
-    assert.equal(t.onSubscribed({ epoch: "e", seq: 6, recovered: true }), null);
-    assert.deepEqual([4, 5, 6, 7].map((s) => t.onMessage(s)), ["deliver", "deliver", "deliver", "deliver"]);
-  });
-
-  test("an unrecovered resubscribe jumps to the new head and says what was lost", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 10, recovered: false });
-    t.subscribing();
-    const lost = t.onSubscribed({ epoch: "f", seq: 3, recovered: false });
-    assert.deepEqual(lost, { epoch: "f", seq: 3, previous: { epoch: "e", seq: 10 } });
-    assert.equal(t.onMessage(4), "deliver");
-  });
-
-  test("the gateway's unsolicited subscribed restarts the stream", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 1, recovered: false });
-    t.onMessage(2);
-    const lost = t.onSubscribed({ epoch: "g", seq: 0, recovered: false }, false);
-    assert.deepEqual(lost, { epoch: "g", seq: 0, previous: { epoch: "e", seq: 2 } });
-    assert.equal(t.onMessage(1), "deliver");
-  });
-
-  test("an unsolicited subscribed while our own subscribe is in flight is ignored", () => {
-    const t = new SeqTracker();
-    t.subscribing();
-    t.onSubscribed({ epoch: "e", seq: 1, recovered: false });
-    t.subscribing();
-    assert.equal(t.onSubscribed({ epoch: "g", seq: 0, recovered: false }, false), null);
-    assert.equal(t.awaiting, true);
+describe("ClientCore", () => {
+  test("in-order messages take the allocation-free path", () => {
+    const core = new ClientCore(["u"]);
+    core.subscribe("t");
+    core.connect(0);
+    core.opened(0);
+    core.received({ type: "connected" }, 0);
+    core.received({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 0, recovered: false }, 0);
+    assert.equal(core.message("t", 1), DELIVERED);
+    assert.equal(core.message("t", 1), NOTHING);
+    assert.equal(core.tick(100), NOTHING);
   });
 });
 
@@ -248,7 +303,7 @@ describe("FanrouteClient", () => {
     ws.deliver({ topic: "t", payload: "a", seq: 1 });
     ws.deliver({ topic: "t", payload: "a", seq: 1 });
     ws.deliver({ topic: "t", payload: "c", seq: 3 }); // gap: 2 is missing
-    assert.deepEqual(ws.frames("unsubscribe"), [{ type: "unsubscribe", topic: "t" }]);
+    assert.deepEqual(ws.frames("unsubscribe"), [{ type: "unsubscribe", topic: "t", id: 2 }]);
     const resub = ws.frames("subscribe").at(-1);
     assert.deepEqual(resub.since, { epoch: "e", seq: 1 });
     ws.deliver({ topic: "t", payload: "d", seq: 4 }); // ignored until the answer
@@ -303,6 +358,78 @@ describe("FanrouteClient", () => {
     ws.deliver({ topic: "t", payload: 0, seq: 41 });
     assert.deepEqual(lost, [{ topic: "t", epoch: "f", seq: 40, previous: { epoch: "e", seq: 1 } }]);
     assert.deepEqual(got, [1, 41]);
+  });
+
+  test("4003 stops reconnecting like 4001", () => {
+    const c = makeClient(["ws://a/"]);
+    const disconnects = [];
+    c.on("disconnected", (d) => disconnects.push(d));
+    c.connect();
+    FakeSocket.all[0].accept();
+    FakeSocket.all[0].serverClose(4003, "disconnected by the server");
+    assert.equal(c.state, "disconnected");
+    assert.deepEqual(disconnects.map((d) => [d.code, d.reconnect]), [[4003, false]]);
+    mock.timers.tick(60_000);
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
+  test("4029 keeps the page away for the longest backoff", () => {
+    const c = makeClient(["ws://a/"], { maxDelay: 1000 });
+    const disconnects = [];
+    c.on("disconnected", (d) => disconnects.push(d));
+    c.connect();
+    FakeSocket.all[0].accept();
+    FakeSocket.all[0].serverClose(4029, "rate limit");
+    assert.equal(disconnects[0].delay, 1250); // 1000 + 0.5 × 500
+    mock.timers.tick(1249);
+    assert.equal(FakeSocket.all.length, 1);
+    mock.timers.tick(1);
+    assert.equal(FakeSocket.all.length, 2);
+  });
+
+  test("a refused resubscribe is retried (transient) or ends the topic (permanent), never stuck", () => {
+    const c = makeClient(["ws://a/"], { pingInterval: 60_000, pingTimeout: 60_000 });
+    const errors = [];
+    const got = [];
+    c.on("error", (e) => errors.push(e));
+    c.subscribe("t", (_p, { seq }) => got.push(["t", seq]));
+    c.subscribe("u", (_p, { seq }) => got.push(["u", seq]));
+    c.connect();
+    const first = FakeSocket.all[0];
+    first.accept();
+    first.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 3, recovered: false });
+    first.deliver({ type: "subscribed", topic: "u", id: 2, epoch: "e", seq: 0, recovered: false });
+    first.serverClose(1006);
+    mock.timers.tick(50);
+    const second = FakeSocket.all[1];
+    second.accept();
+    const [t, u] = second.frames("subscribe");
+    assert.deepEqual([t.since, u.since], [{ epoch: "e", seq: 3 }, { epoch: "e", seq: 0 }]);
+    second.deliver({ type: "error", id: t.id, code: "unavailable", message: "shard away" });
+    second.deliver({ type: "error", id: u.id, code: "forbidden", message: "no" });
+    assert.deepEqual(errors.map((e) => [e.topic, e.code, e.final]), [["t", "unavailable", false], ["u", "forbidden", true]]);
+    assert.deepEqual(c.topics, ["t"]);
+    advance(2500); // the retry is due after max(minDelay, 0.5 × cap(0)) = 100 ms, sent at the next tick (every 2.5 s here)
+    const again = second.frames("subscribe").at(-1);
+    assert.deepEqual([again.topic, again.since], ["t", { epoch: "e", seq: 3 }]);
+    second.deliver({ type: "subscribed", topic: "t", id: again.id, epoch: "e", seq: 4, recovered: true });
+    second.deliver({ topic: "t", payload: 0, seq: 4 });
+    second.deliver({ topic: "u", payload: 0, seq: 1 });
+    assert.deepEqual(got, [["t", 4]]);
+  });
+
+  test("a subscription the server withdraws ends", () => {
+    const c = makeClient(["ws://a/"]);
+    const errors = [];
+    c.on("error", (e) => errors.push(e));
+    c.subscribe("t", () => {});
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    ws.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 0, recovered: false });
+    ws.deliver({ type: "unsubscribed", topic: "t" });
+    assert.deepEqual(errors.map((e) => [e.topic, e.code, e.final]), [["t", "unsubscribed", true]]);
+    assert.deepEqual(c.topics, []);
   });
 
   test("4001 stops reconnecting; 1012 reconnects within the restart window", () => {
@@ -424,7 +551,7 @@ describe("FanrouteClient", () => {
     off1();
     assert.equal(ws.frames("unsubscribe").length, 0);
     off2();
-    assert.deepEqual(ws.frames("unsubscribe"), [{ type: "unsubscribe", topic: "t" }]);
+    assert.deepEqual(ws.frames("unsubscribe"), [{ type: "unsubscribe", topic: "t", id: 2 }]);
     assert.deepEqual(c.topics, []);
   });
 

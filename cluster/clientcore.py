@@ -1,0 +1,676 @@
+"""The client side of the protocol as one sans-I/O state machine (*pure*).
+
+Every fanroute client follows the same recovery rules: track each subscription's
+``seq`` (drop duplicates, repair gaps, say where continuity broke), resubscribe with
+``since`` after a reconnect, keep a dead-connection deadline, back off between
+attempts and obey the close codes. They used to be written three times — in the trio
+SDK (``fanroute.client``), in the benchmark's light client (``fanroute.bench.reconnect``)
+and in the browser client (``gateway/static/fanroute.js``) — and had drifted. They are
+written once here, and ``fanroute.js`` carries a line-for-line JavaScript twin
+(``ClientCore`` there); ``tests/data/client_cases.json`` drives both with the same
+cases.
+
+The machine does no I/O, reads no clock and starts no timer, in the manner of h11 and
+wsproto. The host (a trio task, an epoll loop, a browser) owns the socket and the
+clock and reports what happened by calling one method per event; each returns the
+actions to carry out, in order:
+
+=======================================  =================================================
+event (method)                           typical actions
+=======================================  =================================================
+``start(now)`` / ``connect(now)``        :class:`Connect` — open a socket to ``url``
+``opened(now)``                          :class:`Send` — the ``connect`` frame (and, when
+                                         ``eager``, the subscribes)
+``received(frame, now)``                 :class:`Ready`, :class:`Send`, :data:`DELIVER`,
+                                         :class:`Subscribed`, :class:`Unrecovered`,
+                                         :class:`SubscribeError`, :class:`Answer`,
+                                         :class:`Drop`
+``message(topic, seq)`` + ``heard(now)``  the allocation-free path for message frames
+``closed(code, now)``                    :class:`ReconnectAt` or :class:`Stop`    
+``tick(now)``                            :data:`PING`, :class:`Drop`, :class:`Send` (a
+                                         subscribe retried)
+``subscribe(topic)``/``unsubscribe``     :class:`Send` when a connection is up
+=======================================  =================================================
+
+``now`` is any monotonic clock in seconds; only differences matter. Frames are
+decoded objects (dicts); the host encodes them. The host must call :meth:`tick` at
+least every :attr:`ClientCore.check_period` while a connection is being opened or is
+open, and :meth:`connect` once a :class:`ReconnectAt` is due.
+
+The rules, each in one place:
+
+* **Sequence** (:meth:`ClientCore.message`): a message whose ``seq`` is the next one
+  is delivered; one at or below the last is a duplicate and dropped; one beyond is a
+  gap, repaired at once by ``unsubscribe`` and ``subscribe`` with ``since``. A gap
+  announced by ``skipped`` (conflation) is not a fault. While a subscribe is in flight,
+  messages are ignored: its answer says where the stream stands, and what was missed
+  follows it.
+* **Answers to subscribe** (``_on_subscribed``): ``recovered:true`` after ``since``
+  continues from the last seq seen; ``recovered:false`` after ``since`` is an
+  :class:`Unrecovered` marker and a jump to the reply's position; an unsolicited
+  ``subscribed`` (no ``id``: the topic's stream restarted, usually with a new epoch) is
+  the same, unless our own subscribe is in flight, whose answer is on its way.
+* **Errors answering a subscribe** (``_refused``), first or resubscribe — the topic is
+  never left waiting for an answer that will not come:
+
+  - *transient* codes (``unavailable``, ``rate_limited``, ``internal``: the shard is away,
+    a limit will pass) are retried on the same connection after a full-jitter delay on
+    the client's backoff caps, growing per topic until a subscribe succeeds, and again
+    at every reconnect; ``since`` is kept, so if history still covers the gap nothing
+    is lost. Each failure is reported with its ``retry_at``; the subscribe goes out
+    on the first :meth:`~ClientCore.tick` at or after it.
+  - any other code (``forbidden``, ``unauthorized``, ``bad_request``, ``too_large``, …)
+    cannot succeed by repetition: the subscription ends, reported with
+    ``retry_at=None``, and is not resubscribed. So does a subscription the server
+    withdraws (an unsolicited ``unsubscribed``), with the code ``unsubscribed``.
+* **Close codes** (:func:`reconnect_delay`): the rule of :func:`fanroute.codes.reconnect_rule`
+  — ``never`` (4001, 4003, 1008) stops, ``prompt`` (1012) returns within
+  ``restart_window`` with jitter, ``longest`` (4029) waits between ``max_delay`` and
+  1.5 × ``max_delay``, anything else (a lost connection too) backs off.
+* **Backoff**: :class:`fanroute.backoff.Backoff`; the attempt count resets only when the
+  connection that ended had been up (since its ``connected`` frame) for
+  ``backoff_reset`` seconds.
+* **Heartbeat** (:meth:`ClientCore.tick`): the connection is dead when nothing was
+  received for ``ping_interval + ping_timeout`` — the client's settings where given,
+  else the ``connected`` frame's values, else 25 + 8 s — counted from the ``connected``
+  frame. An application ``ping`` goes out every ``ping_interval`` (``app_ping``). Time
+  the client itself was paused (a tick more than ``ping_interval`` late: a background
+  browser tab whose timers are throttled, a stopped process) is not counted as the
+  gateway's silence unless a ping of ours was already unanswered: the client pings
+  and gives the gateway ``ping_timeout`` to answer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
+
+from fanroute.backoff import Backoff
+from fanroute.codes import CloseCode, ErrorCode, Reconnect, reconnect_rule
+
+U = TypeVar("U")
+
+DEFAULT_PING_INTERVAL: Final = 25.0  # what a gateway announces unless configured otherwise
+DEFAULT_PING_TIMEOUT: Final = 8.0
+RESTART_WINDOW: Final = 1.0  # 1012: come back within this many seconds
+
+#: Errors answering a subscribe that may pass by themselves: the subscribe is retried.
+TRANSIENT_ERRORS: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
+
+#: Close codes after which a client stops reconnecting (derived from fanroute.codes).
+TERMINAL_CLOSE_CODES: Final = frozenset(c for c in CloseCode if c.reconnect is Reconnect.NEVER)
+
+# Phases of the connection.
+IDLE: Final = "idle"  # no socket: not started, or waiting for a ReconnectAt to come due
+CONNECTING: Final = "connecting"  # an attempt is under way (TCP, WebSocket handshake)
+OPEN: Final = "open"  # the WebSocket is up, `connect` sent, no `connected` yet
+READY: Final = "ready"  # `connected` received: subscribed topics are live
+STOPPED: Final = "stopped"  # a terminal close code, or the application stopped it
+
+# States of one subscription (Stream.state).
+WAITING: Final = "waiting"  # to be subscribed on the next ready connection
+PENDING: Final = "pending"  # a subscribe is in flight
+ACTIVE: Final = "active"  # confirmed: messages are tracked
+RETRY: Final = "retry"  # refused for a transient reason: subscribed again at retry_at
+
+_CONNECT_ID: Final = 0  # the id of the `connect` frame; commands count from 1
+
+
+# --- actions (the machine's output) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stream stands: the last ``seq`` seen in ``epoch`` (a ``since`` cursor)."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connect(Generic[U]):
+    """Open a socket to ``url`` (one of the URLs the core was given, in rotation)."""
+
+    url: U
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``frame`` (a decoded command) on the current connection."""
+
+    frame: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Send an application ``ping`` (``{"type":"ping","ts":<ms>}``, ``ts`` the host's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand the message just given to the subscription: it is the next in order.
+
+    It carries nothing: the host holds the frame (and its payload) it passed in, so
+    the hot path allocates nothing (:data:`DELIVERED` is one shared tuple)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A delivered message, as the SDK hands it to the application."""
+
+    topic: str
+    payload: Any
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecovered:
+    """Messages before this point may be lost: the stream goes on from ``seq + 1``.
+
+    Both an action (put it in the subscription's stream) and what the SDK yields.
+    ``previous`` is where the subscription stood before (None if nowhere)."""
+
+    topic: str
+    epoch: str
+    seq: int
+    previous: Position | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The gateway confirmed a subscribe; ``resumed`` when it carried ``since``."""
+
+    topic: str
+    epoch: str
+    seq: int
+    recovered: bool
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeError:
+    """A subscribe was refused (or the server withdrew the subscription).
+
+    ``retry_at`` is when it will be sent again (transient codes); None means the
+    subscription ended and the core forgot it."""
+
+    topic: str
+    code: str
+    message: str
+    retry_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """``connected`` arrived: the connection is up (``session`` from the gateway)."""
+
+    session: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A frame for the host: the answer to a command it sent itself (``id``, e.g. a
+    publish), or an ``error`` tied to no command (``id`` None)."""
+
+    id: int | None
+    frame: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Abandon the connection from this side (close it with ``code`` if it can take
+    one), then report :meth:`ClientCore.closed` with that code."""
+
+    code: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectAt:
+    """Call :meth:`ClientCore.connect` at ``at`` (``delay`` after the close)."""
+
+    at: float
+    delay: float
+    code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Do not reconnect: the close ``code`` says it cannot help."""
+
+    code: int | None
+    reason: str
+
+
+Action = Connect | Send | Ping | Deliver | Unrecovered | Subscribed | SubscribeError | Ready | Answer | Drop | ReconnectAt | Stop
+
+NOTHING: Final[tuple[()]] = ()
+PING: Final = Ping()
+DELIVER: Final = Deliver()
+#: What :meth:`ClientCore.message` returns for an in-order message (compare with ``is``).
+DELIVERED: Final = (DELIVER,)
+
+
+# --- settings and per-subscription state -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a client may choose; the rest comes from the gateway or the protocol."""
+
+    min_delay: float = 0.05  # backoff: cap of the first draw
+    max_delay: float = 10.0  # backoff: largest cap; 4029 waits 1 to 1.5 times this
+    backoff_reset: float = 5.0  # a connection up this long resets the attempt count
+    ping_interval: float | None = None  # None: the gateway's (`connected`), else 25
+    ping_timeout: float | None = None  # None: the gateway's, else 8
+    app_ping: float | None = None  # seconds between app pings; None: ping_interval; 0: none
+    connect_timeout: float = 5.0  # from connect() to the `connected` frame
+    restart_window: float = RESTART_WINDOW
+    token: str | None = None  # sent in the `connect` frame
+    # Send the subscribes together with `connect`, before `connected` arrives. Only
+    # for anonymous gateways (the standalone default), which accept commands at once;
+    # it saves a round trip per reconnect, which a benchmark of thousands feels.
+    eager: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """One subscription's position and state."""
+
+    topic: str
+    epoch: str | None = None  # None until the first `subscribed`
+    seq: int = 0  # the last seq delivered (or the position the stream started from)
+    state: str = WAITING
+    request: int | None = None  # id of the subscribe in flight
+    resuming: bool = False  # that subscribe carries `since`
+    confirmed: bool = False  # a `subscribed` was received at least once
+    retry_at: float | None = None
+    tries: int = 0  # transient refusals since the last success
+    duplicates: int = 0
+    gaps: int = 0
+    unrecovered: int = 0
+
+    def since(self) -> Position | None:
+        """The ``since`` cursor to resubscribe with, or None before the first answer."""
+        return None if self.epoch is None else Position(self.epoch, self.seq)
+
+
+@dataclass(slots=True)
+class Stats:
+    connects: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    unrecovered: int = 0
+
+
+def reconnect_delay(
+    code: int | None, backoff: Backoff, rng: random.Random, restart_window: float = RESTART_WINDOW
+) -> float | None:
+    """Seconds to wait after a close with ``code`` before the next attempt, or None to stop.
+
+    Every rule draws ``backoff.next_delay()`` first (so each attempt counts), then:
+    ``prompt`` (1012, a draining gateway) comes back within ``restart_window``, spread
+    so that a gateway's clients do not return at one instant; ``longest`` (4029, cut
+    off for abuse) stays away for 1 to 1.5 × ``max_delay`` whatever the attempt count.
+    """
+    rule = reconnect_rule(code)
+    if rule is Reconnect.NEVER:
+        return None
+    delay = backoff.next_delay()
+    if rule is Reconnect.PROMPT:
+        return min(delay, rng.uniform(0, restart_window))
+    if rule is Reconnect.LONGEST:
+        return rng.uniform(backoff.max_delay, 1.5 * backoff.max_delay)
+    return delay
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if type(value) in (int, float) and value > 0 else None
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+
+class ClientCore(Generic[U]):
+    """One client's connection and subscriptions: events in, actions out (see the module)."""
+
+    def __init__(
+        self, urls: Sequence[U], settings: Settings | None = None, *, rng: random.Random | None = None, first_url: int = 0
+    ) -> None:
+        if not urls:
+            raise ValueError("a client needs at least one gateway URL")
+        self.urls = list(urls)
+        self.settings = s = settings or Settings()
+        self.rng = rng or random.Random()
+        self.backoff = Backoff(min_delay=s.min_delay, max_delay=s.max_delay, reset_after=s.backoff_reset, rng=self.rng)
+        self.streams: dict[str, Stream] = {}
+        self.stats = Stats()
+        self.phase = IDLE
+        self.url: U | None = None  # the URL of the current attempt or connection
+        self.session: str | None = None
+        self._next_url = first_url % len(self.urls)
+        self._ids = 0
+        self._requests: dict[int, Stream | None] = {}  # our own commands in flight (None: ignore the answer)
+        self._attempt_at = 0.0
+        self._ready_at = 0.0
+        self.last_rx = 0.0
+        self._last_ping = 0.0
+        self._last_tick = 0.0
+        self.interval = s.ping_interval or DEFAULT_PING_INTERVAL
+        self.timeout = s.ping_timeout or DEFAULT_PING_TIMEOUT
+        self._ping_every = 0.0
+        self._due = float("inf")  # no tick needs a full look before this
+        self._late = float("inf")  # a tick this long after the previous one means we were paused
+
+    # --- what the host reads ------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float:
+        """Silence after which the connection counts as dead: ping_interval + ping_timeout."""
+        return self.interval + self.timeout
+
+    @property
+    def check_period(self) -> float:
+        """How often the host should call :meth:`tick` (a quarter of the tightest timer)."""
+        return max(0.01, min(self.interval, self.timeout, self.settings.connect_timeout) / 4)
+
+    def position(self, topic: str) -> Position | None:
+        s = self.streams.get(topic)
+        return None if s is None else s.since()
+
+    def next_id(self) -> int:
+        """An id for a command of the host's own (a publish): never one the core uses."""
+        self._ids += 1
+        return self._ids
+
+    # --- the application's side ------------------------------------------------------------
+
+    def subscribe(self, topic: str) -> Sequence[Action]:
+        """Track ``topic`` from now on; sent at once when a connection is ready."""
+        if topic in self.streams:
+            return NOTHING
+        s = self.streams[topic] = Stream(topic)
+        return [self._subscribe(s)] if self._can_send() else NOTHING
+
+    def unsubscribe(self, topic: str) -> Sequence[Action]:
+        """Forget ``topic``. The ``unsubscribed`` reply comes back as an :class:`Answer`."""
+        if self.streams.pop(topic, None) is None or not self._can_send():
+            return NOTHING
+        return [Send({"type": "unsubscribe", "topic": topic, "id": self.next_id()})]
+
+    def start(self, now: float) -> Sequence[Action]:
+        """Begin (or, after :meth:`stop` or a terminal code, begin again) with a fresh backoff."""
+        if self.phase not in (IDLE, STOPPED):
+            return NOTHING
+        self.backoff.attempt = 0
+        self.phase = IDLE
+        return self.connect(now)
+
+    def stop(self) -> None:
+        """The application closes the client: no more reconnecting. Positions are kept,
+        so a later :meth:`start` resumes every subscription with ``since``."""
+        self._lose_connection()
+        self.phase = STOPPED
+
+    # --- the connection ---------------------------------------------------------------------
+
+    def connect(self, now: float) -> Sequence[Action]:
+        """Start an attempt now, on the next URL in rotation."""
+        if self.phase is not IDLE:
+            return NOTHING
+        self.url = self.urls[self._next_url]
+        self._next_url = (self._next_url + 1) % len(self.urls)
+        self.phase = CONNECTING
+        self._attempt_at = self._last_tick = now
+        self._due = now + self.settings.connect_timeout
+        return [Connect(self.url)]
+
+    def opened(self, now: float) -> Sequence[Action]:
+        """The WebSocket is open: say ``connect`` (and subscribe, when eager)."""
+        if self.phase is not CONNECTING:
+            return NOTHING
+        self.phase = OPEN
+        hello: dict[str, Any] = {"type": "connect", "id": _CONNECT_ID}
+        if self.settings.token is not None:
+            hello["token"] = self.settings.token
+        out: list[Action] = [Send(hello)]
+        if self.settings.eager:
+            out += self._subscribe_all()
+        return out
+
+    def closed(self, code: int | None, now: float, reason: str = "") -> Sequence[Action]:
+        """The connection (or the attempt) ended with close ``code`` (None: no close frame)."""
+        if self.phase in (IDLE, STOPPED):
+            return NOTHING
+        if self.phase is READY:
+            self.backoff.connection_lasted(now - self._ready_at)
+        self._lose_connection()
+        delay = reconnect_delay(code, self.backoff, self.rng, self.settings.restart_window)
+        if delay is None:
+            self.phase = STOPPED
+            return [Stop(code, reason)]
+        self.phase = IDLE
+        return [ReconnectAt(now + delay, delay, code)]
+
+    def heard(self, now: float) -> None:
+        """Something arrived on the connection (call once per read, frames or not)."""
+        self.last_rx = now
+
+    def tick(self, now: float) -> Sequence[Action]:
+        """Timers: the connect timeout, the heartbeat deadline, pings, subscribe retries."""
+        previous, self._last_tick = self._last_tick, now
+        if now < self._due and now - previous <= self._late:
+            return NOTHING  # the common case, kept cheap: thousands of clients tick per loop
+        return self._timers(now, now - previous > self._late)
+
+    # --- frames from the gateway -----------------------------------------------------------
+
+    def message(self, topic: str, seq: Any, skipped: Any = 0) -> Sequence[Action]:
+        """A message frame (the hot path: no allocation unless there is a gap)."""
+        s = self.streams.get(topic)
+        if s is None or s.state is not ACTIVE or type(seq) is not int:
+            return NOTHING  # not ours, or not confirmed yet: the `subscribed` answer sets where we stand
+        last = s.seq
+        if seq <= last:
+            s.duplicates += 1
+            self.stats.duplicates += 1
+            return NOTHING
+        if seq != last + 1 and (type(skipped) is not int or seq - skipped > last + 1):
+            # A gap nobody announced: ask again from the last message we have.
+            s.gaps += 1
+            self.stats.gaps += 1
+            return [Send({"type": "unsubscribe", "topic": topic, "id": self._own(None)}), self._subscribe(s)]
+        s.seq = seq
+        return DELIVERED
+
+    def received(self, frame: Mapping[str, Any], now: float) -> Sequence[Action]:
+        """Any decoded frame from the gateway."""
+        self.last_rx = now
+        kind = frame.get("type")
+        if kind is None or kind == "message":
+            topic = frame.get("topic")
+            if type(topic) is not str:
+                return NOTHING
+            return self.message(topic, frame.get("seq"), frame.get("skipped", 0))
+        if kind == "pong":
+            return NOTHING
+        id = frame.get("id")
+        if type(id) is not int:
+            id = None
+        if kind == "connected":
+            return self._on_connected(frame, now)
+        if kind == "subscribed":
+            return self._on_subscribed(frame, id)
+        if kind == "unsubscribed":
+            return self._on_unsubscribed(frame, id)
+        if kind == "error":
+            return self._on_error(frame, id, now)
+        return [Answer(id, frame)] if id is not None else NOTHING
+
+    # --- inside ---------------------------------------------------------------------------------
+
+    def _can_send(self) -> bool:
+        return self.phase is READY or (self.phase is OPEN and self.settings.eager)
+
+    def _own(self, stream: Stream | None) -> int:
+        id = self.next_id()
+        self._requests[id] = stream
+        return id
+
+    def _subscribe(self, s: Stream) -> Send:
+        s.request = id = self._own(s)
+        s.state = PENDING
+        s.retry_at = None
+        frame: dict[str, Any] = {"type": "subscribe", "topic": s.topic, "id": id}
+        s.resuming = s.epoch is not None
+        if s.resuming:
+            frame["since"] = {"epoch": s.epoch, "seq": s.seq}
+        return Send(frame)
+
+    def _subscribe_all(self) -> list[Action]:
+        return [self._subscribe(s) for s in self.streams.values() if s.state is WAITING]
+
+    def _lose_connection(self) -> None:
+        """Whatever was in flight is asked again on the next connection."""
+        self._requests.clear()
+        for s in self.streams.values():
+            s.state, s.request, s.resuming, s.retry_at = WAITING, None, False, None
+        self.session = None
+        self._due = self._late = float("inf")
+
+    def _on_connected(self, frame: Mapping[str, Any], now: float) -> Sequence[Action]:
+        if self.phase is not OPEN:
+            return NOTHING
+        s = self.settings
+        self.phase = READY
+        self.session = frame.get("session") if isinstance(frame.get("session"), str) else None
+        self.interval = s.ping_interval or _positive(frame.get("ping_interval")) or DEFAULT_PING_INTERVAL
+        self.timeout = s.ping_timeout or _positive(frame.get("ping_timeout")) or DEFAULT_PING_TIMEOUT
+        self._ping_every = self.interval if s.app_ping is None else s.app_ping
+        self._ready_at = self.last_rx = self._last_ping = self._last_tick = now
+        self._late = self.interval
+        self.stats.connects += 1
+        out: list[Action] = [Ready(self.session)]
+        if not s.eager:
+            out += self._subscribe_all()
+        self._reschedule()
+        return out
+
+    def _on_subscribed(self, frame: Mapping[str, Any], id: int | None) -> Sequence[Action]:
+        epoch, seq, recovered = frame.get("epoch"), frame.get("seq"), frame.get("recovered") is True
+        if type(epoch) is not str or type(seq) is not int:
+            return NOTHING
+        if id is None:
+            # Unsolicited: the stream restarted (its shard lost every copy). While our
+            # own subscribe is in flight, its answer will say where the stream stands.
+            s = self.streams.get(frame.get("topic"))  # type: ignore[arg-type]
+            if s is None or s.state is not ACTIVE:
+                return NOTHING
+            return [self._unrecovered(s, epoch, seq)]
+        s = self._requests.pop(id, None)
+        if s is None or self.streams.get(s.topic) is not s or s.request != id:
+            return NOTHING  # stale: the topic was unsubscribed, or asked again since
+        resumed = s.resuming
+        s.state, s.request, s.resuming, s.tries, s.confirmed = ACTIVE, None, False, 0, True
+        out: list[Action] = [Subscribed(s.topic, epoch, seq, recovered, resumed)]
+        if resumed and recovered:
+            s.epoch = epoch  # the missed messages follow, from s.seq + 1
+        elif resumed:
+            out.append(self._unrecovered(s, epoch, seq))
+        else:
+            s.epoch, s.seq = epoch, seq
+        return out
+
+    def _unrecovered(self, s: Stream, epoch: str, seq: int) -> Unrecovered:
+        previous = s.since()
+        s.epoch, s.seq = epoch, seq
+        s.unrecovered += 1
+        self.stats.unrecovered += 1
+        return Unrecovered(s.topic, epoch, seq, previous)
+
+    def _on_unsubscribed(self, frame: Mapping[str, Any], id: int | None) -> Sequence[Action]:
+        if id is not None:
+            if id in self._requests:
+                del self._requests[id]  # the first half of a gap repair
+                return NOTHING
+            return [Answer(id, frame)]
+        # Unsolicited: the server withdrew the subscription (a refresh that no longer
+        # allows it, POST /api/unsubscribe). Resubscribing would be refused again.
+        topic = frame.get("topic")
+        s = self.streams.get(topic)  # type: ignore[arg-type]
+        if s is None:
+            return NOTHING
+        del self.streams[s.topic]
+        return [SubscribeError(s.topic, "unsubscribed", "the server ended the subscription", None)]
+
+    def _on_error(self, frame: Mapping[str, Any], id: int | None, now: float) -> Sequence[Action]:
+        code = str(frame.get("code", "error"))
+        message = str(frame.get("message", ""))
+        if id == _CONNECT_ID and self.phase is OPEN:
+            if code == ErrorCode.UNAUTHORIZED:
+                return [Drop(int(CloseCode.UNAUTHORIZED), message)]  # the gateway closes with 4001 too
+            return [Answer(id, frame)]
+        if id is None or id not in self._requests:
+            return [Answer(id, frame)]
+        s = self._requests.pop(id)
+        if s is None or self.streams.get(s.topic) is not s or s.request != id:
+            return NOTHING
+        return [self._refused(s, code, message, now)]
+
+    def _refused(self, s: Stream, code: str, message: str, now: float) -> SubscribeError:
+        """A subscribe was answered with an error: retry later, or end the subscription."""
+        s.request, s.resuming = None, False
+        if code in TRANSIENT_ERRORS:
+            delay = max(self.settings.min_delay, self.rng.uniform(0, self.backoff.cap(s.tries)))
+            s.tries += 1
+            s.state, s.retry_at = RETRY, now + delay
+            self._due = min(self._due, s.retry_at)
+            return SubscribeError(s.topic, code, message, s.retry_at)
+        del self.streams[s.topic]
+        return SubscribeError(s.topic, code, message, None)
+
+    def _timers(self, now: float, late: bool) -> Sequence[Action]:
+        if self.phase in (CONNECTING, OPEN):
+            if now - self._attempt_at > self.settings.connect_timeout:
+                self._due = float("inf")
+                return [Drop(None, "connect timeout")]
+            return NOTHING
+        if self.phase is not READY:
+            self._due = float("inf")
+            return NOTHING
+        grace = late and self._last_ping <= self.last_rx
+        if grace:
+            # We were paused, with nothing of ours unanswered: our pause is not the
+            # gateway's silence. Ping now and give it ping_timeout to answer.
+            self.last_rx = max(self.last_rx, now - self.interval)
+        if now - self.last_rx > self.deadline:
+            self._due = self._late = float("inf")  # once: the host closes, then reports closed()
+            return [Drop(int(CloseCode.HEARTBEAT_TIMEOUT), "heartbeat timeout")]
+        out: list[Action] = []
+        if self._ping_every and (grace or now - self._last_ping >= self._ping_every):
+            self._last_ping = now
+            out.append(PING)
+        for s in self.streams.values():
+            if s.state is RETRY and s.retry_at is not None and s.retry_at <= now:
+                out.append(self._subscribe(s))
+        self._reschedule()
+        return out
+
+    def _reschedule(self) -> None:
+        due = self.last_rx + self.deadline
+        if self._ping_every:
+            due = min(due, self._last_ping + self._ping_every)
+        for s in self.streams.values():
+            if s.retry_at is not None:
+                due = min(due, s.retry_at)
+        self._due = due
+
+
+__all__ = [
+    "Action", "Answer", "ClientCore", "Connect", "DELIVER", "DELIVERED", "Deliver", "Drop", "Message",
+    "NOTHING", "PING", "Ping", "Position", "Ready", "ReconnectAt", "Send", "Settings", "Stats", "Stop",
+    "Stream", "SubscribeError", "Subscribed", "TERMINAL_CLOSE_CODES", "TRANSIENT_ERRORS", "Unrecovered",
+    "reconnect_delay",
+]
