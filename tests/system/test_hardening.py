@@ -403,6 +403,15 @@ async def test_a_publication_answered_unavailable_was_not_applied():
     try:
         gw, router = c.gateways[0], c.routers[0]
         answers: dict[int, str] = {}
+        arrived = trio.Event()  # set, and replaced, whenever an answer arrives
+
+        async def until(pred) -> None:
+            nonlocal arrived
+            with trio.fail_after(DEADLINE):
+                while not pred():
+                    await arrived.wait()
+                    arrived = trio.Event()
+
         async with ws_connect(gw.url) as pub:
             sent = 0
 
@@ -417,24 +426,19 @@ async def test_a_publication_answered_unavailable_was_not_applied():
                 while True:
                     msg = await pub.recv()
                     answers[msg["id"]] = msg.get("code", "published")
+                    arrived.set()
 
             async with trio.open_nursery() as n:
                 n.start_soon(collect)
                 stop = trio.Event()
                 n.start_soon(publish_until, stop)
-                with trio.fail_after(DEADLINE):
-                    while len(answers) < 50:
-                        await trio.sleep(0.02)
+                await until(lambda: len(answers) >= 50)
                 router.kill(signal.SIGSTOP)
-                with trio.fail_after(DEADLINE):
-                    while not any(code != "published" for code in answers.values()):
-                        await trio.sleep(0.05)
+                await until(lambda: any(code != "published" for code in answers.values()))
                 router.kill(signal.SIGCONT)
                 await await_until(lambda: ready(gw), what="the gateway to reach the router again")
                 stop.set()
-                with trio.fail_after(DEADLINE):
-                    while len(answers) < sent:
-                        await trio.sleep(0.05)
+                await until(lambda: len(answers) >= sent)
                 n.cancel_scope.cancel()
         async with ws_connect(gw.url) as reader:
             ack = await reader.subscribe("truth.t")
