@@ -28,11 +28,13 @@ EXTRAS = ("hdrh", "rich", "websockets")
 
 def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None]) -> None:
     from fanroute.bench.fanout import add_fanout_command
+    from fanroute.bench.profile import add_profile_command
     from fanroute.bench.reconnect import add_reconnect_commands
 
     sub = parser.add_subparsers(dest="bench", required=True)
     add_fanout_command(sub, flag)
     add_reconnect_commands(sub, flag)
+    add_profile_command(sub, flag)
 
 
 def run(args: argparse.Namespace) -> Any:

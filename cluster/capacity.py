@@ -1,0 +1,942 @@
+"""Capacity planning: how many gateways and routers a load needs, and what each pod
+should request (pure: no sockets, no processes; the profile is one JSON file).
+
+The model is a handful of per-process costs measured on real processes by
+``fanroute bench profile --save-profile ops/capacity-profile.json`` (the *profile*:
+machine, date, command and constants) and a few rules about how fanroute spends
+them. For a load of N connections, R publications/s cluster-wide, a mean fan-out F
+(subscribers per publication), T topics of B-byte payloads and K copies of each
+topic's stream, with G gateways and S = T × F subscriptions (every topic at the mean
+fan-out):
+
+* **Interested gateways** per topic, ``g(G) = G × (1 − (1 − 1/G)^F)``: subscribers
+  land on gateways evenly and independently (a load balancer), and a router sends a
+  publication once to each gateway that has a subscriber of it.
+* **Gateway CPU** (µs per second, cluster-wide), at the peak rate ``R × burst``::
+
+      R·(in + g(G)·out)                     publications: in at one gateway, out at each interested one
+    + R·F·(delivery + B/1024·per_kib)       deliveries: one frame per subscriber (encoded once per gateway)
+    + N·2/ping_interval·heartbeat           the gateway's ping and the client's, each answered
+    + N·churn/60·(handshake + S/N·subscribe) reconnections, each resubscribing
+
+  A gateway is one Python process: it uses at most ``PROCESS_CORES`` (1) core,
+  whatever its pod is given. The plan has the **smallest G ≥ 2** such that, with one
+  gateway lost or draining: the other G − 1 run at most at the CPU target (70 %:
+  the chart's HPA target) and hold at most ``--max-connections`` each (the chart's
+  ``gateway.limits.maxConnections``); and the lost gateway's N/G clients, each
+  costing a handshake and its resubscriptions, come back onto the other G − 1 within
+  ``--reconnect-window`` seconds of their spare CPU (up to the whole core).
+* **Gateway memory**: ``base + connections·per_connection + subscriptions·per_subscription``,
+  for the connections of G − 1 gateways (after a loss, the others hold everyone);
+  requested with 15 % margin, limited at twice the working set (outboxes of slow
+  clients fill under bursts, up to ``--outbox-limit`` each).
+* **Router CPU**: each publication costs ``1/publications_per_core + (g(G) − 1)·per_extra_gateway``
+  on each of the K routers holding its topic. The plan has the smallest count ≥ K
+  at which every router runs at most at the CPU target (with K ≥ 2, also with one
+  router lost: its topics go to the next router in rendezvous order). With K = 1 a
+  lost router's topics wait for its restart; no spare helps until replication lands.
+* **Router memory**: ``base + topics·per_topic + history``, history being
+  ``min(--history-bytes, topics × min(history_size, R/T × history_ttl) × (B + 165))``
+  bytes as the router accounts them (payload, msgpack header, ``ENTRY_OVERHEAD``),
+  times the profile's RSS per history byte.
+* **Latency**: the profile holds p99 figures measured by fan-out per gateway at a
+  light rate and at 75 % of saturation. A plan quotes one only when it was measured
+  at least as loaded as the plan's gateways and the plan's fan-out per gateway lies
+  in the measured range (log-interpolated); otherwise it says no figure supports it.
+
+``ceiling()`` answers the converse: what a given number of pods carries at 100 %
+of their usable CPU, and how many connections fit in a given pod memory.
+``simulate_reshard()`` hashes synthetic topics with :class:`fanroute.ring.Ring` to
+show what growing the router StatefulSet moves.
+
+Run ``python -m fanroute.capacity --help`` (``fanroute capacity`` once the command
+line registers :func:`add_arguments` and :func:`run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fanroute.errors import ConfigError
+from fanroute.history import ENTRY_OVERHEAD
+from fanroute.ring import Ring
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "ops" / "capacity-profile.json"
+REFRESH = "fanroute bench profile --save-profile ops/capacity-profile.json"
+PROCESS_CORES = 1.0  # one Python process, one thread holding the GIL (nng's threads add little)
+MSGPACK_HEADER = 5  # a msgpack str of up to 4 GiB: 1 + 4 bytes
+FRAME_OVERHEAD = 40  # a delivery's frame header and {"topic":…,"payload":…,"seq":…} around the payload
+MEMORY_MARGIN = 1.15
+GATEWAY_LIMIT_FACTOR = 2.0
+ROUTER_LIMIT_FACTOR = 1.5
+MIB = 1 << 20
+_MAX_PODS = 1 << 20
+
+DEFAULT_TOPICS = 10_000
+DEFAULT_PAYLOAD = 256
+RESHARD_TOPICS = 100_000
+
+# name: (what it is, unit) — every constant a profile must have.
+CONSTANTS: dict[str, tuple[str, str]] = {
+    "gateway_us_per_delivery": ("gateway CPU per delivery", "µs"),
+    "gateway_us_per_delivered_kib": ("gateway CPU per delivery per KiB of payload", "µs"),
+    "gateway_us_per_publication_in": ("gateway CPU per publication taken in from a client", "µs"),
+    "gateway_us_per_publication_out": ("gateway CPU per publication received from a router", "µs"),
+    "gateway_us_per_handshake": ("gateway CPU per WebSocket handshake", "µs"),
+    "gateway_us_per_subscribe": ("gateway CPU per subscribe", "µs"),
+    "gateway_us_per_heartbeat": ("gateway CPU per heartbeat (ping in, pong out)", "µs"),
+    "gateway_base_bytes": ("gateway RSS with no connection", "B"),
+    "gateway_bytes_per_connection": ("gateway RSS per idle connection", "B"),
+    "gateway_bytes_per_subscription": ("gateway RSS per subscription", "B"),
+    "router_publications_per_core": ("router publications/s per core (one interested gateway)", "/s"),
+    "router_us_per_extra_gateway": ("router CPU per publication per further interested gateway", "µs"),
+    "router_base_bytes": ("router RSS with no topic", "B"),
+    "router_bytes_per_topic": ("router RSS per topic (with its interest)", "B"),
+    "router_rss_per_history_byte": ("router RSS per byte of history it accounts", "×"),
+}
+
+
+# --- the profile ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    fanout_per_gateway: float
+    utilisation: float  # the latency phase's rate ÷ the same cell's saturation rate
+    p99_ms: float
+    p50_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The measured constants, and where they were measured."""
+
+    constants: Mapping[str, float]
+    machine: Mapping[str, Any] = field(default_factory=dict)
+    date: str = ""
+    command: str = ""
+    latency: tuple[LatencyPoint, ...] = ()
+    source: str = ""
+
+    def __getattr__(self, name: str) -> float:
+        try:
+            return self.constants[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the profile") -> Profile:
+        if not isinstance(data, Mapping) or not isinstance(data.get("constants"), Mapping):
+            raise ConfigError(f"{source} is not a capacity profile (no constants): write one with {REFRESH}")
+        given = data["constants"]
+        constants: dict[str, float] = {}
+        for name in CONSTANTS:
+            value = given.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{source} lacks the constant {name} (a number, not negative): write it again with {REFRESH}")
+            constants[name] = float(value)
+        if constants["router_publications_per_core"] <= 0:
+            raise ConfigError(f"{source} has router_publications_per_core {constants['router_publications_per_core']:g}, which must be positive")
+        points = []
+        for p in data.get("latency") or ():
+            try:
+                points.append(LatencyPoint(float(p["fanout_per_gateway"]), float(p["utilisation"]), float(p["p99_ms"]), p.get("p50_ms")))
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"{source} has a latency point without fanout_per_gateway, utilisation and p99_ms") from None
+        return cls(constants, dict(data.get("machine") or {}), str(data.get("date", "")), str(data.get("command", "")), tuple(points), source)
+
+
+def load_profile(path: str | Path | None = None) -> Profile:
+    """The profile in ``path`` (default: ``ops/capacity-profile.json`` of this checkout)."""
+    p = Path(path) if path else DEFAULT_PROFILE
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"there is no capacity profile at {p}: give --profile FILE, written by {REFRESH}") from None
+    except OSError as exc:
+        raise ConfigError(f"the capacity profile {p} cannot be read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"the capacity profile {p} is not JSON") from None
+    return Profile.from_dict(data, str(p))
+
+
+# --- inputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the cluster must carry."""
+
+    connections: int
+    publications: float  # per second, cluster-wide
+    fanout: float  # mean subscribers per publication
+    topics: int = DEFAULT_TOPICS
+    payload: int = DEFAULT_PAYLOAD  # bytes
+    copies: int = 1  # routers holding each topic's stream (1 until replication lands)
+    burst: float = 1.0  # peak publication rate ÷ the mean
+    churn: float = 0.01  # fraction of the connections that reconnect per minute
+
+    @property
+    def subscriptions(self) -> float:
+        return self.topics * self.fanout
+
+    @property
+    def peak(self) -> float:
+        return self.publications * self.burst
+
+
+@dataclass(frozen=True)
+class Pods:
+    """What each pod gets and the settings that bound it (the chart's defaults)."""
+
+    gateway_cpu: float = 1.0
+    router_cpu: float = 1.0
+    cpu_target: float = 0.70
+    max_connections: int = 50_000
+    max_subscriptions: int = 1000
+    max_frame: int = 65_536
+    ping_interval: float = 25.0
+    reconnect_window: float = 10.0
+    history_size: int = 1000
+    history_ttl: float = 300.0
+    history_bytes: int = 256 * MIB
+    outbox_limit: int = MIB
+
+    @property
+    def gateway_cores(self) -> float:
+        return min(self.gateway_cpu, PROCESS_CORES)
+
+    @property
+    def router_cores(self) -> float:
+        return min(self.router_cpu, PROCESS_CORES)
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 or x == int(x) else f"{x:,.3g}"
+
+
+def check(load: Load, pods: Pods) -> None:
+    """ConfigError (one sentence naming the input) for a load that cannot be planned."""
+    positive = [
+        ("--connections", load.connections), ("--publications", load.publications), ("--fanout", load.fanout),
+        ("--topics", load.topics), ("--payload", load.payload), ("--copies", load.copies),
+        ("--gateway-cpu", pods.gateway_cpu), ("--router-cpu", pods.router_cpu),
+        ("--ping-interval", pods.ping_interval), ("--reconnect-window", pods.reconnect_window),
+        ("--max-connections", pods.max_connections), ("--history-size", pods.history_size),
+    ]
+    for name, value in positive:
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, not {value:g}" if isinstance(value, (int, float)) else f"{name} must be a positive number")
+    for name, value in (("--connections", load.connections), ("--topics", load.topics), ("--payload", load.payload), ("--copies", load.copies)):
+        if value != int(value):
+            raise ConfigError(f"{name} must be a whole number, not {value:g}")
+    if load.fanout > load.connections:
+        raise ConfigError(
+            f"--fanout ({_n(load.fanout)}) cannot be above --connections ({_n(load.connections)}): "
+            "a publication reaches each connection at most once"
+        )
+    if load.burst < 1:
+        raise ConfigError(f"--burst is the peak rate over the mean and must be at least 1, not {load.burst:g}")
+    if load.churn < 0:
+        raise ConfigError(f"--churn must not be negative, not {load.churn * 100:g} %")
+    if not 0 < pods.cpu_target <= 1:
+        raise ConfigError(f"--cpu-target must be above 0 and at most 100 %, not {pods.cpu_target * 100:g} %")
+    if pods.history_ttl < 0 or pods.history_bytes < 0:
+        raise ConfigError("--history-ttl and --history-bytes must not be negative")
+    if load.payload > pods.max_frame:
+        raise ConfigError(f"--payload ({_n(load.payload)} bytes) is above the gateways' --max-frame ({_n(pods.max_frame)}): such a publication is refused")
+    per_connection = load.subscriptions / load.connections
+    if per_connection > pods.max_subscriptions:
+        raise ConfigError(
+            f"--topics × --fanout is {_n(load.subscriptions)} subscriptions, {_n(per_connection)} per connection, "
+            f"above the gateways' --max-subscriptions ({pods.max_subscriptions})"
+        )
+
+
+# --- the model ------------------------------------------------------------------------
+
+
+def interested_gateways(gateways: float, fanout: float) -> float:
+    """Gateways expected to hold at least one of a topic's ``fanout`` subscribers."""
+    if gateways <= 1:
+        return 1.0
+    return max(1.0, gateways * (1.0 - (1.0 - 1.0 / gateways) ** fanout))
+
+
+def delivery_us(p: Profile, payload: float) -> float:
+    return p.gateway_us_per_delivery + p.gateway_us_per_delivered_kib * payload / 1024
+
+
+def reconnect_us(p: Profile, load: Load) -> float:
+    """Gateway CPU for one client coming back: the handshake and its resubscriptions."""
+    return p.gateway_us_per_handshake + load.subscriptions / load.connections * p.gateway_us_per_subscribe
+
+
+def gateway_terms(p: Profile, load: Load, pods: Pods, gateways: int) -> dict[str, float]:
+    """Gateway CPU, µs per second over all ``gateways``, by what it is spent on."""
+    g = interested_gateways(gateways, load.fanout)
+    return {
+        "deliveries": load.peak * load.fanout * delivery_us(p, load.payload),
+        "publications": load.peak * (p.gateway_us_per_publication_in + g * p.gateway_us_per_publication_out),
+        "heartbeats": load.connections * 2 / pods.ping_interval * p.gateway_us_per_heartbeat,
+        "handshakes": load.connections * load.churn / 60 * reconnect_us(p, load),
+    }
+
+
+def router_us_per_publication(p: Profile, interested: float) -> float:
+    return 1e6 / p.router_publications_per_core + max(0.0, interested - 1) * p.router_us_per_extra_gateway
+
+
+def _smallest(ok: Callable[[int], bool], lo: int) -> int:
+    """The smallest n ≥ lo with ok(n), for an ok that stays true once true."""
+    if ok(lo):
+        return lo
+    hi = max(lo + 1, 2 * lo)
+    while not ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > _MAX_PODS:
+            raise ConfigError(f"this load needs more than {_MAX_PODS:,} pods of one role: check the inputs")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass
+class Role:
+    """The plan for gateways or routers."""
+
+    replicas: int
+    bottleneck: str
+    cpu_request: float  # cores
+    memory_request: int  # bytes
+    memory_limit: int
+    utilisation: float  # CPU of the usable cores, all replicas up
+    utilisation_one_lost: float
+    terms: dict[str, float]  # µs/s over the role
+    figures: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    load: Load
+    pods: Pods
+    gateways: Role
+    routers: Role
+    latency: dict[str, Any]
+    notes: list[str]
+    profile: Profile = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"load": asdict(self.load), "pods": asdict(self.pods), "gateways": asdict(self.gateways), "routers": asdict(self.routers), "latency": self.latency, "notes": self.notes}
+        out["profile"] = {"source": self.profile.source, "machine": dict(self.profile.machine), "date": self.profile.date, "command": self.profile.command, "constants": dict(self.profile.constants)}
+        out["values"] = values_fragment(self)
+        return out
+
+
+def _memory(working: float, factor: float) -> int:
+    """Bytes rounded up to whole 16 MiB."""
+    step = 16 * MIB
+    return int(math.ceil(working * factor / step) * step)
+
+
+def _dominant(terms: Mapping[str, float]) -> tuple[str, float]:
+    total = sum(terms.values())
+    name = max(terms, key=lambda k: terms[k])
+    return name, (terms[name] / total if total else 0.0)
+
+
+def plan(p: Profile, load: Load, pods: Pods = Pods()) -> Plan:
+    """Gateways and routers for ``load``, each pod with ``pods``' cores."""
+    check(load, pods)
+    usable = pods.gateway_cores * 1e6
+    budget = pods.cpu_target * usable
+
+    def per_gateway(carrying: int) -> float:
+        return sum(gateway_terms(p, load, pods, carrying).values()) / carrying
+
+    def cpu_ok(g: int) -> bool:
+        return per_gateway(g - 1) <= budget
+
+    def conn_ok(g: int) -> bool:
+        return load.connections / (g - 1) <= pods.max_connections
+
+    def storm_ok(g: int) -> bool:
+        spare = (usable - per_gateway(g - 1)) * (g - 1) * pods.reconnect_window
+        return load.connections / g * reconnect_us(p, load) <= spare
+
+    need = {"cpu": _smallest(cpu_ok, 2), "connections": _smallest(conn_ok, 2), "storm": _smallest(storm_ok, 2)}
+    g = max(need.values())
+    terms = gateway_terms(p, load, pods, g)
+    if g == 2 and max(need.values()) == min(need.values()):
+        why = "none: the minimum of 2 gateways (one may be lost) carries it"
+    elif need["cpu"] == g:
+        term, share = _dominant(gateway_terms(p, load, pods, g - 1))
+        why = f"CPU: {term} ({share:.0%} of the gateways' CPU)"
+    elif need["connections"] == g:
+        why = f"connections per pod (--max-connections {pods.max_connections:,}, the chart's gateway.limits.maxConnections)"
+    else:
+        why = f"the reconnect storm: a lost gateway's clients must come back within {pods.reconnect_window:g} s"
+    util = per_gateway(g) / usable
+    util_lost = per_gateway(g - 1) / usable
+    conns_lost = load.connections / (g - 1)
+    subs_lost = load.subscriptions / (g - 1)
+    working = p.gateway_base_bytes + conns_lost * p.gateway_bytes_per_connection + subs_lost * p.gateway_bytes_per_subscription
+    interested = interested_gateways(g, load.fanout)
+    deliveries_each = load.peak * load.fanout / g
+    storm_s = load.connections / g * reconnect_us(p, load) / ((usable - per_gateway(g - 1)) * (g - 1))
+    gateways = Role(
+        replicas=g,
+        bottleneck=why,
+        cpu_request=pods.gateway_cores,
+        memory_request=_memory(working, MEMORY_MARGIN),
+        memory_limit=_memory(working, GATEWAY_LIMIT_FACTOR),
+        utilisation=util,
+        utilisation_one_lost=util_lost,
+        terms=terms,
+        figures={
+            "needed_for": need,
+            "connections_each": load.connections / g,
+            "connections_each_one_lost": conns_lost,
+            "subscriptions_each": load.subscriptions / g,
+            "deliveries_per_s_each": deliveries_each,
+            "egress_mbit_s_each": deliveries_each * (load.payload + FRAME_OVERHEAD) * 8 / 1e6,
+            "interested_gateways_per_topic": interested,
+            "fanout_per_gateway": load.fanout / interested,
+            "working_set_bytes_one_lost": working,
+            "reconnect_storm_s": storm_s,
+        },
+    )
+    routers = _routers(p, load, pods, interested)
+    notes = []
+    if pods.gateway_cpu > PROCESS_CORES:
+        notes.append(f"a gateway is one Python process and uses at most {PROCESS_CORES:g} core: the plan counts {PROCESS_CORES:g} of its {pods.gateway_cpu:g}")
+    if pods.router_cpu > PROCESS_CORES:
+        notes.append(f"a router is one Python process and uses at most {PROCESS_CORES:g} core: the plan counts {PROCESS_CORES:g} of its {pods.router_cpu:g}")
+    notes += routers.figures.pop("notes")
+    return Plan(load, pods, gateways, routers, p99(p, gateways.figures["fanout_per_gateway"], util), notes, p)
+
+
+def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
+    usable = pods.router_cores * 1e6
+    budget = pods.cpu_target * usable
+    per_pub = router_us_per_publication(p, interested)
+    total = load.copies * load.peak * per_pub
+    spare = 1 if load.copies >= 2 else 0  # with copies, a lost router's topics move to the next
+
+    def cpu_ok(r: int) -> bool:
+        return total / (r - spare) <= budget
+
+    need = {"cpu": _smallest(cpu_ok, max(1, load.copies, 1 + spare)), "copies": load.copies}
+    r = max(need.values())
+    if need["cpu"] > max(load.copies, 1 + spare):
+        why = "CPU: publications, sequenced and sent to every interested gateway"
+    elif load.copies > 1 and r == load.copies:
+        why = f"copies: each topic is held by {load.copies} routers"
+    else:
+        why = "none: one router carries it"
+    notes: list[str] = []
+    topics_each = load.topics * load.copies / r
+    per_topic_rate = load.publications / load.topics
+    entries = min(pods.history_size, per_topic_rate * pods.history_ttl)
+    entry_bytes = load.payload + MSGPACK_HEADER + ENTRY_OVERHEAD
+    wanted = topics_each * entries * entry_bytes
+    history = min(float(pods.history_bytes), wanted)
+    if wanted > pods.history_bytes:
+        held_s = pods.history_bytes / (load.publications * load.copies / r * entry_bytes)
+        notes.append(
+            f"history: each router would keep {wanted / MIB:,.0f} MiB but --history-bytes caps it at "
+            f"{pods.history_bytes / MIB:,.0f} MiB, about {held_s:,.0f} s of publications instead of {pods.history_ttl:g} s "
+            "(raise it, and the routers' memory, for longer recovery)"
+        )
+    working = p.router_base_bytes + topics_each * p.router_bytes_per_topic + history * p.router_rss_per_history_byte
+    hottest = load.peak / load.topics * load.copies * per_pub / load.copies  # one topic lives on one router (per copy)
+    if hottest > budget:
+        notes.append(
+            f"hot topics: at {_n(load.peak / load.topics)} publications/s per topic (topics equally busy) one topic needs "
+            f"{hottest / 1e6:.2f} cores of its router, above the {pods.cpu_target:.0%} target of one: spread it over more topics"
+        )
+    busiest = _busiest_share(load.topics * load.copies, r)
+    if busiest > 1.2 and r > 1:
+        notes.append(
+            f"balance: {_n(load.topics)} topics over {r} routers — the busiest router is expected to hold about "
+            f"{busiest:.1f}× the mean, at {min(9.99, total / r * busiest / usable):.0%} CPU"
+        )
+    return Role(
+        replicas=r,
+        bottleneck=why,
+        cpu_request=pods.router_cores,
+        memory_request=_memory(working, MEMORY_MARGIN),
+        memory_limit=_memory(working, ROUTER_LIMIT_FACTOR),
+        utilisation=total / r / usable,
+        utilisation_one_lost=total / max(1, r - 1) / usable if r > 1 else total / usable,
+        terms={"publications": total},
+        figures={
+            "needed_for": need,
+            "publications_per_s_each": load.peak * load.copies / r,
+            "us_per_publication": per_pub,
+            "topics_each": topics_each,
+            "history_entries_per_topic": entries,
+            "history_bytes_wanted_each": wanted,
+            "history_bytes_each": history,
+            "working_set_bytes": working,
+            "notes": notes,
+        },
+    )
+
+
+def _busiest_share(items: float, bins: int) -> float:
+    """Expected load of the busiest of ``bins`` over the mean, for items hashed at
+    random (the balls-into-bins estimate mean + sqrt(2·mean·ln bins), at least one item)."""
+    if bins <= 1:
+        return 1.0
+    mean = items / bins
+    return max(1.0 / mean if mean < 1 else 1.0, (mean + math.sqrt(2 * mean * math.log(bins))) / mean)
+
+
+def p99(p: Profile, fanout_per_gateway: float, utilisation: float) -> dict[str, Any]:
+    """The p99 a measured figure supports for this per-gateway fan-out and utilisation, or why none."""
+    loaded_enough = [pt for pt in p.latency if pt.utilisation >= utilisation]
+    if not loaded_enough:
+        top = max((pt.utilisation for pt in p.latency), default=0.0)
+        return {"p99_ms": None, "why": f"the profile's latency figures were measured at up to {top:.0%} of saturation, below this plan's {utilisation:.0%}"}
+    by_fanout: dict[float, LatencyPoint] = {}
+    for pt in sorted(loaded_enough, key=lambda q: q.utilisation):
+        by_fanout.setdefault(pt.fanout_per_gateway, pt)
+    xs = sorted(by_fanout)
+    if not xs[0] <= fanout_per_gateway <= xs[-1]:
+        return {"p99_ms": None, "why": f"{_n(fanout_per_gateway)} subscribers per gateway per publication is outside the measured {_n(xs[0])}–{_n(xs[-1])}"}
+    lo = max(x for x in xs if x <= fanout_per_gateway)
+    hi = min(x for x in xs if x >= fanout_per_gateway)
+    a, b = by_fanout[lo], by_fanout[hi]
+    if hi == lo:
+        value = a.p99_ms
+    else:
+        t = (math.log(fanout_per_gateway) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        value = a.p99_ms + t * (b.p99_ms - a.p99_ms)
+    return {
+        "p99_ms": value,
+        "why": f"from the figures measured at {_n(lo)}" + ("" if hi == lo else f" and {_n(hi)}")
+        + f" subscribers per gateway, at {min(a.utilisation, b.utilisation):.0%}–{max(a.utilisation, b.utilisation):.0%} of saturation (this plan: {utilisation:.0%} CPU)",
+    }
+
+
+# --- the converse: what given pods carry ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    fanout: float
+    payload: int = 64
+    topics: int = 1
+    subscriptions_per_connection: float = 1.0
+    copies: int = 1
+    churn: float = 0.01
+
+
+@dataclass
+class Ceiling:
+    gateways: int
+    routers: int
+    publications_per_s: float
+    deliveries_per_s: float
+    deliveries_limited_by: str
+    connections: float
+    connections_limited_by: str
+    figures: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ceiling(
+    p: Profile, shape: Shape, *, gateways: int, routers: int, gateway_cpu: float, router_cpu: float,
+    gateway_memory: float, pods: Pods = Pods(),
+) -> Ceiling:
+    """At 100 % of the usable CPU (no target, no spare): the publications and
+    deliveries/s ``gateways`` and ``routers`` carry at ``shape``'s fan-out, and the
+    connections the gateways hold in ``gateway_memory`` bytes each (or their CPU, or
+    the per-pod connection limit, whichever is first)."""
+    if min(gateways, routers) < 1:
+        raise ConfigError("--ceiling needs at least one gateway and one router, as GATEWAYS:ROUTERS")
+    if min(gateway_cpu, router_cpu, shape.fanout, shape.payload, shape.topics, gateway_memory) <= 0:
+        raise ConfigError("--ceiling needs a positive --fanout, --payload, --topics, --gateway-cpu, --router-cpu and --gateway-memory")
+    g_cores = min(gateway_cpu, PROCESS_CORES) * 1e6
+    r_cores = min(router_cpu, PROCESS_CORES) * 1e6
+    interested = interested_gateways(gateways, shape.fanout)
+    heartbeat = 2 / pods.ping_interval * p.gateway_us_per_heartbeat
+    per_pub_gw = p.gateway_us_per_publication_in + interested * p.gateway_us_per_publication_out + shape.fanout * delivery_us(p, shape.payload)
+    by_gateways = (gateways * g_cores - shape.fanout * heartbeat) / per_pub_gw
+    busy_routers = min(routers, shape.topics * shape.copies)
+    by_routers = busy_routers * r_cores / (shape.copies * router_us_per_publication(p, interested))
+    rate = max(0.0, min(by_gateways, by_routers))
+    per_conn_bytes = p.gateway_bytes_per_connection + shape.subscriptions_per_connection * p.gateway_bytes_per_subscription
+    by_memory = max(0.0, gateway_memory - p.gateway_base_bytes) / per_conn_bytes
+    reconnect = p.gateway_us_per_handshake + shape.subscriptions_per_connection * p.gateway_us_per_subscribe
+    by_cpu = g_cores / (heartbeat + shape.churn / 60 * reconnect)
+    per_gateway = min(by_memory, by_cpu, pods.max_connections)
+    limited = "memory" if per_gateway == by_memory else "CPU (heartbeats and reconnections)" if per_gateway == by_cpu else "the per-pod connection limit"
+    return Ceiling(
+        gateways=gateways,
+        routers=routers,
+        publications_per_s=rate,
+        deliveries_per_s=rate * shape.fanout,
+        deliveries_limited_by="gateway CPU" if by_gateways <= by_routers else "router CPU",
+        connections=gateways * per_gateway,
+        connections_limited_by=limited,
+        figures={
+            "gateway_us_per_publication": per_pub_gw,
+            "router_us_per_publication": router_us_per_publication(p, interested),
+            "publications_per_s_by_gateways": by_gateways,
+            "publications_per_s_by_routers": by_routers,
+            "connections_each_by_memory": by_memory,
+            "connections_each_by_cpu": by_cpu,
+            "bytes_per_connection": per_conn_bytes,
+        },
+    )
+
+
+# --- growing the router StatefulSet ------------------------------------------------------
+
+
+@dataclass
+class Reshard:
+    before: int
+    after: int
+    topics: int
+    moved: int
+    ideal: float  # the fraction rendezvous hashing moves at best
+    max_over_mean_before: float
+    max_over_mean_after: float
+    per_router_after: dict[str, int]
+
+    @property
+    def moved_fraction(self) -> float:
+        return self.moved / self.topics
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "moved_fraction": self.moved_fraction, "history_bytes_moved": None}
+
+
+def router_names(n: int) -> list[str]:
+    """The chart's shard names: router-0 … router-(n-1)."""
+    return [f"router-{i}" for i in range(n)]
+
+
+def simulate_reshard(before: int, after: int, topics: int = RESHARD_TOPICS) -> Reshard:
+    """Owners of ``topics`` synthetic topic names under ``before`` and ``after`` routers
+    (the chart's names, the gateways' own :class:`Ring`): what moves, how even it is."""
+    if before < 1 or after < 1 or before == after:
+        raise ConfigError(f"--simulate-reshard needs two different router counts, each at least 1, as FROM:TO, not {before}:{after}")
+    if topics < 1:
+        raise ConfigError(f"--topics must be a positive number, not {topics}")
+    old, new = Ring(router_names(before)), Ring(router_names(after))
+    moved = 0
+    count_old: Counter[str] = Counter()
+    count_new: Counter[str] = Counter()
+    for i in range(topics):
+        t = f"topic.{i}"
+        a, b = old.owner(t), new.owner(t)
+        count_old[a] += 1
+        count_new[b] += 1
+        moved += a != b
+    ideal = abs(after - before) / max(after, before)
+    return Reshard(
+        before, after, topics, moved, ideal,
+        max(count_old.values()) / (topics / before),
+        max(count_new.values()) / (topics / after),
+        {name: count_new[name] for name in router_names(after)},
+    )
+
+
+# --- the chart's values -------------------------------------------------------------------
+
+
+def _cpu(cores: float) -> str:
+    return f"{max(1, round(cores * 1000))}m"
+
+
+def _mi(b: int) -> str:
+    return f"{b // MIB}Mi"
+
+
+def values_fragment(pl: Plan) -> str:
+    """A values.yaml fragment for helm/fanroute: replicas, resources, HPA bounds."""
+    g, r = pl.gateways, pl.routers
+    lo = g.replicas
+    hi = max(lo + 1, 2 * lo)
+    target = round(pl.pods.cpu_target * 100)
+    per_pod = math.ceil(pl.load.connections / (lo - 1))
+    return "\n".join(
+        [
+            "gateway:",
+            f"  replicas: {lo}",
+            "  limits:",
+            f"    maxConnections: {pl.pods.max_connections}",
+            "  resources:",
+            f"    requests: {{cpu: {_cpu(g.cpu_request)}, memory: {_mi(g.memory_request)}}}",
+            f"    limits: {{memory: {_mi(g.memory_limit)}}}",
+            "  autoscaling:",
+            "    enabled: true",
+            f"    minReplicas: {lo}  # the planned load, peaks included: a new gateway only takes new connections",
+            f"    maxReplicas: {hi}  # room for the connections to double",
+            f"    targetCPUUtilizationPercentage: {target}",
+            "    connections:",
+            "      enabled: false  # true with a custom-metrics adapter (prometheus-adapter)",
+            f"      averageValue: {min(per_pod, pl.pods.max_connections)}",
+            "router:",
+            f"  replicas: {r.replicas}  # changing it moves topics: plan it (--simulate-reshard)",
+            f"  historySize: {pl.pods.history_size}",
+            f"  historyTtl: {pl.pods.history_ttl:g}",
+            "  resources:",
+            f"    requests: {{cpu: {_cpu(r.cpu_request)}, memory: {_mi(r.memory_request)}}}",
+            f"    limits: {{memory: {_mi(r.memory_limit)}}}",
+        ]
+    ) + "\n"
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def render_plan(pl: Plan, command: str, given: set[str] | None = None) -> str:
+    L, P, g, r, p = pl.load, pl.pods, pl.gateways, pl.routers, pl.profile
+    given = given if given is not None else set(CONSTANTS) | {"topics", "payload", "burst", "churn"}
+
+    def d(name: str) -> str:
+        return "" if name in given else " (default)"
+
+    gf, rf = g.figures, r.figures
+    lines = [
+        f"fanroute capacity: {_n(L.connections)} connections, {_n(L.publications)} publications/s, fan-out {_n(L.fanout)} "
+        f"→ {_n(L.peak * L.fanout)} deliveries/s at the peak",
+        f"  inputs: {_n(L.topics)} topics{d('topics')}, {_n(L.payload)}-byte payloads{d('payload')}, {L.copies} "
+        f"cop{'y' if L.copies == 1 else 'ies'} per topic{d('copies')}, peak {L.burst:g}× the mean{d('burst')}, "
+        f"{L.churn * 100:g} % of connections reconnecting per minute{d('churn')}",
+        f"  pods: gateway {P.gateway_cpu:g} core{d('gateway_cpu')}, router {P.router_cpu:g} core{d('router_cpu')}; CPU target {_pct(P.cpu_target)}, "
+        f"at most {P.max_connections:,} connections per gateway, pings every {P.ping_interval:g} s, lost gateway's clients back within {P.reconnect_window:g} s",
+        "",
+        f"gateways: {g.replicas} — with one lost or draining, the other {g.replicas - 1} stay within the target",
+        f"  bottleneck: {g.bottleneck}",
+        f"  headroom: {_pct(g.utilisation)} CPU each with all up, {_pct(g.utilisation_one_lost)} with one lost (target {_pct(P.cpu_target)}); "
+        f"{_n(gf['connections_each'])} connections each ({_n(gf['connections_each_one_lost'])} with one lost, limit {P.max_connections:,})",
+        f"  each: {_n(gf['deliveries_per_s_each'])} deliveries/s ({gf['egress_mbit_s_each']:,.0f} Mbit/s out), "
+        f"{_n(gf['subscriptions_each'])} subscriptions; a topic reaches {gf['interested_gateways_per_topic']:.1f} gateways, "
+        f"{_n(gf['fanout_per_gateway'])} subscribers on each",
+        f"  a lost gateway's {_n(gf['connections_each'])} clients reconnect onto the others in about {gf['reconnect_storm_s']:.1f} s of their spare CPU",
+        f"  requests: cpu {_cpu(g.cpu_request)}, memory {_mi(g.memory_request)} (limit {_mi(g.memory_limit)}; working set with one lost "
+        f"{gf['working_set_bytes_one_lost'] / MIB:,.0f} MiB)",
+        f"  CPU by use: " + ", ".join(f"{k} {v / 1e6:,.2f} cores" for k, v in g.terms.items()),
+        "",
+        f"routers: {r.replicas}" + ("" if L.copies > 1 else " — a lost router's topics wait for its restart (no replication yet)"),
+        f"  bottleneck: {r.bottleneck}",
+        f"  headroom: {_pct(r.utilisation)} CPU each" + (f", {_pct(r.utilisation_one_lost)} with one lost" if L.copies > 1 else "") + f" (target {_pct(P.cpu_target)})",
+        f"  each: {_n(rf['publications_per_s_each'])} publications/s at {rf['us_per_publication']:.1f} µs, {_n(rf['topics_each'])} topics, "
+        f"history {rf['history_bytes_each'] / MIB:,.0f} MiB ({_n(rf['history_entries_per_topic'])} messages per topic)",
+        f"  requests: cpu {_cpu(r.cpu_request)}, memory {_mi(r.memory_request)} (limit {_mi(r.memory_limit)}; working set {rf['working_set_bytes'] / MIB:,.0f} MiB)",
+        "",
+    ]
+    lat = pl.latency
+    if lat["p99_ms"] is None:
+        lines.append(f"p99 delivery latency: no measured figure supports one here — {lat['why']}")
+    else:
+        lines.append(f"p99 delivery latency: about {lat['p99_ms']:.1f} ms, {lat['why']}")
+    for note in pl.notes:
+        lines.append(f"note: {note}")
+    lines += ["", f"figures used: {p.source} — {p.machine.get('nproc', '?')} × {p.machine.get('cpu', '?')}, {p.date}, `{p.command}`"]
+    for name, (what, unit) in CONSTANTS.items():
+        v = p.constants[name]
+        shown = f"{v / MIB:,.1f} MiB" if unit == "B" and v >= MIB else f"{v:,.0f} {unit}" if v >= 100 else f"{v:,.3g} {unit}"
+        lines.append(f"  {what}: {shown}")
+    lines += ["", "values.yaml for helm/fanroute (helm install … -f this-file):", "---", f"# {command}", values_fragment(pl).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def render_ceiling(c: Ceiling, shape: Shape, memory: float, p: Profile) -> str:
+    f = c.figures
+    return "\n".join(
+        [
+            f"fanroute capacity ceiling: {c.gateways} gateways, {c.routers} routers, at 100 % of their usable CPU",
+            f"  deliveries/s at fan-out {_n(shape.fanout)} ({shape.payload}-byte payloads, {shape.topics} topic{'s' if shape.topics != 1 else ''}): "
+            f"{_n(c.deliveries_per_s)} ({_n(c.publications_per_s)} publications/s), limited by {c.deliveries_limited_by}",
+            f"    gateways: {f['gateway_us_per_publication']:.1f} µs per publication → {_n(f['publications_per_s_by_gateways'])}/s; "
+            f"routers: {f['router_us_per_publication']:.1f} µs → {_n(f['publications_per_s_by_routers'])}/s",
+            f"  connections ({shape.subscriptions_per_connection:g} subscription each, {memory / MIB:g} MiB per gateway): {_n(c.connections)}, limited by {c.connections_limited_by}",
+            f"    per gateway: {_n(f['connections_each_by_memory'])} by memory ({f['bytes_per_connection']:,.0f} bytes each), "
+            f"{_n(f['connections_each_by_cpu'])} by CPU",
+            f"  figures: {p.source} ({p.date})",
+        ]
+    ) + "\n"
+
+
+def render_reshard(s: Reshard) -> str:
+    grow = s.after > s.before
+    lines = [
+        f"fanroute capacity: {s.before} → {s.after} routers, {s.topics:,} topics (synthetic names, rendezvous hashing with xxh64)",
+        f"  topics that move: {s.moved:,} = {s.moved_fraction:.2%} (ideal {s.ideal:.2%}: only the "
+        + ("new router's share moves" if grow else "removed router's topics move")
+        + f"; goal ≤ {s.ideal + 0.01:.2%}: {'met' if s.moved_fraction <= s.ideal + 0.01 else 'NOT met'})",
+        f"  load evenness, busiest ÷ mean topics per router: {s.max_over_mean_before:.3f} before, {s.max_over_mean_after:.3f} after",
+        "  topics per router after: " + ", ".join(f"{k} {v:,}" for k, v in s.per_router_after.items()),
+        "  history bytes moved: not computed — replication has not landed, so a moved topic's history stays behind on its old",
+        "  router: clients resuming a moved topic get recovered:false. Plan the change as a maintenance step.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return int(a), int(b)
+
+
+_pair.__name__ = "A:B"
+
+
+def _percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+_percent.__name__ = "percent"
+
+FlagFn = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], Any, str], None]
+
+
+def add_arguments(parser: argparse.ArgumentParser, flag: FlagFn) -> None:
+    """The flags of ``fanroute capacity``, declared through ``flag(parser, name, type, default, help)``."""
+    flag(parser, "--connections", int, None, "connections to plan for (required for a plan)")
+    flag(parser, "--publications", float, None, "publications per second, cluster-wide (required for a plan)")
+    flag(parser, "--fanout", float, None, "mean subscribers per publication (required for a plan or a ceiling)")
+    flag(parser, "--topics", int, None, f"topics (default {DEFAULT_TOPICS:,}; {RESHARD_TOPICS:,} with --simulate-reshard)")
+    flag(parser, "--payload", int, None, f"payload bytes (default {DEFAULT_PAYLOAD})")
+    flag(parser, "--copies", int, None, "routers holding each topic's stream (default 1, until replication lands)")
+    flag(parser, "--gateway-cpu", float, None, "cores per gateway pod (default 1)")
+    flag(parser, "--router-cpu", float, None, "cores per router pod (default 1)")
+    flag(parser, "--burst", float, None, "peak publication rate ÷ the mean (default 1)")
+    flag(parser, "--churn", _percent, None, "percent of the connections that reconnect per minute (default 1)")
+    flag(parser, "--cpu-target", _percent, None, "percent of a pod's usable CPU planned for (default 70, the chart's HPA target)")
+    flag(parser, "--max-connections", int, None, "connections per gateway pod (default 50000, the chart's)")
+    flag(parser, "--ping-interval", float, None, "seconds between heartbeats (default 25)")
+    flag(parser, "--reconnect-window", float, None, "seconds a lost gateway's clients may take to come back (default 10)")
+    flag(parser, "--history-size", int, None, "messages kept per topic (default 1000)")
+    flag(parser, "--history-ttl", float, None, "seconds a message stays in history (default 300)")
+    flag(parser, "--history-bytes", int, None, "bytes of history per router (default 268435456)")
+    flag(parser, "--profile", str, None, "the capacity profile (default ops/capacity-profile.json)")
+    flag(parser, "--ceiling", _pair, None, "GATEWAYS:ROUTERS: what those pods carry at 100 %% CPU, instead of a plan")
+    flag(parser, "--gateway-memory", float, None, "with --ceiling: MiB per gateway pod (default 512, the chart's limit)")
+    flag(parser, "--subscriptions-per-connection", float, None, "with --ceiling: subscriptions per connection (default 1)")
+    flag(parser, "--simulate-reshard", _pair, None, "FROM:TO routers: which topics move (e.g. 8:9), instead of a plan")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _get(args: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fanroute capacity``: a plan, a ceiling or a reshard simulation (ConfigError
+    — one sentence — for input that cannot be planned)."""
+    given = {k for k, v in vars(args).items() if v is not None}
+    as_json = bool(getattr(args, "json", False))
+    if getattr(args, "simulate_reshard", None):
+        a, b = args.simulate_reshard
+        s = simulate_reshard(a, b, _get(args, "topics", RESHARD_TOPICS))
+        print(json.dumps(s.as_dict(), indent=2) if as_json else render_reshard(s), end="\n" if as_json else "")
+        return 0
+    defaults = Pods()
+    pods = Pods(
+        gateway_cpu=_get(args, "gateway_cpu", defaults.gateway_cpu),
+        router_cpu=_get(args, "router_cpu", defaults.router_cpu),
+        cpu_target=_get(args, "cpu_target", defaults.cpu_target),
+        max_connections=_get(args, "max_connections", defaults.max_connections),
+        ping_interval=_get(args, "ping_interval", defaults.ping_interval),
+        reconnect_window=_get(args, "reconnect_window", defaults.reconnect_window),
+        history_size=_get(args, "history_size", defaults.history_size),
+        history_ttl=_get(args, "history_ttl", defaults.history_ttl),
+        history_bytes=_get(args, "history_bytes", defaults.history_bytes),
+    )
+    if getattr(args, "ceiling", None):
+        if getattr(args, "fanout", None) is None:
+            raise ConfigError("--ceiling needs --fanout, the fan-out whose deliveries/s it computes")
+        shape = Shape(
+            fanout=args.fanout, payload=_get(args, "payload", 64), topics=_get(args, "topics", 1),
+            subscriptions_per_connection=_get(args, "subscriptions_per_connection", 1.0), copies=_get(args, "copies", 1),
+            churn=_get(args, "churn", 0.01),
+        )
+        prof = load_profile(getattr(args, "profile", None))
+        memory = _get(args, "gateway_memory", 512.0) * MIB
+        c = ceiling(prof, shape, gateways=args.ceiling[0], routers=args.ceiling[1], gateway_cpu=pods.gateway_cpu,
+                    router_cpu=pods.router_cpu, gateway_memory=memory, pods=pods)
+        print(json.dumps(c.as_dict(), indent=2) if as_json else render_ceiling(c, shape, memory, prof), end="\n" if as_json else "")
+        return 0
+    missing = [f"--{n}" for n in ("connections", "publications", "fanout") if getattr(args, n, None) is None]
+    if missing:
+        raise ConfigError(f"a plan needs {', '.join(missing)} (or give --ceiling or --simulate-reshard)")
+    load = Load(
+        connections=args.connections, publications=args.publications, fanout=args.fanout,
+        topics=_get(args, "topics", DEFAULT_TOPICS), payload=_get(args, "payload", DEFAULT_PAYLOAD),
+        copies=_get(args, "copies", 1), burst=_get(args, "burst", 1.0), churn=_get(args, "churn", 0.01),
+    )
+    check(load, pods)  # before reading the profile: bad input is named first
+    pl = plan(load_profile(getattr(args, "profile", None)), load, pods)
+    command = "fanroute capacity " + " ".join(getattr(args, "argv", None) or _argv(args))
+    print(json.dumps(pl.as_dict(), indent=2) if as_json else render_plan(pl, command, given), end="\n" if as_json else "")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The flags given, as they would be typed (for the comment in the values fragment)."""
+    out = []
+    for k, v in vars(args).items():
+        if v is None or k in ("json", "command", "argv") or not isinstance(v, (int, float, str)) or isinstance(v, bool):
+            continue
+        if k in ("churn", "cpu_target"):
+            v = f"{v * 100:g}"
+        out += [f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fanroute: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fanroute.capacity ...`` until ``fanroute capacity`` is registered."""
+    parser = _Parser(prog="fanroute capacity", description="Plan gateways and routers for a load, from the measured capacity profile.")
+
+    def flag(p: argparse.ArgumentParser, name: str, kind: Callable[[str], Any], default: Any, help: str) -> None:
+        p.add_argument(name, type=kind, default=default, help=help)
+
+    add_arguments(parser, flag)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"fanroute: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
