@@ -24,6 +24,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm/fanroute"
 PRODUCTION = ROOT / "helm/examples/production-values.yaml"
+# Every values file: the chart's examples and the tests' own (each a variant below).
+EXAMPLES = sorted((ROOT / "helm/examples").glob("*.yaml"))
+TEST_VALUES = sorted((ROOT / "tests/data/helm").glob("*-values.yaml"))
 CRD_SCHEMA = ROOT / "tests/data/helm/monitoring-crds.schema.json"
 RULES = ROOT / "ops/prometheus/fanroute-rules.yml"
 DASHBOARD = ROOT / "ops/grafana/fanroute.json"
@@ -35,6 +38,14 @@ PROMTOOL = shutil.which("promtool")
 
 def production_values() -> dict[str, Any]:
     return yaml.safe_load(PRODUCTION.read_text())
+
+
+def values_file(path: Path) -> Any:
+    return lambda: yaml.safe_load(path.read_text())
+
+
+def data_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / f"tests/data/helm/{name}-values.yaml").read_text())
 
 
 def render(values: dict[str, Any] | None = None, name: str = "fanroute", namespace: str = "live") -> dict[str, str]:
@@ -96,10 +107,27 @@ def inter_node_values() -> dict[str, Any]:
 
 VARIANTS = {
     "default": lambda: None,
-    "production": production_values,
     "auth": auth_values,
     "inter-node": inter_node_values,
+    **{f"example:{p.stem}": values_file(p) for p in EXAMPLES},
+    **{f"test:{p.stem}": values_file(p) for p in TEST_VALUES},
 }
+
+
+def test_every_values_file_is_a_variant():
+    """The variant-wide tests (lint, strict Kubernetes validation, the admin port's
+    exposure) run for every example and test values file."""
+    assert PRODUCTION in EXAMPLES and (ROOT / "helm/examples/ingress-nginx-values.yaml") in EXAMPLES
+    assert {p.stem for p in TEST_VALUES} >= {"exposure-values", "recreate-values"}
+    assert len(VARIANTS) == 3 + len(EXAMPLES) + len(TEST_VALUES)
+
+
+def test_values_comments_name_files_that_exist():
+    """values.yaml points readers at example files; each one it names must be there."""
+    named = re.findall(r"helm/[\w./-]+\.ya?ml", (CHART / "values.yaml").read_text())
+    assert "helm/examples/production-values.yaml" in named
+    for path in named:
+        assert (ROOT / path).is_file(), f"values.yaml names {path}, which does not exist"
 
 
 @pytest.fixture(params=sorted(VARIANTS), scope="module")
@@ -124,8 +152,8 @@ def test_lint_is_clean_in_strict_mode(name, kube_version):
 def test_values_schema_rejects_values_that_cannot_work():
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(None)
-        chart.validate_schema(production_values())
-        chart.validate_schema(inter_node_values())
+        for make in VARIANTS.values():
+            chart.validate_schema(make())
         for bad in (
             {"router": {"replicas": 0}},
             {"gateway": {"port": 70000}},
@@ -142,6 +170,38 @@ def test_values_schema_rejects_values_that_cannot_work():
             {"networkPolicy": {"enabled": "yes"}},
             {"networkPolicy": {"adminFrom": [{"namespace": "monitoring"}]}},
             {"networkPolicy": {"adminFrom": [{}]}},
+            # The admin Service is ClusterIP, always: there is no knob to expose it.
+            {"gateway": {"adminService": {"type": "LoadBalancer"}}},
+            {"gateway": {"service": {"adminPort": 9100}}},
+            {"gateway": {"ingress": {"enabled": "yes"}}},
+            {"gateway": {"ingress": {"enabled": True, "hosts": [{"host": "Live.Example.com", "paths": [{"path": "/"}]}]}}},
+            {"gateway": {"ingress": {"enabled": True, "hosts": [{"host": "live.example.com", "paths": [{"path": "ws"}]}]}}},
+            {"gateway": {"ingress": {"enabled": True, "hosts": [{"host": "live.example.com", "paths": []}]}}},
+            {"gateway": {"ingress": {"enabled": True, "hosts": [{"paths": [{"path": "/", "pathType": "Regex"}]}]}}},
+            {"gateway": {"ingress": {"enabled": True, "backend": {"port": 9100}}}},
+            {"gateway": {"ingress": {"enabled": True, "tls": [{"secret": "x"}]}}},
+            {"gateway": {"topologySpread": {"enabled": True, "whenUnsatisfiable": "Sometimes"}}},
+            {"router": {"topologySpread": {"enabled": True, "maxSkew": 0}}},
+            {"router": {"topologySpread": {"on": True}}},
+            {"gateway": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname"}]}},
+            {"gateway": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway", "minDomains": 2}]}},
+            {"gateway": {"strategy": {"type": "BlueGreen"}}},
+            {"gateway": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "one"}}}},
+            {"gateway": {"strategy": {"rollingUpdate": {"partition": 1}}}},
+            {"router": {"updateStrategy": {"type": "Recreate"}}},
+            {"router": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": -1}}}},
+            {"router": {"podManagementPolicy": "Serial"}},
+            {"gateway": {"podLabels": {"app.kubernetes.io/component": "router"}}},  # would break selectors
+            {"router": {"podLabels": {"app.kubernetes.io/instance": "other"}}},
+            {"gateway": {"podLabels": {"team": 1}}},
+            {"router": {"priorityClassName": "High Priority"}},
+            {"gateway": {"envFrom": [{"configMap": "extra"}]}},
+            {"gateway": {"envFrom": [{"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}]}},
+            {"router": {"envFrom": [{"secretRef": {}}]}},
+            {"gateway": {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}},  # the chart's own
+            {"gateway": {"extraVolumes": [{"name": "ca"}]}},  # no source
+            {"router": {"extraVolumeMounts": [{"name": "ca"}]}},
+            {"router": {"extraVolumeMounts": [{"name": "ca", "mountPath": "relative"}]}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -197,7 +257,7 @@ def kinds(objs: list[dict[str, Any]]) -> dict[str, int]:
 def test_default_release_objects():
     objs = objects(render())
     assert kinds(objs) == {
-        "Deployment": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 2,
+        "Deployment": 1, "StatefulSet": 1, "Service": 3, "PodDisruptionBudget": 2,
         "ConfigMap": 2, "ServiceAccount": 1, "Secret": 1, "NetworkPolicy": 2,
     }
     assert one(objs, "Deployment")["spec"]["replicas"] == 2
@@ -207,7 +267,7 @@ def test_default_release_objects():
 def test_production_release_objects():
     objs = objects(render(production_values()))
     assert kinds(objs) == {
-        "Deployment": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 2, "ConfigMap": 2,
+        "Deployment": 1, "StatefulSet": 1, "Service": 3, "PodDisruptionBudget": 2, "ConfigMap": 2,
         "ServiceAccount": 1, "HorizontalPodAutoscaler": 1, "ServiceMonitor": 1, "PrometheusRule": 1,
         "NetworkPolicy": 2,
     }
@@ -556,6 +616,246 @@ def test_notes_tell_how_to_connect_and_where_the_dashboard_is():
     assert "ConfigMap fanroute-dashboard" in notes and "grafana_dashboard=1" in notes
 
 
+def test_notes_point_at_the_admin_service_and_the_ingress():
+    notes = render(namespace="feeds")["fanroute/templates/NOTES.txt"]
+    assert "kubectl -n feeds port-forward svc/fanroute-gateway-admin 9100" in notes
+    notes = render(yaml.safe_load((ROOT / "helm/examples/ingress-nginx-values.yaml").read_text()))["fanroute/templates/NOTES.txt"]
+    assert "websocat wss://live.example.com/" in notes
+
+
+# -- Exposure: the client port outside, the admin port inside ------------------------------
+
+
+def container_ports(pod: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+
+
+def service_targets(svc: dict[str, Any], objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], str]]:
+    """(Service port name, selected workload, container port name) for every port of the
+    Service, the target resolved by name or number on each pod template it selects."""
+    out = []
+    for workload, pod in pod_specs(objs):
+        if not svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items():
+            continue
+        by_number = {n: name for name, n in container_ports(pod).items()}
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            out.append((port["name"], workload, by_number.get(target, target)))
+    return out
+
+
+def ingress_backends(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for ing in find(objs, "Ingress"):
+        if "defaultBackend" in ing["spec"]:
+            out.append(ing["spec"]["defaultBackend"]["service"])
+        for rule in ing["spec"].get("rules", []):
+            out.extend(path["backend"]["service"] for path in rule["http"]["paths"])
+    return out
+
+
+def test_admin_port_is_only_on_the_cluster_internal_admin_service(variant):
+    """In every values file: the client Service, whatever its type, and every Ingress
+    backend reach the client port alone; the admin port (/metrics, /api/*) is on a
+    ClusterIP Service of its own."""
+    _, values, objs = variant
+    services = {s["metadata"]["name"]: s for s in find(objs, "Service")}
+    client = services["fanroute-gateway"]
+    want_type = ((values or {}).get("gateway", {}).get("service") or {}).get("type", "ClusterIP")
+    assert client["spec"]["type"] == want_type
+    assert [t for _, _, t in service_targets(client, objs)] == ["ws"]
+    gateway_admin = one(objs, "Deployment")["spec"]["template"]
+    assert all(p["port"] != container_ports(gateway_admin)["admin"] for p in client["spec"]["ports"])
+    # Whatever could carry traffic from outside the cluster carries no admin port.
+    exposed = [s for s in services.values() if s["spec"].get("type", "ClusterIP") != "ClusterIP"]
+    exposed += [services[b["name"]] for b in ingress_backends(objs)]
+    for svc in exposed:
+        assert {t for _, _, t in service_targets(svc, objs)} == {"ws"}, svc["metadata"]["name"]
+    for backend in ingress_backends(objs):
+        assert backend["name"] == "fanroute-gateway"
+        [port] = [p for p in client["spec"]["ports"] if p["name"] == backend["port"].get("name") or p["port"] == backend["port"].get("number")]
+        assert port["targetPort"] == "ws"
+    # The admin port has its own Service, ClusterIP with no way to change it.
+    admin = services["fanroute-gateway-admin"]
+    assert admin["spec"]["type"] == "ClusterIP"
+    assert [(w["kind"], t) for _, w, t in service_targets(admin, objs)] == [("Deployment", "admin")]
+    # The routers' admin port is on their headless Service only, which is internal too.
+    for svc in services.values():
+        if any(t == "admin" for _, _, t in service_targets(svc, objs)):
+            assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+            assert svc["metadata"]["name"] in ("fanroute-gateway-admin", "fanroute-router-headless")
+
+
+def test_network_policy_admits_to_the_admin_service_whom_the_values_say(variant):
+    """The admin Services' target ports are open, in the gateways' and routers'
+    NetworkPolicies, to networkPolicy.adminFrom (anyone when it is empty), and the
+    client port to anyone (clients, the ingress controller, the load balancer)."""
+    _, values, objs = variant
+    peers = ((values or {}).get("networkPolicy") or {}).get("adminFrom") or None
+    policies = policies_by_workload(objs)
+    checked = set()
+    for svc in find(objs, "Service"):
+        for _, workload, target in service_targets(svc, objs):
+            policy = policies[workload["metadata"]["name"]]
+            port = container_ports(workload["spec"]["template"])[target]
+            if target == "admin":
+                assert admitted(policy, port) == [peers]
+            elif target == "ws":
+                assert admitted(policy, port) == [None]
+            checked.add((workload["kind"], target))
+    assert {("Deployment", "admin"), ("StatefulSet", "admin"), ("Deployment", "ws")} <= checked
+
+
+def test_production_example_admits_prometheus_and_labelled_api_clients_to_the_admin_port():
+    values = production_values()
+    assert values["gateway"]["service"]["type"] == "LoadBalancer"
+    peers = values["networkPolicy"]["adminFrom"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+    assert {"podSelector": {"matchLabels": {"fanroute.io/api-client": "true"}}} in peers
+
+
+def test_ingress_renders_for_the_client_service_with_websocket_timeouts():
+    values = yaml.safe_load((ROOT / "helm/examples/ingress-nginx-values.yaml").read_text())
+    objs = objects(render(values))
+    ing = one(objs, "Ingress")
+    assert ing["apiVersion"] == "networking.k8s.io/v1"
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    notes = ing["metadata"]["annotations"]
+    # Idle timeouts well above the heartbeat, so a quiet connection is never cut by the proxy.
+    heartbeat = 25 + 8
+    for key in ("nginx.ingress.kubernetes.io/proxy-read-timeout", "nginx.ingress.kubernetes.io/proxy-send-timeout"):
+        assert int(notes[key]) > 10 * heartbeat
+    assert ing["spec"]["tls"] == [{"secretName": "live-example-com-tls", "hosts": ["live.example.com"]}]
+    [rule] = ing["spec"]["rules"]
+    assert rule["host"] == "live.example.com"
+    assert rule["http"]["paths"] == [{"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "fanroute-gateway", "port": {"name": "ws"}}}}]
+    assert one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]  # sanity: rendered whole
+    # Every host and path of the values, with Prefix when the values give no pathType.
+    ing = one(objects(render(data_values("exposure"))), "Ingress")
+    paths = [(r.get("host"), p["path"], p["pathType"]) for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+    assert paths == [("live.example.com", "/", "Prefix"), ("live.example.com", "/ws", "Exact"), (None, "/feeds", "Prefix")]
+
+
+def test_no_ingress_unless_enabled():
+    assert find(objects(render()), "Ingress") == []
+    assert find(objects(render(production_values())), "Ingress") == []
+    ing = one(objects(render({"gateway": {"ingress": {"enabled": True}}})), "Ingress")
+    assert "ingressClassName" not in ing["spec"] and "tls" not in ing["spec"]  # the cluster's default class
+
+
+# -- Scheduling and rollout ----------------------------------------------------------------
+
+
+def spread_of(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return workload["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_pods_spread_across_nodes_by_default_each_component_on_its_own(variant):
+    """Unless the values turn the chart's spread off, gateways and routers each get a
+    soft spread across nodes, selected by their own component's labels."""
+    _, values, objs = variant
+    workloads = {o["kind"]: o for o in objs if o["kind"] in ("Deployment", "StatefulSet")}
+    for kind, component in (("Deployment", "gateway"), ("StatefulSet", "router")):
+        mine, other = workloads[kind], workloads["StatefulSet" if kind == "Deployment" else "Deployment"]
+        spread = ((values or {}).get(component) or {}).get("topologySpread") or {}
+        constraints = spread_of(mine)
+        for c in constraints:
+            # Every constraint counts this component's pods and not the other's.
+            assert selects(c["labelSelector"], mine["spec"]["template"]["metadata"]["labels"])
+            assert not selects(c["labelSelector"], other["spec"]["template"]["metadata"]["labels"])
+        if spread.get("enabled", True):
+            first = constraints[0]
+            assert first["topologyKey"] == spread.get("topologyKey", "kubernetes.io/hostname")
+            assert first["whenUnsatisfiable"] == spread.get("whenUnsatisfiable", "ScheduleAnyway")
+            assert first["maxSkew"] == spread.get("maxSkew", 1)
+            assert first["labelSelector"] == {"matchLabels": mine["spec"]["selector"]["matchLabels"]}
+        extra = ((values or {}).get(component) or {}).get("topologySpreadConstraints", [])
+        assert len(constraints) == int(spread.get("enabled", True)) + len(extra)
+
+
+def test_default_spread_is_soft_across_nodes():
+    objs = objects(render())
+    gateway, router = one(objs, "Deployment"), one(objs, "StatefulSet")
+    base = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}
+    assert spread_of(gateway) == [{**base, "matchLabelKeys": ["pod-template-hash"], "labelSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "fanroute", "app.kubernetes.io/instance": "fanroute", "app.kubernetes.io/component": "gateway"}}}]
+    assert spread_of(router) == [{**base, "labelSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "fanroute", "app.kubernetes.io/instance": "fanroute", "app.kubernetes.io/component": "router"}}}]
+    # Another release's pods are not counted.
+    assert spread_of(one(objects(render(name="demo")), "StatefulSet"))[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
+    # Zones on top, as the production example adds them: the chart fills in the selector.
+    prod = objects(render(production_values()))
+    for workload in (one(prod, "Deployment"), one(prod, "StatefulSet")):
+        node, zone = spread_of(workload)
+        assert node["topologyKey"] == "kubernetes.io/hostname"
+        assert zone["topologyKey"] == "topology.kubernetes.io/zone"
+        assert zone["labelSelector"] == {"matchLabels": workload["spec"]["selector"]["matchLabels"]}
+    none = objects(render(data_values("recreate")))
+    assert "topologySpreadConstraints" not in one(none, "Deployment")["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in one(none, "StatefulSet")["spec"]["template"]["spec"]
+
+
+def test_rollouts_replace_one_pod_at_a_time_by_default():
+    objs = objects(render())
+    assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    sts = one(objs, "StatefulSet")["spec"]
+    # Parallel starts every shard at once; updates still go one shard at a time.
+    assert sts["podManagementPolicy"] == "Parallel"
+    assert sts["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}
+    assert "maxUnavailable" not in sts["updateStrategy"]["rollingUpdate"]
+
+
+def test_update_strategies_follow_the_values():
+    objs = objects(render(data_values("exposure")))
+    assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}}
+    sts = one(objs, "StatefulSet")["spec"]
+    assert sts["podManagementPolicy"] == "OrderedReady"
+    assert sts["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
+    # The other types carry no rollingUpdate (Kubernetes refuses one), though the
+    # defaults under it are still in the merged values.
+    objs = objects(render(data_values("recreate")))
+    assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert one(objs, "StatefulSet")["spec"]["updateStrategy"] == {"type": "OnDelete"}
+
+
+def test_env_from_volumes_labels_and_priority_render_for_both_components():
+    values = data_values("exposure")
+    objs = objects(render(values))
+    for workload, component in ((one(objs, "Deployment"), "gateway"), (one(objs, "StatefulSet"), "router")):
+        v = values[component]
+        pod = workload["spec"]["template"]
+        spec = pod["spec"]
+        [c] = spec["containers"]
+        assert c["envFrom"] == v["envFrom"]
+        names = [e["name"] for e in c["env"]]
+        assert "FANROUTE_CLUSTER_SECRET" in names  # the chart's own variables are still set (and win)
+        assert spec["priorityClassName"] == "fanroute-critical"
+        assert v["podLabels"].items() <= pod["metadata"]["labels"].items()
+        # Pod labels only: selectors and the chart's labels are untouched.
+        assert not set(v["podLabels"]) & set(workload["spec"]["selector"]["matchLabels"])
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        for volume in v["extraVolumes"]:
+            assert volume in spec["volumes"]
+        for mount in v["extraVolumeMounts"]:
+            assert mount in c["volumeMounts"]
+        # The chart's own volumes stay, and every mount has its volume.
+        assert {"config", "tmp"} <= {vol["name"] for vol in spec["volumes"]}
+        assert {m["name"] for m in c["volumeMounts"]} <= {vol["name"] for vol in spec["volumes"]}
+    # Defaults: none of them.
+    for workload in (o for o in objects(render()) if o["kind"] in ("Deployment", "StatefulSet")):
+        spec = workload["spec"]["template"]["spec"]
+        assert "envFrom" not in spec["containers"][0] and "priorityClassName" not in spec
+        assert [v["name"] for v in spec["volumes"]] == ["config", "tmp"]
+        assert set(workload["spec"]["template"]["metadata"]["labels"]) == {
+            "helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+            "app.kubernetes.io/managed-by", "app.kubernetes.io/component"}
+
+
 # -- Monitoring: the same rules and dashboard as ops/ ------------------------------------
 
 
@@ -573,18 +873,32 @@ def test_dashboard_configmap_carries_the_dashboard_for_the_sidecar():
     assert all(c["metadata"]["name"] != "fanroute-dashboard" for c in find(objects(render({"metrics": {"dashboard": {"enabled": False}}})), "ConfigMap"))
 
 
-def test_service_monitor_scrapes_both_services_under_the_rules_job_names():
+def service_monitor_selects(sm: dict[str, Any], svc: dict[str, Any]) -> bool:
+    """Whether the ServiceMonitor's selector (matchLabels, Exists/In expressions) picks the Service."""
+    labels = svc["metadata"]["labels"]
+    selector = sm["spec"]["selector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] in ("Exists", "In"), e
+        if e["key"] not in labels or (e["operator"] == "In" and labels[e["key"]] not in e["values"]):
+            return False
+    return True
+
+
+def test_service_monitor_scrapes_the_admin_services_under_the_rules_job_names():
+    """Scraping follows the admin port: the ServiceMonitor picks the gateways' admin
+    Service and the routers' headless Service, never the client Service."""
     objs = objects(render(production_values()))
     sm = one(objs, "ServiceMonitor")
-    selector = sm["spec"]["selector"]
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["admin"]
+    scraped = [svc for svc in find(objs, "Service") if service_monitor_selects(sm, svc)]
+    assert sorted(s["metadata"]["name"] for s in scraped) == ["fanroute-gateway-admin", "fanroute-router-headless"]
     jobs = set()
-    for svc in find(objs, "Service"):
-        labels = svc["metadata"]["labels"]
-        assert selector["matchLabels"].items() <= labels.items()
-        assert sm["spec"]["jobLabel"] in labels
+    for svc in scraped:
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
         assert "admin" in {p["name"] for p in svc["spec"]["ports"]}
-        jobs.add(labels[sm["spec"]["jobLabel"]])
+        jobs.add(svc["metadata"]["labels"][sm["spec"]["jobLabel"]])
     assert jobs == {"fanroute-gateway", "fanroute-router"}
     rules_jobs = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
     assert rules_jobs == jobs

@@ -119,3 +119,38 @@ secrets; otherwise 64 random alphanumerics (about 380 bits).
       name: {{ include "fanroute.clusterSecretName" . }}
       key: {{ include "fanroute.clusterSecretKey" . }}
 {{- end -}}
+
+{{/*
+The topologySpreadConstraints of one component: call with (list $ "gateway"). The
+chart's own spread (topologySpread, across nodes by default) comes first, selected by
+the component's labels so gateways and routers are spread each on their own; then the
+values' topologySpreadConstraints, where one without a labelSelector gets the same
+selector. Prints nothing when there is no constraint.
+*/}}
+{{- define "fanroute.topologySpreadConstraints" -}}
+{{- $root := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $v := index $root.Values $component -}}
+{{- $selector := dict "matchLabels" (include "fanroute.selectorLabels" (list $root $component) | fromYaml) -}}
+{{- $out := list -}}
+{{- with $v.topologySpread -}}
+{{- if .enabled -}}
+{{- $c := dict "maxSkew" (int .maxSkew) "topologyKey" .topologyKey "whenUnsatisfiable" .whenUnsatisfiable "labelSelector" $selector -}}
+{{- if eq $component "gateway" -}}
+{{- /* Count only pods of the same ReplicaSet, so a rollout spreads the new pods too. */ -}}
+{{- $_ := set $c "matchLabelKeys" (list "pod-template-hash") -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- end -}}
+{{- range $v.topologySpreadConstraints -}}
+{{- $c := deepCopy . -}}
+{{- if not (hasKey $c "labelSelector") -}}
+{{- $_ := set $c "labelSelector" $selector -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- if $out -}}
+{{- toYaml $out -}}
+{{- end -}}
+{{- end -}}
