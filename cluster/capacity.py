@@ -49,8 +49,9 @@ of their usable CPU, and how many connections fit in a given pod memory.
 ``simulate_reshard()`` hashes synthetic topics with :class:`fanroute.ring.Ring` to
 show what growing the router StatefulSet moves.
 
-Run ``python -m fanroute.capacity --help`` (``fanroute capacity`` once the command
-line registers :func:`add_arguments` and :func:`run`).
+``fanroute capacity`` (:mod:`fanroute.cli` registers :func:`add_arguments` and calls
+:func:`run`) is the thin shell: it reads the profile and prints what these functions
+return.
 """
 
 from __future__ import annotations
@@ -58,16 +59,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from fanroute.errors import ConfigError
 from fanroute.history import ENTRY_OVERHEAD
 from fanroute.ring import Ring
+from fanroute.settings import BOOL, FILE, NUMBER, Kind, setting
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "ops" / "capacity-profile.json"
 REFRESH = "fanroute bench profile --save-profile ops/capacity-profile.json"
@@ -163,6 +164,8 @@ def load_profile(path: str | Path | None = None) -> Profile:
         raise ConfigError(f"there is no capacity profile at {p}: give --profile FILE, written by {REFRESH}") from None
     except OSError as exc:
         raise ConfigError(f"the capacity profile {p} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the capacity profile {p} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except ValueError:
@@ -197,20 +200,22 @@ class Load:
 
 @dataclass(frozen=True)
 class Pods:
-    """What each pod gets and the settings that bound it (the chart's defaults)."""
+    """What each pod gets and the settings that bound it. The servers' settings take
+    their defaults from the one table (:mod:`fanroute.settings`), which the chart's
+    values follow, so a plan for an untouched deployment needs none of them."""
 
     gateway_cpu: float = 1.0
     router_cpu: float = 1.0
-    cpu_target: float = 0.70
-    max_connections: int = 50_000
-    max_subscriptions: int = 1000
-    max_frame: int = 65_536
-    ping_interval: float = 25.0
+    cpu_target: float = 0.70  # the chart's gateway.autoscaling.targetCPUUtilizationPercentage
+    max_connections: int = setting("max-connections").default
+    max_subscriptions: int = setting("max-subscriptions").default
+    max_frame: int = setting("max-frame").default
+    ping_interval: float = setting("ping-interval").default
     reconnect_window: float = 10.0
-    history_size: int = 1000
-    history_ttl: float = 300.0
-    history_bytes: int = 256 * MIB
-    outbox_limit: int = MIB
+    history_size: int = setting("history-size").default
+    history_ttl: float = setting("history-ttl").default
+    history_bytes: int = setting("history-bytes").default
+    outbox_limit: int = setting("outbox-limit").default
 
     @property
     def gateway_cores(self) -> float:
@@ -431,19 +436,39 @@ def plan(p: Profile, load: Load, pods: Pods = Pods()) -> Plan:
 
 
 def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
+    """Routers for ``load``: the smallest count at which the *busiest* router stays
+    within the CPU target. Topics land on routers by rendezvous hashing, so with few
+    topics per router the busiest holds well above the mean (:func:`_busiest_share`).
+    A topic's leader sequences it and sends it to every interested gateway; each
+    further copy costs one router publication (storing it), until the profile has a
+    measured replication figure."""
     usable = pods.router_cores * 1e6
     budget = pods.cpu_target * usable
     per_pub = router_us_per_publication(p, interested)
-    total = load.copies * load.peak * per_pub
+    follower = 1e6 / p.router_publications_per_core
+    total = load.peak * (per_pub + (load.copies - 1) * follower)
     spare = 1 if load.copies >= 2 else 0  # with copies, a lost router's topics move to the next
+    hottest = load.peak / load.topics * (per_pub + (load.copies - 1) * follower)  # one topic's leader is one router
+
+    def busiest(up: int) -> float:
+        """CPU of the busiest of ``up`` routers, µs/s."""
+        return max(hottest, total / up * min(float(up), _busiest_share(load.topics, up)))
 
     def cpu_ok(r: int) -> bool:
-        return total / (r - spare) <= budget
+        return busiest(r - spare) <= budget
 
-    need = {"cpu": _smallest(cpu_ok, max(1, load.copies, 1 + spare)), "copies": load.copies}
+    lo = max(1, load.copies, 1 + spare)
+    if hottest > budget:
+        # No count helps the hottest topic; plan for the mean and say so below.
+        need_cpu = _smallest(lambda r: total / (r - spare) <= budget, lo)
+    else:
+        need_cpu = _smallest(cpu_ok, lo)
+    need = {"cpu": need_cpu, "copies": load.copies}
     r = max(need.values())
-    if need["cpu"] > max(load.copies, 1 + spare):
+    if need["cpu"] > lo:
         why = "CPU: publications, sequenced and sent to every interested gateway"
+        if total / (r - spare) < 0.85 * budget:
+            why += " (the busiest router: topics hash unevenly over routers)"
     elif load.copies > 1 and r == load.copies:
         why = f"copies: each topic is held by {load.copies} routers"
     else:
@@ -463,17 +488,15 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
             "(raise it, and the routers' memory, for longer recovery)"
         )
     working = p.router_base_bytes + topics_each * p.router_bytes_per_topic + history * p.router_rss_per_history_byte
-    hottest = load.peak / load.topics * load.copies * per_pub / load.copies  # one topic lives on one router (per copy)
     if hottest > budget:
         notes.append(
             f"hot topics: at {_n(load.peak / load.topics)} publications/s per topic (topics equally busy) one topic needs "
             f"{hottest / 1e6:.2f} cores of its router, above the {pods.cpu_target:.0%} target of one: spread it over more topics"
         )
-    busiest = _busiest_share(load.topics * load.copies, r)
-    if busiest > 1.2 and r > 1:
+    if load.copies > 1:
         notes.append(
-            f"balance: {_n(load.topics)} topics over {r} routers — the busiest router is expected to hold about "
-            f"{busiest:.1f}× the mean, at {min(9.99, total / r * busiest / usable):.0%} CPU"
+            f"copies: each of a topic's {load.copies - 1} further cop{'y' if load.copies == 2 else 'ies'} is costed as one router "
+            f"publication ({follower:.0f} µs); the profile has no replication figure yet"
         )
     return Role(
         replicas=r,
@@ -481,13 +504,15 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
         cpu_request=pods.router_cores,
         memory_request=_memory(working, MEMORY_MARGIN),
         memory_limit=_memory(working, ROUTER_LIMIT_FACTOR),
-        utilisation=total / r / usable,
-        utilisation_one_lost=total / max(1, r - 1) / usable if r > 1 else total / usable,
+        utilisation=busiest(r) / usable,
+        utilisation_one_lost=busiest(max(1, r - 1)) / usable,
         terms={"publications": total},
         figures={
             "needed_for": need,
             "publications_per_s_each": load.peak * load.copies / r,
             "us_per_publication": per_pub,
+            "mean_utilisation": total / r / usable,
+            "busiest_over_mean": busiest(r) / (total / r) if total else 1.0,
             "topics_each": topics_each,
             "history_entries_per_topic": entries,
             "history_bytes_wanted_each": wanted,
@@ -614,21 +639,37 @@ def ceiling(
 
 @dataclass
 class Reshard:
+    """What changing the router count from ``before`` to ``after`` moves. With one
+    copy per topic a topic moves when its owner changes; with K copies a topic's
+    copies are the first K routers of its rendezvous order, and a copy moves when a
+    router joins or leaves that set: the new copy is sent the whole stream by a
+    surviving one (``router/REPLICATION.md``, sync before ready)."""
+
     before: int
     after: int
     topics: int
-    moved: int
-    ideal: float  # the fraction rendezvous hashing moves at best
-    max_over_mean_before: float
+    copies: int
+    moved: int  # topics whose first copy (the only one, or the leader) changes
+    copies_moved: int  # copies that land on a router that did not hold the topic
+    ideal: float  # the fraction of copies rendezvous hashing moves at best
+    max_over_mean_before: float  # copies held by the busiest router ÷ the mean
     max_over_mean_after: float
     per_router_after: dict[str, int]
+    history_bytes_per_topic: float
+    history_bytes_moved: float | None  # None with one copy: the history stays behind
+    topics_left_without_copy: int  # every copy was on a removed router: a new epoch
+    history_basis: str = ""
 
     @property
     def moved_fraction(self) -> float:
         return self.moved / self.topics
 
+    @property
+    def copies_moved_fraction(self) -> float:
+        return self.copies_moved / (self.topics * self.copies)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "moved_fraction": self.moved_fraction, "history_bytes_moved": None}
+        return {**asdict(self), "moved_fraction": self.moved_fraction, "copies_moved_fraction": self.copies_moved_fraction}
 
 
 def router_names(n: int) -> list[str]:
@@ -636,29 +677,78 @@ def router_names(n: int) -> list[str]:
     return [f"router-{i}" for i in range(n)]
 
 
-def simulate_reshard(before: int, after: int, topics: int = RESHARD_TOPICS) -> Reshard:
-    """Owners of ``topics`` synthetic topic names under ``before`` and ``after`` routers
-    (the chart's names, the gateways' own :class:`Ring`): what moves, how even it is."""
+def rendezvous_order(rings: dict[frozenset[str], Ring], names: list[str], topic: str, k: int) -> list[str]:
+    """The first ``k`` of ``names`` in ``topic``'s rendezvous order: the owner, then the
+    owner among the rest, and so on (with highest-random-weight hashing the owner of
+    a subset is the best-scoring member of it). ``rings`` caches one :class:`Ring`
+    per subset, each with its own lookup cache."""
+    out: list[str] = []
+    rest = frozenset(names)
+    for _ in range(min(k, len(names))):
+        ring = rings.get(rest)
+        if ring is None:
+            ring = rings[rest] = Ring([n for n in names if n in rest])
+        first = ring.owner(topic)
+        out.append(first)
+        rest = rest - {first}
+    return out
+
+
+def history_per_topic(pods: Pods, payload: int, rate_per_topic: float | None) -> float:
+    """Bytes of history one topic holds as the router accounts them: ``history_size``
+    entries, or what ``history_ttl`` keeps at the topic's rate if that is fewer."""
+    entries = float(pods.history_size) if rate_per_topic is None else min(pods.history_size, rate_per_topic * pods.history_ttl)
+    return entries * (payload + MSGPACK_HEADER + ENTRY_OVERHEAD)
+
+
+def simulate_reshard(
+    before: int, after: int, topics: int = RESHARD_TOPICS, copies: int = 1, *,
+    pods: Pods = Pods(), payload: int = DEFAULT_PAYLOAD, publications: float | None = None,
+) -> Reshard:
+    """Copies of ``topics`` synthetic topic names under ``before`` and ``after`` routers
+    (the chart's names, the gateways' own :class:`Ring`): what moves, how even it is,
+    and with ``copies`` > 1 how many history bytes the new copies are sent — each
+    topic's history taken as full (``history_size`` entries of ``payload`` bytes), or
+    as ``publications``/s spread over the topics keep it, within the routers'
+    ``history_bytes``."""
     if before < 1 or after < 1 or before == after:
         raise ConfigError(f"--simulate-reshard needs two different router counts, each at least 1, as FROM:TO, not {before}:{after}")
     if topics < 1:
         raise ConfigError(f"--topics must be a positive number, not {topics}")
-    old, new = Ring(router_names(before)), Ring(router_names(after))
-    moved = 0
+    if copies < 1:
+        raise ConfigError(f"--copies must be a positive number, not {copies}")
+    old_names, new_names = router_names(before), router_names(after)
+    k_old, k_new = min(copies, before), min(copies, after)
+    rings: dict[frozenset[str], Ring] = {}
+    moved = copies_moved = orphaned = 0
     count_old: Counter[str] = Counter()
     count_new: Counter[str] = Counter()
     for i in range(topics):
         t = f"topic.{i}"
-        a, b = old.owner(t), new.owner(t)
-        count_old[a] += 1
-        count_new[b] += 1
-        moved += a != b
+        a = rendezvous_order(rings, old_names, t, k_old)
+        b = rendezvous_order(rings, new_names, t, k_new)
+        count_old.update(a)
+        count_new.update(b)
+        moved += a[0] != b[0]
+        copies_moved += len(set(b) - set(a))
+        orphaned += not set(a) & set(b)
+    wanted = history_per_topic(pods, payload, None if publications is None else publications / topics)
+    cap = pods.history_bytes * before / (topics * k_old)  # the routers' --history-bytes, shared by their topics
+    per_topic = min(wanted, cap)
+    entries = min(pods.history_size, publications / topics * pods.history_ttl) if publications else pods.history_size
+    basis = f"{entries:,.0f} messages of {payload} bytes per topic" + (f" at {_n(publications)} publications/s" if publications else "")
+    if wanted > cap:
+        basis += f", cut to {cap / 1024:,.1f} KiB by each router's --history-bytes {pods.history_bytes / MIB:,.0f} MiB"
     ideal = abs(after - before) / max(after, before)
     return Reshard(
-        before, after, topics, moved, ideal,
-        max(count_old.values()) / (topics / before),
-        max(count_new.values()) / (topics / after),
-        {name: count_new[name] for name in router_names(after)},
+        before, after, topics, copies, moved, copies_moved, ideal,
+        max(count_old.values()) / (topics * k_old / before),
+        max(count_new.values()) / (topics * k_new / after),
+        {name: count_new[name] for name in new_names},
+        per_topic,
+        copies_moved * per_topic if copies > 1 else None,
+        orphaned if copies > 1 else 0,
+        basis,
     )
 
 
@@ -746,7 +836,8 @@ def render_plan(pl: Plan, command: str, given: set[str] | None = None) -> str:
         "",
         f"routers: {r.replicas}" + ("" if L.copies > 1 else " — a lost router's topics wait for its restart (no replication yet)"),
         f"  bottleneck: {r.bottleneck}",
-        f"  headroom: {_pct(r.utilisation)} CPU each" + (f", {_pct(r.utilisation_one_lost)} with one lost" if L.copies > 1 else "") + f" (target {_pct(P.cpu_target)})",
+        f"  headroom: the busiest router at {_pct(r.utilisation)} CPU" + (f", {_pct(r.utilisation_one_lost)} with one lost" if L.copies > 1 else "")
+        + f" (target {_pct(P.cpu_target)}; the mean {_pct(rf['mean_utilisation'])}, the busiest {rf['busiest_over_mean']:.2f}× it as topics hash)",
         f"  each: {_n(rf['publications_per_s_each'])} publications/s at {rf['us_per_publication']:.1f} µs, {_n(rf['topics_each'])} topics, "
         f"history {rf['history_bytes_each'] / MIB:,.0f} MiB ({_n(rf['history_entries_per_topic'])} messages per topic)",
         f"  requests: cpu {_cpu(r.cpu_request)}, memory {_mi(r.memory_request)} (limit {_mi(r.memory_limit)}; working set {rf['working_set_bytes'] / MIB:,.0f} MiB)",
@@ -787,16 +878,42 @@ def render_ceiling(c: Ceiling, shape: Shape, memory: float, p: Profile) -> str:
 
 def render_reshard(s: Reshard) -> str:
     grow = s.after > s.before
+    goal = s.ideal + 0.01
+    share = "only the new router's share moves" if grow else "only the removed router's topics move"
     lines = [
-        f"fanroute capacity: {s.before} → {s.after} routers, {s.topics:,} topics (synthetic names, rendezvous hashing with xxh64)",
-        f"  topics that move: {s.moved:,} = {s.moved_fraction:.2%} (ideal {s.ideal:.2%}: only the "
-        + ("new router's share moves" if grow else "removed router's topics move")
-        + f"; goal ≤ {s.ideal + 0.01:.2%}: {'met' if s.moved_fraction <= s.ideal + 0.01 else 'NOT met'})",
-        f"  load evenness, busiest ÷ mean topics per router: {s.max_over_mean_before:.3f} before, {s.max_over_mean_after:.3f} after",
-        "  topics per router after: " + ", ".join(f"{k} {v:,}" for k, v in s.per_router_after.items()),
-        "  history bytes moved: not computed — replication has not landed, so a moved topic's history stays behind on its old",
-        "  router: clients resuming a moved topic get recovered:false. Plan the change as a maintenance step.",
+        f"fanroute capacity: {s.before} → {s.after} routers, {s.topics:,} topics, {s.copies} "
+        f"cop{'y' if s.copies == 1 else 'ies'} each (synthetic names, rendezvous hashing with xxh64)",
     ]
+    if s.copies == 1:
+        lines.append(
+            f"  topics that move: {s.moved:,} = {s.moved_fraction:.2%} (ideal {s.ideal:.2%}: {share}; "
+            f"goal ≤ {goal:.2%}: {'met' if s.moved_fraction <= goal else 'NOT met'})"
+        )
+    else:
+        lines += [
+            f"  copies that move: {s.copies_moved:,} of {s.topics * s.copies:,} = {s.copies_moved_fraction:.2%} "
+            f"(ideal {s.ideal:.2%}: {share}; goal ≤ {goal:.2%}: {'met' if s.copies_moved_fraction <= goal else 'NOT met'})",
+            f"  topics whose leader changes: {s.moved:,} = {s.moved_fraction:.2%}",
+        ]
+    lines += [
+        f"  load evenness, busiest ÷ mean {'topics' if s.copies == 1 else 'copies'} per router: "
+        f"{s.max_over_mean_before:.3f} before, {s.max_over_mean_after:.3f} after",
+        "  per router after: " + ", ".join(f"{k} {v:,}" for k, v in s.per_router_after.items()),
+    ]
+    if s.history_bytes_moved is None:
+        lines += [
+            f"  history bytes moved: none — with one copy a moved topic's history ({s.history_bytes_per_topic / 1024:,.0f} KiB each, "
+            f"{s.history_basis}) stays behind",
+            "  on its old router: clients resuming a moved topic get recovered:false. Plan the change as a maintenance step,",
+            "  or run with --copies 2 or more once shards are replicated.",
+        ]
+    else:
+        lines.append(
+            f"  history bytes moved: {s.history_bytes_moved / MIB:,.1f} MiB ({s.copies_moved:,} copies × "
+            f"{s.history_bytes_per_topic / 1024:,.1f} KiB, {s.history_basis}), sent by a surviving copy before the new view is ready"
+        )
+        if s.topics_left_without_copy:
+            lines.append(f"  topics left without any copy (every one was on a removed router): {s.topics_left_without_copy:,} — they start a new epoch")
     return "\n".join(lines) + "\n"
 
 
@@ -810,43 +927,48 @@ def _pair(text: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-_pair.__name__ = "A:B"
-
-
 def _percent(text: str) -> float:
-    return float(text.rstrip("%")) / 100
+    value = float(text.strip().rstrip("%"))
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value / 100
 
 
-_percent.__name__ = "percent"
+PAIR = Kind("two counts as A:B (8:9)", "A:B", _pair)
+PERCENT = Kind("a percentage", "PERCENT", _percent, lambda v: f"{v * 100:g}")
 
 FlagFn = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], Any, str], None]
 
 
 def add_arguments(parser: argparse.ArgumentParser, flag: FlagFn) -> None:
-    """The flags of ``fanroute capacity``, declared through ``flag(parser, name, type, default, help)``."""
+    """The flags of ``fanroute capacity``, declared through ``flag(parser, name, kind,
+    default, help)`` (:func:`fanroute.settings.scoped_flag`: each is a setting, with
+    its ``FANROUTE_CAPACITY_*`` variable, listed in ``cluster/SETTINGS.md``). The
+    servers' settings the plan depends on default to the servers' own defaults."""
+    d = Pods()
     flag(parser, "--connections", int, None, "connections to plan for (required for a plan)")
-    flag(parser, "--publications", float, None, "publications per second, cluster-wide (required for a plan)")
-    flag(parser, "--fanout", float, None, "mean subscribers per publication (required for a plan or a ceiling)")
-    flag(parser, "--topics", int, None, f"topics (default {DEFAULT_TOPICS:,}; {RESHARD_TOPICS:,} with --simulate-reshard)")
-    flag(parser, "--payload", int, None, f"payload bytes (default {DEFAULT_PAYLOAD})")
-    flag(parser, "--copies", int, None, "routers holding each topic's stream (default 1, until replication lands)")
-    flag(parser, "--gateway-cpu", float, None, "cores per gateway pod (default 1)")
-    flag(parser, "--router-cpu", float, None, "cores per router pod (default 1)")
-    flag(parser, "--burst", float, None, "peak publication rate ÷ the mean (default 1)")
-    flag(parser, "--churn", _percent, None, "percent of the connections that reconnect per minute (default 1)")
-    flag(parser, "--cpu-target", _percent, None, "percent of a pod's usable CPU planned for (default 70, the chart's HPA target)")
-    flag(parser, "--max-connections", int, None, "connections per gateway pod (default 50000, the chart's)")
-    flag(parser, "--ping-interval", float, None, "seconds between heartbeats (default 25)")
-    flag(parser, "--reconnect-window", float, None, "seconds a lost gateway's clients may take to come back (default 10)")
-    flag(parser, "--history-size", int, None, "messages kept per topic (default 1000)")
-    flag(parser, "--history-ttl", float, None, "seconds a message stays in history (default 300)")
-    flag(parser, "--history-bytes", int, None, "bytes of history per router (default 268435456)")
-    flag(parser, "--profile", str, None, "the capacity profile (default ops/capacity-profile.json)")
-    flag(parser, "--ceiling", _pair, None, "GATEWAYS:ROUTERS: what those pods carry at 100 %% CPU, instead of a plan")
-    flag(parser, "--gateway-memory", float, None, "with --ceiling: MiB per gateway pod (default 512, the chart's limit)")
-    flag(parser, "--subscriptions-per-connection", float, None, "with --ceiling: subscriptions per connection (default 1)")
-    flag(parser, "--simulate-reshard", _pair, None, "FROM:TO routers: which topics move (e.g. 8:9), instead of a plan")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    flag(parser, "--publications", NUMBER, None, "publications per second, cluster-wide (required for a plan)")
+    flag(parser, "--fanout", NUMBER, None, "mean subscribers per publication (required for a plan or a ceiling)")
+    flag(parser, "--topics", int, None, f"topics (none: {DEFAULT_TOPICS:,} for a plan, 1 for a ceiling, {RESHARD_TOPICS:,} for a reshard)")
+    flag(parser, "--payload", int, None, f"payload bytes (none: {DEFAULT_PAYLOAD} for a plan, 64 for a ceiling)")
+    flag(parser, "--copies", int, 1, "routers holding each topic's stream (1 until shards are replicated)")
+    flag(parser, "--gateway-cpu", NUMBER, d.gateway_cpu, "cores per gateway pod")
+    flag(parser, "--router-cpu", NUMBER, d.router_cpu, "cores per router pod")
+    flag(parser, "--burst", NUMBER, 1.0, "peak publication rate over the mean")
+    flag(parser, "--churn", PERCENT, 0.01, "percent of the connections that reconnect per minute")
+    flag(parser, "--cpu-target", PERCENT, d.cpu_target, "percent of a pod's usable CPU planned for (the chart's HPA target)")
+    flag(parser, "--max-connections", int, d.max_connections, "connections per gateway pod (the gateways' --max-connections)")
+    flag(parser, "--ping-interval", NUMBER, d.ping_interval, "seconds between heartbeats (the gateways' --ping-interval)")
+    flag(parser, "--reconnect-window", NUMBER, d.reconnect_window, "seconds a lost gateway's clients may take to come back")
+    flag(parser, "--history-size", int, d.history_size, "messages kept per topic (the routers' --history-size)")
+    flag(parser, "--history-ttl", NUMBER, d.history_ttl, "seconds a message stays in history (the routers' --history-ttl)")
+    flag(parser, "--history-bytes", int, d.history_bytes, "bytes of history per router (the routers' --history-bytes)")
+    flag(parser, "--profile", FILE, None, "the capacity profile (none: ops/capacity-profile.json)")
+    flag(parser, "--ceiling", PAIR, None, "GATEWAYS:ROUTERS: what those pods carry at 100 % CPU, instead of a plan")
+    flag(parser, "--gateway-memory", NUMBER, 512.0, "with --ceiling: MiB per gateway pod (the chart's memory limit)")
+    flag(parser, "--subscriptions-per-connection", NUMBER, 1.0, "with --ceiling: subscriptions per connection")
+    flag(parser, "--simulate-reshard", PAIR, None, "FROM:TO routers: which topics move (8:9), instead of a plan")
+    flag(parser, "--json", BOOL, False, "print the result as JSON")
 
 
 def _get(args: argparse.Namespace, name: str, default: Any) -> Any:
@@ -854,28 +976,43 @@ def _get(args: argparse.Namespace, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _given(args: argparse.Namespace) -> set[str]:
+    """The inputs the user set (a flag or its variable), by attribute name."""
+    origins = getattr(args, "_origins", None)
+    if origins is None:  # a Namespace built by hand: what it holds was given
+        return {k for k, v in vars(args).items() if v is not None}
+    return {o.setting.dest for o in origins if o.source != "default"}
+
+
+def _pods(args: argparse.Namespace) -> Pods:
+    d = Pods()
+    return Pods(
+        gateway_cpu=_get(args, "gateway_cpu", d.gateway_cpu),
+        router_cpu=_get(args, "router_cpu", d.router_cpu),
+        cpu_target=_get(args, "cpu_target", d.cpu_target),
+        max_connections=_get(args, "max_connections", d.max_connections),
+        ping_interval=_get(args, "ping_interval", d.ping_interval),
+        reconnect_window=_get(args, "reconnect_window", d.reconnect_window),
+        history_size=_get(args, "history_size", d.history_size),
+        history_ttl=_get(args, "history_ttl", d.history_ttl),
+        history_bytes=_get(args, "history_bytes", d.history_bytes),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``fanroute capacity``: a plan, a ceiling or a reshard simulation (ConfigError
     — one sentence — for input that cannot be planned)."""
-    given = {k for k, v in vars(args).items() if v is not None}
+    given = _given(args)
     as_json = bool(getattr(args, "json", False))
     if getattr(args, "simulate_reshard", None):
         a, b = args.simulate_reshard
-        s = simulate_reshard(a, b, _get(args, "topics", RESHARD_TOPICS))
+        s = simulate_reshard(
+            a, b, _get(args, "topics", RESHARD_TOPICS), _get(args, "copies", 1), pods=_pods(args),
+            payload=_get(args, "payload", DEFAULT_PAYLOAD), publications=getattr(args, "publications", None),
+        )
         print(json.dumps(s.as_dict(), indent=2) if as_json else render_reshard(s), end="\n" if as_json else "")
         return 0
-    defaults = Pods()
-    pods = Pods(
-        gateway_cpu=_get(args, "gateway_cpu", defaults.gateway_cpu),
-        router_cpu=_get(args, "router_cpu", defaults.router_cpu),
-        cpu_target=_get(args, "cpu_target", defaults.cpu_target),
-        max_connections=_get(args, "max_connections", defaults.max_connections),
-        ping_interval=_get(args, "ping_interval", defaults.ping_interval),
-        reconnect_window=_get(args, "reconnect_window", defaults.reconnect_window),
-        history_size=_get(args, "history_size", defaults.history_size),
-        history_ttl=_get(args, "history_ttl", defaults.history_ttl),
-        history_bytes=_get(args, "history_bytes", defaults.history_bytes),
-    )
+    pods = _pods(args)
     if getattr(args, "ceiling", None):
         if getattr(args, "fanout", None) is None:
             raise ConfigError("--ceiling needs --fanout, the fan-out whose deliveries/s it computes")
@@ -906,37 +1043,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    """The flags given, as they would be typed (for the comment in the values fragment)."""
+    """The flags given (on the command line or by their variables), as they would be
+    typed: the comment at the top of the values fragment says what produced it."""
     out = []
-    for k, v in vars(args).items():
-        if v is None or k in ("json", "command", "argv") or not isinstance(v, (int, float, str)) or isinstance(v, bool):
+    for o in getattr(args, "_origins", ()):
+        if o.source == "default" or o.setting.commands != ("capacity",) or o.setting.flag == "--json":
             continue
-        if k in ("churn", "cpu_target"):
-            v = f"{v * 100:g}"
-        out += [f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
+        value = getattr(args, o.setting.dest, None)
+        if value is not None:
+            out += [o.setting.flag, o.setting.kind.show(value) if not isinstance(value, tuple) else ":".join(map(str, value))]
     return out
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"fanroute: {message}\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fanroute.capacity ...`` until ``fanroute capacity`` is registered."""
-    parser = _Parser(prog="fanroute capacity", description="Plan gateways and routers for a load, from the measured capacity profile.")
-
-    def flag(p: argparse.ArgumentParser, name: str, kind: Callable[[str], Any], default: Any, help: str) -> None:
-        p.add_argument(name, type=kind, default=default, help=help)
-
-    add_arguments(parser, flag)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"fanroute: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

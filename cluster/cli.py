@@ -4,7 +4,7 @@ Its flags and their ``FANROUTE_*`` environment variables are generated from the
 table in :mod:`fanroute.settings` (the reference: ``cluster/SETTINGS.md``, or
 ``fanroute --list-settings``). A flag on the command line wins over the variable,
 the variable over the default, and a command reads only its own settings'
-variables. ``demo-feed`` and ``bench ...`` register their flags themselves through
+variables. ``demo-feed``, ``bench ...`` and ``capacity`` register their flags themselves through
 :func:`fanroute.settings.scoped_flag`, which scopes their variables by command
 (``FANROUTE_DEMO_FEED_RATE``, ``FANROUTE_BENCH_FANOUT_RATE``).
 
@@ -45,8 +45,14 @@ def _add_bench(parser: argparse.ArgumentParser, flag: settings.FlagFn) -> None:
     add_bench_commands(parser, flag)
 
 
+def _add_capacity(parser: argparse.ArgumentParser, flag: settings.FlagFn) -> None:
+    from fanroute.capacity import add_arguments
+
+    add_arguments(parser, flag)
+
+
 # Subcommands that register their own flags (through settings.scoped_flag).
-PLUGINS = {"demo-feed": _add_demo_feed, "bench": _add_bench}
+PLUGINS = {"demo-feed": _add_demo_feed, "bench": _add_bench, "capacity": _add_capacity}
 
 
 def build_parser() -> settings.Parser:
@@ -177,6 +183,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fanroute import bench
 
         return bench.run(args)
+    elif args.command == "capacity":
+        from fanroute import capacity
+
+        return capacity.run(args)
     return 0
 
 

@@ -65,6 +65,7 @@ COMMANDS: dict[str, str] = {
     "local-cluster": "gateways and routers as processes on loopback",
     "demo-feed": "publish random-walk prices for the ticker demo page",
     "bench": "benchmarks (see ops/bench/README.md)",
+    "capacity": "gateways and routers a load needs, from the measured capacity profile",
 }
 
 
