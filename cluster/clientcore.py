@@ -18,18 +18,22 @@ actions to carry out, in order:
 =======================================  =================================================
 event (method)                           typical actions
 =======================================  =================================================
-``start(now)`` / ``connect(now)``        :class:`Connect` — open a socket to ``url``
+``start(now)`` / ``connect(now)``        :class:`Connect` — open a socket to ``url`` (or
+                                         first :class:`FetchToken`, with ``fetch_token``)
+``give_token(token, now, ttl)``          :class:`Connect`, or :class:`Send` (``refresh``)
+``token_failed(now)``                    :class:`ReconnectAt`; nothing during a refresh
 ``opened(now)``                          :class:`Send` — the ``connect`` frame (and, when
                                          ``eager``, the subscribes)
 ``received(frame, now)``                 :class:`Ready`, :class:`Send`, :data:`DELIVER`,
                                          :class:`Subscribed`, :class:`Unrecovered`,
                                          :class:`SubscribeError`, :class:`Answer`,
-                                         :class:`Drop`
+                                         :class:`Presence`, :class:`Refreshed`, :class:`Drop`
 ``message(topic, seq)`` + ``heard(now)``  the allocation-free path for message frames
 ``closed(code, now)``                    :class:`ReconnectAt` or :class:`Stop`    
 ``tick(now)``                            :data:`PING`, :class:`Drop`, :class:`Send` (a
-                                         subscribe retried)
-``subscribe(topic)``/``unsubscribe``     :class:`Send` when a connection is up
+                                         subscribe retried), :class:`FetchToken` (refresh)
+``subscribe(topic, last=, presence=)``   :class:`Send` when a connection is up
+``unsubscribe(topic)``
 =======================================  =================================================
 
 ``now`` is any monotonic clock in seconds; only differences matter. Frames are
@@ -45,6 +49,27 @@ The rules, each in one place:
   announced by ``skipped`` (conflation) is not a fault. While a subscribe is in flight,
   messages are ignored: its answer says where the stream stands, and what was missed
   follows it.
+* **Latest messages** (``last``): a subscription that asked for ``last: N`` asks for it
+  again on every resubscribe, together with ``since``; the gateway applies it only
+  when recovery fails, so a ticker is never left blank after a reconnect. After a
+  ``subscribed`` answer to which ``last`` applies (a first subscribe, or
+  ``recovered:false``) the stream stands at ``seq - N`` (never below what it already
+  had in the same epoch), and the first message may start higher — the history held
+  fewer than N: on a first subscribe that is just where the stream begins; on a
+  resubscribe the messages in between are lost, and an :class:`Unrecovered` marker
+  says exactly which. So every ``seq`` is delivered or inside exactly one marker.
+* **Presence** (``presence=True``): the subscribe asks for pushed counts, each an
+  action :class:`Presence`; the answer to the host's own ``presence`` command is an
+  :class:`Answer`.
+* **Tokens** (``fetch_token``): the host holds a token source (a callback). Every
+  connection attempt first asks it for a token (:class:`FetchToken` ``"connect"``), so
+  a reconnect never presents a stale one. Given a token's lifetime (``ttl``, from its
+  ``exp``: :func:`token_ttl`), the core asks again at :func:`refresh_delay` and sends
+  ``refresh`` on the open connection, so a connection outlives any one token. A 4001
+  close whose reason is :data:`~fanroute.codes.TOKEN_EXPIRED_REASON` (the token ran
+  out first: a slow source, a paused tab) reconnects with a new token; any other 4001
+  means a token was refused, and stops the client, as does a source that answers
+  ``None``. A source that fails (raises) is asked again after a backoff delay.
 * **Answers to subscribe** (``_on_subscribed``): ``recovered:true`` after ``since``
   continues from the last seq seen; ``recovered:false`` after ``since`` is an
   :class:`Unrecovered` marker and a jump to the reply's position; an unsolicited
@@ -64,7 +89,7 @@ The rules, each in one place:
     ``retry_at=None``, and is not resubscribed. So does a subscription the server
     withdraws (an unsolicited ``unsubscribed``), with the code ``unsubscribed``.
 * **Close codes** (:func:`reconnect_delay`): the rule of :func:`fanroute.codes.reconnect_rule`
-  — ``never`` (4001, 4003, 1008) stops, ``prompt`` (1012) returns within
+  — ``never`` (4001 except an expired token with a token source, 4003, 1008) stops, ``prompt`` (1012) returns within
   ``restart_window`` with jitter, ``longest`` (4029) waits between ``max_delay`` and
   1.5 × ``max_delay``, anything else (a lost connection too) backs off.
 * **Backoff**: :class:`fanroute.backoff.Backoff`; the attempt count resets only when the
@@ -82,19 +107,23 @@ The rules, each in one place:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from fanroute.backoff import Backoff
-from fanroute.codes import CloseCode, ErrorCode, Reconnect, reconnect_rule
+from fanroute.codes import TOKEN_EXPIRED_REASON, CloseCode, ErrorCode, Reconnect, reconnect_rule
 
 U = TypeVar("U")
 
 DEFAULT_PING_INTERVAL: Final = 25.0  # what a gateway announces unless configured otherwise
 DEFAULT_PING_TIMEOUT: Final = 8.0
 RESTART_WINDOW: Final = 1.0  # 1012: come back within this many seconds
+REFRESH_LEAD: Final = 30.0  # a token is refreshed at most this long before its exp
 
 #: Errors answering a subscribe that may pass by themselves: the subscribe is retried.
 TRANSIENT_ERRORS: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
@@ -116,6 +145,10 @@ ACTIVE: Final = "active"  # confirmed: messages are tracked
 RETRY: Final = "retry"  # refused for a transient reason: subscribed again at retry_at
 
 _CONNECT_ID: Final = 0  # the id of the `connect` frame; commands count from 1
+
+# What a FetchToken is for.
+FOR_CONNECT: Final = "connect"  # the next connection attempt waits for it
+FOR_REFRESH: Final = "refresh"  # the open connection's token runs out soon
 
 
 # --- actions (the machine's output) ------------------------------------------------
@@ -203,6 +236,29 @@ class SubscribeError:
 
 
 @dataclass(frozen=True, slots=True)
+class Presence:
+    """A pushed count of ``topic``'s subscribers across the cluster (``presence=True``)."""
+
+    topic: str
+    subscribers: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchToken:
+    """Ask the token source for a token, then call :meth:`ClientCore.give_token` (or
+    :meth:`ClientCore.token_failed`). ``reason`` is :data:`FOR_CONNECT` or :data:`FOR_REFRESH`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """The gateway took the new token (``expires``: its exp, as the gateway sent it)."""
+
+    expires: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     """``connected`` arrived: the connection is up (``session`` from the gateway)."""
 
@@ -244,7 +300,10 @@ class Stop:
     reason: str
 
 
-Action = Connect | Send | Ping | Deliver | Unrecovered | Subscribed | SubscribeError | Ready | Answer | Drop | ReconnectAt | Stop
+Action = (
+    Connect | Send | Ping | Deliver | Unrecovered | Subscribed | SubscribeError | Ready | Answer | Drop | ReconnectAt
+    | Stop | Presence | FetchToken | Refreshed
+)
 
 NOTHING: Final[tuple[()]] = ()
 PING: Final = Ping()
@@ -269,6 +328,9 @@ class Settings:
     connect_timeout: float = 5.0  # from connect() to the `connected` frame
     restart_window: float = RESTART_WINDOW
     token: str | None = None  # sent in the `connect` frame
+    # The host has a token source: ask it (FetchToken) before every attempt and
+    # before the token's exp; `token` above is then only the first one's fallback.
+    fetch_token: bool = False
     # Send the subscribes together with `connect`, before `connected` arrives. Only
     # for anonymous gateways (the standalone default), which accept commands at once;
     # it saves a round trip per reconnect, which a benchmark of thousands feels.
@@ -280,6 +342,8 @@ class Stream:
     """One subscription's position and state."""
 
     topic: str
+    last: int | None = None  # ask for the newest `last` messages (again on every resubscribe)
+    presence: bool = False  # ask for pushed subscriber counts
     epoch: str | None = None  # None until the first `subscribed`
     seq: int = 0  # the last seq delivered (or the position the stream started from)
     state: str = WAITING
@@ -291,6 +355,12 @@ class Stream:
     duplicates: int = 0
     gaps: int = 0
     unrecovered: int = 0
+    subscribers: int | None = None  # the last presence count received
+    # After a `subscribed` to which `last` applied: its seq, while the first message
+    # may still start above `floor` (the history held fewer than `last`).
+    window: int | None = None
+    floor: int = 0
+    window_marks: bool = False  # a shortfall in the window is a loss (a resubscribe)
 
     def since(self) -> Position | None:
         """The ``since`` cursor to resubscribe with, or None before the first answer."""
@@ -324,6 +394,29 @@ def reconnect_delay(
     if rule is Reconnect.LONGEST:
         return rng.uniform(backoff.max_delay, 1.5 * backoff.max_delay)
     return delay
+
+
+def token_ttl(token: str, wall: float) -> float | None:
+    """Seconds from ``wall`` (Unix time) until the JWT ``token``'s ``exp``, or None.
+
+    The claims are read, not verified: the client only needs to know when to ask for
+    the next token; the gateway is the one that checks it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) - wall if type(exp) in (int, float) else None
+
+
+def refresh_delay(ttl: float) -> float:
+    """When to refresh a token that expires in ``ttl`` seconds: a third of its life
+    before then, and at most :data:`REFRESH_LEAD` before — room for a slow token
+    source and for clocks that disagree by a little."""
+    return max(0.0, ttl - min(ttl / 3, REFRESH_LEAD))
 
 
 def _positive(value: Any) -> float | None:
@@ -363,6 +456,12 @@ class ClientCore(Generic[U]):
         self._ping_every = 0.0
         self._due = float("inf")  # no tick needs a full look before this
         self._late = float("inf")  # a tick this long after the previous one means we were paused
+        self.token: str | None = s.token  # what the next `connect` frame carries
+        self._fetching: str | None = None  # a FetchToken out, and what for
+        self._refresh_at: float | None = None  # when to ask for the next token
+        self._refresh_id: int | None = None  # the `refresh` command in flight
+        self._token_tries = 0  # failed refresh fetches in a row
+        self._lead = float("inf")  # how long before its exp the token is refreshed
 
     # --- what the host reads ------------------------------------------------------------
 
@@ -373,8 +472,9 @@ class ClientCore(Generic[U]):
 
     @property
     def check_period(self) -> float:
-        """How often the host should call :meth:`tick` (a quarter of the tightest timer)."""
-        return max(0.01, min(self.interval, self.timeout, self.settings.connect_timeout) / 4)
+        """How often the host should call :meth:`tick` (a quarter of the tightest timer,
+        a token's refresh lead included)."""
+        return max(0.01, min(self.interval, self.timeout, self.settings.connect_timeout, self._lead) / 4)
 
     def position(self, topic: str) -> Position | None:
         s = self.streams.get(topic)
@@ -387,11 +487,16 @@ class ClientCore(Generic[U]):
 
     # --- the application's side ------------------------------------------------------------
 
-    def subscribe(self, topic: str) -> Sequence[Action]:
-        """Track ``topic`` from now on; sent at once when a connection is ready."""
+    def subscribe(self, topic: str, last: int | None = None, presence: bool = False) -> Sequence[Action]:
+        """Track ``topic`` from now on; sent at once when a connection is ready.
+
+        ``last``: begin with the topic's newest ``last`` messages (and get them again
+        whenever a reconnect cannot recover); ``presence``: pushed subscriber counts."""
         if topic in self.streams:
             return NOTHING
-        s = self.streams[topic] = Stream(topic)
+        if last is not None and (type(last) is not int or last < 1):
+            raise ValueError("last must be an integer of at least 1")
+        s = self.streams[topic] = Stream(topic, last, bool(presence))
         return [self._subscribe(s)] if self._can_send() else NOTHING
 
     def unsubscribe(self, topic: str) -> Sequence[Action]:
@@ -420,12 +525,60 @@ class ClientCore(Generic[U]):
         """Start an attempt now, on the next URL in rotation."""
         if self.phase is not IDLE:
             return NOTHING
-        self.url = self.urls[self._next_url]
-        self._next_url = (self._next_url + 1) % len(self.urls)
         self.phase = CONNECTING
         self._attempt_at = self._last_tick = now
         self._due = now + self.settings.connect_timeout
-        return [Connect(self.url)]
+        if self.settings.fetch_token:
+            self._fetching = FOR_CONNECT  # the connect timeout covers the token source too
+            return [FetchToken(FOR_CONNECT)]
+        return [self._connect_url()]
+
+    def _connect_url(self) -> Connect[U]:
+        self.url = self.urls[self._next_url]
+        self._next_url = (self._next_url + 1) % len(self.urls)
+        return Connect(self.url)
+
+    def give_token(self, token: str | None, now: float, ttl: float | None = None) -> Sequence[Action]:
+        """The token source answered a :class:`FetchToken`: ``token``, which expires in
+        ``ttl`` seconds (None: unknown, never refreshed), or None — no token can be had
+        (signed out): the client stops."""
+        reason, self._fetching = self._fetching, None
+        if reason is None:
+            return NOTHING  # stale: the attempt timed out or the client stopped meanwhile
+        if not token:
+            if reason == FOR_REFRESH and self.phase is READY:
+                return [Drop(int(CloseCode.UNAUTHORIZED), "the token source gave no token")]
+            self._lose_connection()
+            self.phase = STOPPED
+            return [Stop(int(CloseCode.UNAUTHORIZED), "the token source gave no token")]
+        self.token = token
+        self._token_tries = 0
+        self._refresh_at = None if ttl is None else now + refresh_delay(ttl)
+        if ttl is not None:
+            self._lead = max(ttl - refresh_delay(ttl), 0.01)
+        if reason == FOR_CONNECT:
+            return [self._connect_url()] if self.phase is CONNECTING else NOTHING
+        if self.phase is not READY:
+            return NOTHING  # the connection went meanwhile; the next attempt fetches anew
+        self._reschedule()
+        self._refresh_id = self.next_id()
+        return [Send({"type": "refresh", "token": token, "id": self._refresh_id})]
+
+    def token_failed(self, now: float, reason: str = "") -> Sequence[Action]:
+        """The token source failed (raised): try again after a backoff delay — the next
+        attempt for a connection, or the refresh, while the current token lasts."""
+        kind, self._fetching = self._fetching, None
+        if kind == FOR_CONNECT and self.phase is CONNECTING:
+            return self.closed(None, now, reason or "the token source failed")
+        if kind == FOR_REFRESH and self.phase is READY:
+            self._retry_refresh(now)
+        return NOTHING
+
+    def _retry_refresh(self, now: float) -> None:
+        cap = self.backoff.cap(self._token_tries)
+        self._token_tries += 1
+        self._refresh_at = now + max(self.settings.min_delay, self.rng.uniform(0, cap))
+        self._reschedule()
 
     def opened(self, now: float) -> Sequence[Action]:
         """The WebSocket is open: say ``connect`` (and subscribe, when eager)."""
@@ -433,8 +586,8 @@ class ClientCore(Generic[U]):
             return NOTHING
         self.phase = OPEN
         hello: dict[str, Any] = {"type": "connect", "id": _CONNECT_ID}
-        if self.settings.token is not None:
-            hello["token"] = self.settings.token
+        if self.token is not None:
+            hello["token"] = self.token
         out: list[Action] = [Send(hello)]
         if self.settings.eager:
             out += self._subscribe_all()
@@ -447,7 +600,10 @@ class ClientCore(Generic[U]):
         if self.phase is READY:
             self.backoff.connection_lasted(now - self._ready_at)
         self._lose_connection()
-        delay = reconnect_delay(code, self.backoff, self.rng, self.settings.restart_window)
+        if code == CloseCode.UNAUTHORIZED and reason == TOKEN_EXPIRED_REASON and self.settings.fetch_token:
+            delay: float | None = self.backoff.next_delay()  # a new token will do: back soon
+        else:
+            delay = reconnect_delay(code, self.backoff, self.rng, self.settings.restart_window)
         if delay is None:
             self.phase = STOPPED
             return [Stop(code, reason)]
@@ -478,6 +634,8 @@ class ClientCore(Generic[U]):
             self.stats.duplicates += 1
             return NOTHING
         if seq != last + 1 and (type(skipped) is not int or seq - skipped > last + 1):
+            if s.window is not None and last == s.floor and seq <= s.window + 1:
+                return self._window_start(s, seq)
             # A gap nobody announced: ask again from the last message we have.
             s.gaps += 1
             self.stats.gaps += 1
@@ -507,6 +665,12 @@ class ClientCore(Generic[U]):
             return self._on_unsubscribed(frame, id)
         if kind == "error":
             return self._on_error(frame, id, now)
+        if kind == "presence" and id is None:
+            return self._on_presence(frame)
+        if kind == "refreshed" and id is not None and id == self._refresh_id:
+            self._refresh_id = None
+            expires = frame.get("expires")
+            return [Refreshed(float(expires) if type(expires) in (int, float) else None)]
         return [Answer(id, frame)] if id is not None else NOTHING
 
     # --- inside ---------------------------------------------------------------------------------
@@ -523,10 +687,15 @@ class ClientCore(Generic[U]):
         s.request = id = self._own(s)
         s.state = PENDING
         s.retry_at = None
+        s.window = None
         frame: dict[str, Any] = {"type": "subscribe", "topic": s.topic, "id": id}
         s.resuming = s.epoch is not None
         if s.resuming:
             frame["since"] = {"epoch": s.epoch, "seq": s.seq}
+        if s.last is not None:
+            frame["last"] = s.last  # with since: applies only if recovery fails
+        if s.presence:
+            frame["presence"] = True
         return Send(frame)
 
     def _subscribe_all(self) -> list[Action]:
@@ -539,6 +708,7 @@ class ClientCore(Generic[U]):
             s.state, s.request, s.resuming, s.retry_at = WAITING, None, False, None
         self.session = None
         self._due = self._late = float("inf")
+        self._fetching = self._refresh_at = self._refresh_id = None
 
     def _on_connected(self, frame: Mapping[str, Any], now: float) -> Sequence[Action]:
         if self.phase is not OPEN:
@@ -577,11 +747,45 @@ class ClientCore(Generic[U]):
         out: list[Action] = [Subscribed(s.topic, epoch, seq, recovered, resumed)]
         if resumed and recovered:
             s.epoch = epoch  # the missed messages follow, from s.seq + 1
+        elif s.last is not None:
+            self._open_window(s, epoch, seq, resumed, out)
         elif resumed:
             out.append(self._unrecovered(s, epoch, seq))
         else:
             s.epoch, s.seq = epoch, seq
         return out
+
+    def _open_window(self, s: Stream, epoch: str, seq: int, resumed: bool, out: list[Action]) -> None:
+        """``last`` applies: the newest messages up to ``seq`` follow, oldest first."""
+        assert s.last is not None
+        floor = max(seq - s.last, 0)
+        if resumed and s.epoch == epoch:
+            floor = min(max(floor, s.seq), seq)  # what we already have is not asked again
+        if not resumed:
+            s.epoch, s.seq = epoch, floor
+        elif s.epoch != epoch or floor > s.seq:
+            out.append(self._unrecovered(s, epoch, floor))
+        s.window, s.floor, s.window_marks = seq, floor, resumed
+
+    def _window_start(self, s: Stream, seq: int) -> Sequence[Action]:
+        """The first message after a ``last`` answer starts above the floor: the
+        history held fewer messages. On a resubscribe the ones in between are lost."""
+        s.window = None
+        assert s.epoch is not None
+        if not s.window_marks:
+            s.seq = seq
+            return DELIVERED
+        lost = self._unrecovered(s, s.epoch, seq - 1)
+        s.seq = seq
+        return [lost, DELIVER]
+
+    def _on_presence(self, frame: Mapping[str, Any]) -> Sequence[Action]:
+        count = frame.get("subscribers")
+        s = self.streams.get(frame.get("topic"))  # type: ignore[arg-type]
+        if s is None or type(count) is not int or count < 0:
+            return NOTHING
+        s.subscribers = count
+        return [Presence(s.topic, count)]
 
     def _unrecovered(self, s: Stream, epoch: str, seq: int) -> Unrecovered:
         previous = s.since()
@@ -612,6 +816,13 @@ class ClientCore(Generic[U]):
             if code == ErrorCode.UNAUTHORIZED:
                 return [Drop(int(CloseCode.UNAUTHORIZED), message)]  # the gateway closes with 4001 too
             return [Answer(id, frame)]
+        if id is not None and id == self._refresh_id:
+            self._refresh_id = None
+            if code == ErrorCode.UNAUTHORIZED:
+                # The new token was refused: that is final (the gateway closes with 4001).
+                return [Drop(int(CloseCode.UNAUTHORIZED), f"token refused: {message}")]
+            self._retry_refresh(now)  # a limit, say: ask again a little later
+            return NOTHING
         if id is None or id not in self._requests:
             return [Answer(id, frame)]
         s = self._requests.pop(id)
@@ -635,11 +846,17 @@ class ClientCore(Generic[U]):
         if self.phase in (CONNECTING, OPEN):
             if now - self._attempt_at > self.settings.connect_timeout:
                 self._due = float("inf")
+                self._fetching = None  # a token that comes now is for an attempt given up
                 return [Drop(None, "connect timeout")]
             return NOTHING
         if self.phase is not READY:
             self._due = float("inf")
             return NOTHING
+        if self._refresh_at is not None and self._refresh_at <= now and self._fetching is None:
+            self._refresh_at = None
+            self._fetching = FOR_REFRESH
+            self._reschedule()
+            return [FetchToken(FOR_REFRESH), *self._timers(now, late)]
         grace = late and self._last_ping <= self.last_rx
         if grace:
             # We were paused, with nothing of ours unanswered: our pause is not the
@@ -665,12 +882,15 @@ class ClientCore(Generic[U]):
         for s in self.streams.values():
             if s.retry_at is not None:
                 due = min(due, s.retry_at)
+        if self._refresh_at is not None:
+            due = min(due, self._refresh_at)
         self._due = due
 
 
 __all__ = [
-    "Action", "Answer", "ClientCore", "Connect", "DELIVER", "DELIVERED", "Deliver", "Drop", "Message",
-    "NOTHING", "PING", "Ping", "Position", "Ready", "ReconnectAt", "Send", "Settings", "Stats", "Stop",
-    "Stream", "SubscribeError", "Subscribed", "TERMINAL_CLOSE_CODES", "TRANSIENT_ERRORS", "Unrecovered",
-    "reconnect_delay",
+    "Action", "Answer", "ClientCore", "Connect", "DELIVER", "DELIVERED", "Deliver", "Drop", "FOR_CONNECT",
+    "FOR_REFRESH", "FetchToken", "Message", "NOTHING", "PING", "Ping", "Position", "Presence", "REFRESH_LEAD",
+    "Ready", "ReconnectAt", "Refreshed", "Send", "Settings", "Stats", "Stop", "Stream", "SubscribeError",
+    "Subscribed", "TERMINAL_CLOSE_CODES", "TRANSIENT_ERRORS", "Unrecovered", "reconnect_delay", "refresh_delay",
+    "token_ttl",
 ]

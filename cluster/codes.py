@@ -66,6 +66,12 @@ _RECONNECT = {
 }
 
 
+#: The reason of the 4001 close for a token that expired on an open connection. It is
+#: the one 4001 a client recovers from, with a new token from its token source; a
+#: 4001 with any other reason means a token was refused, and stays terminal.
+TOKEN_EXPIRED_REASON = "token expired"
+
+
 def reconnect_rule(code: int | None) -> Reconnect:
     """The rule for any close code a client may see, fanroute's or not."""
     try:

@@ -77,6 +77,39 @@ export const TERMINAL_CLOSE_CODES = new Set([...RULES].filter(([, rule]) => rule
 /** A draining gateway (1012) asks clients back soon: spread them over this window. */
 export const RESTART_WINDOW = 1000;
 
+/** The reason of the 4001 close for a token that expired on an open connection
+ * (fanroute.codes.TOKEN_EXPIRED_REASON): the one 4001 a client with `getToken`
+ * recovers from, with a new token. Any other 4001 means a token was refused. */
+export const TOKEN_EXPIRED_REASON = "token expired";
+
+/** A token is refreshed at most this long (ms) before its exp. */
+export const REFRESH_LEAD = 30000;
+
+/**
+ * Milliseconds from `wall` (ms since the epoch) until the JWT `token`'s exp, or null.
+ * The claims are read, not verified: the client only needs to know when to ask for
+ * the next token; the gateway checks it.
+ */
+export function tokenTtl(token, wall) {
+  const parts = typeof token === "string" ? token.split(".") : [];
+  if (parts.length !== 3) return null;
+  let claims;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    claims = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+  } catch {
+    return null;
+  }
+  const exp = claims !== null && typeof claims === "object" ? claims.exp : undefined;
+  return typeof exp === "number" && Number.isFinite(exp) ? exp * 1000 - wall : null;
+}
+
+/** When (ms from now) to refresh a token that expires in `ttl` ms: a third of its
+ * life before then, at most REFRESH_LEAD before. */
+export function refreshDelay(ttl) {
+  return Math.max(0, ttl - Math.min(ttl / 3, REFRESH_LEAD));
+}
+
 /** Errors answering a subscribe that may pass by themselves: the subscribe is retried. */
 export const TRANSIENT_ERRORS = new Set(["unavailable", "rate_limited", "internal"]);
 
@@ -182,6 +215,10 @@ const RETRY = "retry"; // refused for a transient reason: subscribed again at re
 
 const CONNECT_ID = 0;
 
+// What a fetchToken action is for.
+const FOR_CONNECT = "connect"; // the next connection attempt waits for it
+const FOR_REFRESH = "refresh"; // the open connection's token runs out soon
+
 /** Returned when there is nothing to do (never mutate it). */
 export const NOTHING = Object.freeze([]);
 export const PING = Object.freeze({ type: "ping" });
@@ -196,8 +233,10 @@ function positive(value) {
 
 /** One subscription's position and state. */
 export class Stream {
-  constructor(topic) {
+  constructor(topic, last = null, presence = false) {
     this.topic = topic;
+    this.last = last; // ask for the newest `last` messages (again on every resubscribe)
+    this.presence = presence; // ask for pushed subscriber counts
     this.epoch = null; // null until the first `subscribed`
     this.seq = 0; // the last seq delivered (or where the stream started)
     this.state = WAITING;
@@ -209,6 +248,12 @@ export class Stream {
     this.duplicates = 0;
     this.gaps = 0;
     this.unrecovered = 0;
+    this.subscribers = null; // the last presence count received
+    // After a `subscribed` to which `last` applied: its seq, while the first message
+    // may still start above `floor` (the history held fewer than `last`).
+    this.window = null;
+    this.floor = 0;
+    this.windowMarks = false; // a shortfall in the window is a loss (a resubscribe)
   }
 
   /** The `since` cursor to resubscribe with, or null before the first answer. */
@@ -230,7 +275,9 @@ export class Stream {
  * `{type: "subscribeError", topic, code, message, retryAt}` (retryAt null: ended),
  * `{type: "ready", session}`, `{type: "answer", id, frame}`, `{type: "drop", code, reason}`
  * (close the socket, then report `closed(code)`), `{type: "reconnect", at, delay, code}`,
- * `{type: "stop", code, reason}`.
+ * `{type: "stop", code, reason}`, `{type: "presence", topic, subscribers}`,
+ * `{type: "fetchToken", reason}` (ask the token source, then call `giveToken` or
+ * `tokenFailed`), `{type: "refreshed", expires}`.
  *
  * The rules, case by case the same as fanroute.clientcore (see its docstring):
  * sequence (deliver the next seq, drop duplicates, repair a gap nobody announced with
@@ -238,8 +285,12 @@ export class Stream {
  * is in flight); answers to subscribe (recovered:true continues, recovered:false after
  * since or an unsolicited `subscribed` is `unrecovered`); errors answering a subscribe
  * (transient codes retried after a full-jitter delay with since kept, any other code
- * ends the subscription, as does the server's unsolicited `unsubscribed`); close codes
- * (`reconnectDelay`); backoff reset after `backoffReset` ms from `connected`; the
+ * ends the subscription, as does the server's unsolicited `unsubscribed`); latest
+ * messages (`last`, asked again with every resubscribe; after an answer to which it
+ * applies the stream stands at seq - last and may start higher, a loss marked exactly
+ * on a resubscribe); presence counts; tokens (`fetchToken`: a token asked before every
+ * attempt and refreshed at refreshDelay(ttl); a 4001 with TOKEN_EXPIRED_REASON
+ * reconnects with a new one, any other 4001 stops); close codes (`reconnectDelay`); backoff reset after `backoffReset` ms from `connected`; the
  * heartbeat (dead after pingInterval + pingTimeout of silence from `connected`; a
  * tick more than pingInterval late with nothing of ours unanswered pings first).
  */
@@ -257,6 +308,7 @@ export class ClientCore {
       connectTimeout: 5000, // from connect() to the `connected` frame
       restartWindow: RESTART_WINDOW,
       token: null,
+      fetchToken: false, // the host has a token source: ask it before every attempt and before exp
       eager: false, // subscribe together with `connect` (anonymous gateways only)
       ...settings,
     };
@@ -281,6 +333,12 @@ export class ClientCore {
     this._pingEvery = 0;
     this._due = Infinity; // no tick needs a full look before this
     this._late = Infinity; // a tick this long after the previous one means we were paused
+    this.token = s.token ?? null; // what the next `connect` frame carries
+    this._fetching = null; // a fetchToken out, and what for
+    this._refreshAt = null; // when to ask for the next token
+    this._refreshId = null; // the `refresh` command in flight
+    this._tokenTries = 0; // failed refresh fetches in a row
+    this._lead = Infinity; // how long before its exp the token is refreshed
   }
 
   // --- what the host reads ---
@@ -290,9 +348,10 @@ export class ClientCore {
     return this.interval + this.timeout;
   }
 
-  /** How often the host should call tick() (a quarter of the tightest timer). */
+  /** How often the host should call tick() (a quarter of the tightest timer, a
+   * token's refresh lead included). */
   get checkPeriod() {
-    return Math.max(10, Math.min(this.interval, this.timeout, this.settings.connectTimeout) / 4);
+    return Math.max(10, Math.min(this.interval, this.timeout, this.settings.connectTimeout, this._lead) / 4);
   }
 
   position(topic) {
@@ -307,9 +366,12 @@ export class ClientCore {
 
   // --- the page's side ---
 
-  subscribe(topic) {
+  subscribe(topic, last = null, presence = false) {
     if (this.streams.has(topic)) return NOTHING;
-    const s = new Stream(topic);
+    if (last !== null && last !== undefined && !(Number.isInteger(last) && last >= 1)) {
+      throw new RangeError("last must be an integer of at least 1");
+    }
+    const s = new Stream(topic, last ?? null, !!presence);
     this.streams.set(topic, s);
     return this._canSend() ? [this._subscribe(s)] : NOTHING;
   }
@@ -335,19 +397,67 @@ export class ClientCore {
 
   connect(now) {
     if (this.phase !== IDLE) return NOTHING;
-    this.url = this.urls[this._nextUrl];
-    this._nextUrl = (this._nextUrl + 1) % this.urls.length;
     this.phase = CONNECTING;
     this._attemptAt = this._lastTick = now;
     this._due = now + this.settings.connectTimeout;
-    return [{ type: "connect", url: this.url }];
+    if (this.settings.fetchToken) {
+      this._fetching = FOR_CONNECT; // the connect timeout covers the token source too
+      return [{ type: "fetchToken", reason: FOR_CONNECT }];
+    }
+    return [this._connectUrl()];
+  }
+
+  _connectUrl() {
+    this.url = this.urls[this._nextUrl];
+    this._nextUrl = (this._nextUrl + 1) % this.urls.length;
+    return { type: "connect", url: this.url };
+  }
+
+  /** The token source answered a fetchToken: `token`, which expires in `ttl` ms (null:
+   * unknown, never refreshed), or null/"": no token can be had, the client stops. */
+  giveToken(token, now, ttl = null) {
+    const reason = this._fetching;
+    this._fetching = null;
+    if (reason === null) return NOTHING; // stale: the attempt timed out or the client stopped
+    if (token === null || token === undefined || token === "") {
+      const why = "the token source gave no token";
+      if (reason === FOR_REFRESH && this.phase === READY) return [{ type: "drop", code: CLOSE_UNAUTHORIZED, reason: why }];
+      this._loseConnection();
+      this.phase = STOPPED;
+      return [{ type: "stop", code: CLOSE_UNAUTHORIZED, reason: why }];
+    }
+    this.token = token;
+    this._tokenTries = 0;
+    this._refreshAt = ttl === null || ttl === undefined ? null : now + refreshDelay(ttl);
+    if (ttl !== null && ttl !== undefined) this._lead = Math.max(ttl - refreshDelay(ttl), 10);
+    if (reason === FOR_CONNECT) return this.phase === CONNECTING ? [this._connectUrl()] : NOTHING;
+    if (this.phase !== READY) return NOTHING; // the connection went meanwhile; the next attempt fetches anew
+    this._reschedule();
+    this._refreshId = this.nextId();
+    return [{ type: "send", frame: { type: "refresh", token, id: this._refreshId } }];
+  }
+
+  /** The token source failed (threw): try again after a backoff delay. */
+  tokenFailed(now, reason = "") {
+    const kind = this._fetching;
+    this._fetching = null;
+    if (kind === FOR_CONNECT && this.phase === CONNECTING) return this.closed(null, now, reason || "the token source failed");
+    if (kind === FOR_REFRESH && this.phase === READY) this._retryRefresh(now);
+    return NOTHING;
+  }
+
+  _retryRefresh(now) {
+    const cap = this.backoff.cap(this._tokenTries);
+    this._tokenTries += 1;
+    this._refreshAt = now + Math.max(this.settings.minDelay, uniform(this.random, 0, cap));
+    this._reschedule();
   }
 
   opened(now) {
     if (this.phase !== CONNECTING) return NOTHING;
     this.phase = OPEN;
     const hello = { type: "connect", id: CONNECT_ID };
-    if (this.settings.token !== null && this.settings.token !== undefined) hello.token = this.settings.token;
+    if (this.token !== null && this.token !== undefined) hello.token = this.token;
     const out = [{ type: "send", frame: hello }];
     if (this.settings.eager) out.push(...this._subscribeAll());
     return out;
@@ -357,7 +467,9 @@ export class ClientCore {
     if (this.phase === IDLE || this.phase === STOPPED) return NOTHING;
     if (this.phase === READY) this.backoff.connectionLasted(now - this._readyAt);
     this._loseConnection();
-    const delay = reconnectDelay(code, this.backoff, this.random, this.settings.restartWindow);
+    const delay = code === CLOSE_UNAUTHORIZED && reason === TOKEN_EXPIRED_REASON && this.settings.fetchToken
+      ? this.backoff.next() // a new token will do: back soon
+      : reconnectDelay(code, this.backoff, this.random, this.settings.restartWindow);
     if (delay === null) {
       this.phase = STOPPED;
       return [{ type: "stop", code, reason }];
@@ -389,6 +501,7 @@ export class ClientCore {
       return NOTHING;
     }
     if (seq !== last + 1 && (!Number.isInteger(skipped) || seq - skipped > last + 1)) {
+      if (s.window !== null && last === s.floor && seq <= s.window + 1) return this._windowStart(s, seq);
       // A gap nobody announced: ask again from the last message we have.
       s.gaps += 1;
       this.stats.gaps += 1;
@@ -411,6 +524,12 @@ export class ClientCore {
     if (kind === "subscribed") return this._onSubscribed(frame, id);
     if (kind === "unsubscribed") return this._onUnsubscribed(frame, id);
     if (kind === "error") return this._onError(frame, id, now);
+    if (kind === "presence" && id === null) return this._onPresence(frame);
+    if (kind === "refreshed" && id !== null && id === this._refreshId) {
+      this._refreshId = null;
+      const expires = typeof frame.expires === "number" && Number.isFinite(frame.expires) ? frame.expires : null;
+      return [{ type: "refreshed", expires }];
+    }
     return id !== null ? [{ type: "answer", id, frame }] : NOTHING;
   }
 
@@ -431,9 +550,12 @@ export class ClientCore {
     s.request = id;
     s.state = PENDING;
     s.retryAt = null;
+    s.window = null;
     const frame = { type: "subscribe", topic: s.topic, id };
     s.resuming = s.epoch !== null;
     if (s.resuming) frame.since = { epoch: s.epoch, seq: s.seq };
+    if (s.last !== null) frame.last = s.last; // with since: applies only if recovery fails
+    if (s.presence) frame.presence = true;
     return { type: "send", frame };
   }
 
@@ -453,6 +575,7 @@ export class ClientCore {
     }
     this.session = null;
     this._due = this._late = Infinity;
+    this._fetching = this._refreshAt = this._refreshId = null;
   }
 
   _onConnected(frame, now) {
@@ -496,6 +619,8 @@ export class ClientCore {
     const out = [{ type: "subscribed", topic: s.topic, epoch, seq, recovered, resumed }];
     if (resumed && recovered) {
       s.epoch = epoch; // the missed messages follow, from s.seq + 1
+    } else if (s.last !== null) {
+      this._openWindow(s, epoch, seq, resumed, out);
     } else if (resumed) {
       out.push(this._unrecovered(s, epoch, seq));
     } else {
@@ -503,6 +628,42 @@ export class ClientCore {
       s.seq = seq;
     }
     return out;
+  }
+
+  /** `last` applies: the newest messages up to `seq` follow, oldest first. */
+  _openWindow(s, epoch, seq, resumed, out) {
+    let floor = Math.max(seq - s.last, 0);
+    if (resumed && s.epoch === epoch) floor = Math.min(Math.max(floor, s.seq), seq); // what we have is not asked again
+    if (!resumed) {
+      s.epoch = epoch;
+      s.seq = floor;
+    } else if (s.epoch !== epoch || floor > s.seq) {
+      out.push(this._unrecovered(s, epoch, floor));
+    }
+    s.window = seq;
+    s.floor = floor;
+    s.windowMarks = resumed;
+  }
+
+  /** The first message after a `last` answer starts above the floor: the history held
+   * fewer messages. On a resubscribe the ones in between are lost. */
+  _windowStart(s, seq) {
+    s.window = null;
+    if (!s.windowMarks) {
+      s.seq = seq;
+      return DELIVERED;
+    }
+    const lost = this._unrecovered(s, s.epoch, seq - 1);
+    s.seq = seq;
+    return [lost, DELIVER];
+  }
+
+  _onPresence(frame) {
+    const count = frame.subscribers;
+    const s = this.streams.get(frame.topic);
+    if (s === undefined || !Number.isInteger(count) || count < 0) return NOTHING;
+    s.subscribers = count;
+    return [{ type: "presence", topic: s.topic, subscribers: count }];
   }
 
   _unrecovered(s, epoch, seq) {
@@ -536,6 +697,13 @@ export class ClientCore {
       if (code === "unauthorized") return [{ type: "drop", code: CLOSE_UNAUTHORIZED, reason: message }];
       return [{ type: "answer", id, frame }];
     }
+    if (id !== null && id === this._refreshId) {
+      this._refreshId = null;
+      // A refused new token is final (the gateway closes with 4001 too).
+      if (code === "unauthorized") return [{ type: "drop", code: CLOSE_UNAUTHORIZED, reason: `token refused: ${message}` }];
+      this._retryRefresh(now); // a limit, say: ask again a little later
+      return NOTHING;
+    }
     if (id === null || !this._requests.has(id)) return [{ type: "answer", id, frame }];
     const s = this._requests.get(id);
     this._requests.delete(id);
@@ -562,6 +730,7 @@ export class ClientCore {
     if (this.phase === CONNECTING || this.phase === OPEN) {
       if (now - this._attemptAt > this.settings.connectTimeout) {
         this._due = Infinity;
+        this._fetching = null; // a token that comes now is for an attempt given up
         return [{ type: "drop", code: null, reason: "connect timeout" }];
       }
       return NOTHING;
@@ -569,6 +738,12 @@ export class ClientCore {
     if (this.phase !== READY) {
       this._due = Infinity;
       return NOTHING;
+    }
+    if (this._refreshAt !== null && this._refreshAt <= now && this._fetching === null) {
+      this._refreshAt = null;
+      this._fetching = FOR_REFRESH;
+      this._reschedule();
+      return [{ type: "fetchToken", reason: FOR_REFRESH }, ...this._timers(now, late)];
     }
     const grace = late && this._lastPing <= this.lastRx;
     if (grace) {
@@ -596,6 +771,7 @@ export class ClientCore {
     let due = this.lastRx + this.deadline;
     if (this._pingEvery) due = Math.min(due, this._lastPing + this._pingEvery);
     for (const s of this.streams.values()) if (s.retryAt !== null) due = Math.min(due, s.retryAt);
+    if (this._refreshAt !== null) due = Math.min(due, this._refreshAt);
     this._due = due;
   }
 }
@@ -620,17 +796,102 @@ function reportError(err) {
   else setTimeout(() => { throw err; }, 0);
 }
 
-export class FanrouteClient {
+/** A tiny event emitter: listeners that throw are reported, never break the client. */
+class Emitter {
+  constructor() {
+    this._handlers = new Map(); // event -> Set<fn>
+  }
+
+  /** Listen to an event; returns a function that stops listening. */
+  on(event, fn) {
+    let set = this._handlers.get(event);
+    if (!set) this._handlers.set(event, (set = new Set()));
+    set.add(fn);
+    return () => this.off(event, fn);
+  }
+
+  off(event, fn) {
+    this._handlers.get(event)?.delete(fn);
+  }
+
+  _emit(event, detail) {
+    const set = this._handlers.get(event);
+    if (!set || set.size === 0) return;
+    for (const fn of [...set]) {
+      try {
+        fn(detail);
+      } catch (err) {
+        reportError(err);
+      }
+    }
+  }
+}
+
+/**
+ * One topic's subscription, with the states centrifuge-js users know:
+ * "unsubscribed" → "subscribing" → "subscribed", and back to "subscribing" whenever
+ * the connection is lost or a gap is being repaired (messages wait for the answer).
+ * A token refresh does not touch it. Events: `state` {state, previous}, `subscribing`
+ * {code, reason}, `subscribed` {epoch, seq, recovered, resumed}, `unsubscribed`
+ * {code, reason}, `publication` {topic, seq, payload, skipped?}, `presence`
+ * {topic, subscribers}, `unrecovered`, `error`.
+ */
+export class Subscription extends Emitter {
+  constructor(client, topic, { last = null, presence = false } = {}) {
+    super();
+    if (last !== null && last !== undefined && !(Number.isInteger(last) && last >= 1)) {
+      throw new RangeError("last must be an integer of at least 1");
+    }
+    this.client = client;
+    this.topic = topic;
+    this.last = last ?? null;
+    this.presence = !!presence;
+    this.state = "unsubscribed";
+    /** The last subscriber count pushed (with `presence: true`), or null. */
+    this.subscribers = null;
+    this._boxes = new Set(); // handlers added by client.subscribe(topic, handler)
+  }
+
+  /** Where the page stands in the topic: `{epoch, seq}`, or null. */
+  get position() {
+    return this.client.position(this.topic);
+  }
+
+  /** Start (or keep) the subscription; it is sent once a connection is ready. */
+  subscribe() {
+    this.client._startSubscription(this);
+  }
+
+  /** End it: the handlers hear nothing more until subscribe() is called again. */
+  unsubscribe() {
+    this.client._stopSubscription(this, "unsubscribe called");
+  }
+
+  _setState(state, detail) {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    this._emit("state", { state, previous });
+    this._emit(state, { topic: this.topic, ...detail });
+  }
+}
+
+export class FanrouteClient extends Emitter {
   /**
    * @param urls one WebSocket URL or a list of them (one per gateway)
    * @param options see fanroute.d.ts (times in milliseconds)
    */
   constructor(urls, options = {}) {
+    super();
     this.urls = typeof urls === "string" ? [urls] : [...urls];
     if (this.urls.length === 0) throw new TypeError("FanrouteClient needs at least one URL");
+    if (options.getToken !== undefined && typeof options.getToken !== "function") {
+      throw new TypeError("getToken must be a function");
+    }
     const random = options.random ?? Math.random;
     this.options = {
       token: options.token ?? null,
+      getToken: options.getToken ?? null,
       pingInterval: options.pingInterval ?? null,
       pingTimeout: options.pingTimeout ?? null,
       connectTimeout: options.connectTimeout ?? 10000,
@@ -646,6 +907,7 @@ export class FanrouteClient {
       pingInterval: this.options.pingInterval,
       pingTimeout: this.options.pingTimeout,
       connectTimeout: this.options.connectTimeout,
+      fetchToken: this.options.getToken !== null,
     }, { random, firstUrl: first });
     this.backoff = this._core.backoff;
     this.state = "disconnected";
@@ -655,41 +917,17 @@ export class FanrouteClient {
     this._attempt = 0;
     this._ws = null;
     this._wsUrl = null;
-    this._handlers = new Map(); // event -> Set<fn>
-    this._topics = new Map(); // topic -> Set<{handler}>
-    this._requests = new Map(); // id -> publish waiting for its answer
-    this._queue = []; // publishes waiting for a connection
+    this._subs = new Map(); // topic -> Subscription
+    this._requests = new Map(); // id -> publish or presence waiting for its answer
+    this._queue = []; // requests waiting for a connection
     this._timers = { reconnect: null, tick: null };
     this._stopped = true;
+    this._tokenCalls = 0; // a token that arrives after close() or a newer call is dropped
   }
 
   /** Counts so far: connects, duplicates dropped, gaps repaired, unrecovered. */
   get stats() {
     return this._core.stats;
-  }
-
-  // --- events --------------------------------------------------------------------
-
-  /** Listen to an event; returns a function that stops listening. */
-  on(event, fn) {
-    let set = this._handlers.get(event);
-    if (!set) this._handlers.set(event, (set = new Set()));
-    set.add(fn);
-    return () => this.off(event, fn);
-  }
-
-  off(event, fn) {
-    this._handlers.get(event)?.delete(fn);
-  }
-
-  _emit(event, detail) {
-    for (const fn of [...(this._handlers.get(event) ?? [])]) {
-      try {
-        fn(detail);
-      } catch (err) {
-        reportError(err);
-      }
-    }
   }
 
   _setState(state) {
@@ -713,6 +951,7 @@ export class FanrouteClient {
   close(code = CLOSE_NORMAL, reason = "client closed") {
     if (this._stopped && this._ws === null) return;
     this._stopped = true;
+    this._tokenCalls += 1;
     this._core.stop();
     const ws = this._ws;
     this._detach();
@@ -727,24 +966,45 @@ export class FanrouteClient {
   }
 
   /**
-   * Subscribe `handler` to `topic`; returns a function that unsubscribes it.
-   * Handlers of one topic share one subscription on the wire.
+   * The subscription to `topic` (created, in state "unsubscribed", if there is none):
+   * call its subscribe(). Options: `last` (begin with the topic's newest `last`
+   * messages, and get them again when a reconnect cannot recover), `presence`
+   * (pushed subscriber counts). A topic has one subscription: the options of the
+   * first call stay.
    */
-  subscribe(topic, handler) {
+  newSubscription(topic, options = {}) {
     if (!isValidTopic(topic)) {
       throw new FanrouteError("bad_request", `invalid topic ${JSON.stringify(topic)}`);
     }
-    if (typeof handler !== "function") throw new TypeError("subscribe needs a handler function");
-    let boxes = this._topics.get(topic);
-    if (!boxes) {
-      boxes = new Set();
-      this._topics.set(topic, boxes);
-      this._apply(this._core.subscribe(topic));
+    let sub = this._subs.get(topic);
+    if (!sub) {
+      sub = new Subscription(this, topic, options);
+      this._subs.set(topic, sub);
     }
+    return sub;
+  }
+
+  /** The subscription to `topic`, or null. */
+  getSubscription(topic) {
+    return this._subs.get(topic) ?? null;
+  }
+
+  /**
+   * Subscribe `handler` to `topic`; returns a function that unsubscribes it.
+   * Handlers of one topic share one subscription on the wire; the last one removed
+   * ends it. `options` as for newSubscription().
+   */
+  subscribe(topic, handler, options = {}) {
+    if (typeof handler !== "function") throw new TypeError("subscribe needs a handler function");
+    const sub = this.newSubscription(topic, options);
     // Wrap so the same function can be subscribed twice and removed once.
     const box = { handler };
-    boxes.add(box);
-    return () => this._unsubscribe(topic, boxes, box);
+    sub._boxes.add(box);
+    sub.subscribe();
+    return () => {
+      if (!sub._boxes.delete(box) || sub._boxes.size > 0) return;
+      if (this._subs.get(topic) === sub) sub.unsubscribe();
+    };
   }
 
   /** The position the page reached in `topic`: `{epoch, seq}`, or null. */
@@ -752,9 +1012,9 @@ export class FanrouteClient {
     return this._core.position(topic);
   }
 
-  /** The topics subscribed to. */
+  /** The topics subscribed to (or being subscribed). */
   get topics() {
-    return [...this._topics.keys()];
+    return [...this._subs.values()].filter((s) => s.state !== "unsubscribed").map((s) => s.topic);
   }
 
   /**
@@ -764,27 +1024,56 @@ export class FanrouteClient {
    * have happened (it is not sent again, so it never happens twice).
    */
   publish(topic, payload, { timeout } = {}) {
+    if (payload === undefined) return Promise.reject(new FanrouteError("bad_request", "publish needs a payload"));
+    return this._request({ type: "publish", topic, payload }, (msg) => msg.seq, timeout);
+  }
+
+  /** How many connections are subscribed to `topic` across the cluster (needs the
+   * right to subscribe to it). Waits for a connection like publish(). */
+  presenceCount(topic, { timeout } = {}) {
+    return this._request({ type: "presence", topic }, (msg) => msg.subscribers, timeout);
+  }
+
+  _request(frame, answer, timeout) {
     return new Promise((resolve, reject) => {
-      if (!isValidTopic(topic)) {
-        reject(new FanrouteError("bad_request", `invalid topic ${JSON.stringify(topic)}`));
-        return;
-      }
-      if (payload === undefined) {
-        reject(new FanrouteError("bad_request", "publish needs a payload"));
+      if (!isValidTopic(frame.topic)) {
+        reject(new FanrouteError("bad_request", `invalid topic ${JSON.stringify(frame.topic)}`));
         return;
       }
       if (this._stopped && this.state === "disconnected") {
         reject(new FanrouteError("closed", "the client is not connecting (call connect())"));
         return;
       }
-      const item = { topic, payload, resolve, reject, timer: null, id: null };
+      const item = { frame, answer, resolve, reject, timer: null, id: null };
       item.timer = setTimeout(() => {
         this._forget(item);
-        reject(new FanrouteError("timeout", `no answer to publish on ${topic}`));
+        reject(new FanrouteError("timeout", `no answer to ${frame.type} on ${frame.topic}`));
       }, timeout ?? this.options.publishTimeout);
-      if (this.state === "connected") this._sendPublish(item);
+      if (this.state === "connected") this._sendRequest(item);
       else this._queue.push(item);
     });
+  }
+
+  // --- subscriptions ----------------------------------------------------------------
+
+  _startSubscription(sub) {
+    if (this._subs.get(sub.topic) !== sub) this._subs.set(sub.topic, sub);
+    if (this._core.streams.has(sub.topic)) return;
+    sub._setState("subscribing", { code: null, reason: "subscribe called" });
+    this._apply(this._core.subscribe(sub.topic, sub.last, sub.presence));
+  }
+
+  _stopSubscription(sub, reason, code = null) {
+    if (this._subs.get(sub.topic) === sub) this._subs.delete(sub.topic);
+    this._apply(this._core.unsubscribe(sub.topic));
+    sub._setState("unsubscribed", { code, reason });
+  }
+
+  /** Every subscription waits for the next connection (kept for resubscribing). */
+  _subscriptionsWait(code, reason) {
+    for (const sub of this._subs.values()) {
+      if (sub.state === "subscribed") sub._setState("subscribing", { code, reason });
+    }
   }
 
   // --- the core's actions ----------------------------------------------------------
@@ -798,6 +1087,9 @@ export class FanrouteClient {
           break;
         case "send":
           this._send(a.frame);
+          if (a.frame.type === "subscribe") {
+            this._subs.get(a.frame.topic)?._setState("subscribing", { code: null, reason: "resubscribing" });
+          }
           break;
         case "ping":
           this._send({ type: "ping", ts: Date.now() });
@@ -805,21 +1097,53 @@ export class FanrouteClient {
         case "connect":
           this._open(a.url);
           break;
+        case "fetchToken":
+          this._fetchToken(a.reason);
+          break;
         case "ready":
           this._onReady(a);
           break;
-        case "subscribed":
-          this._emit("subscribed", { topic: a.topic, epoch: a.epoch, seq: a.seq, recovered: a.recovered, resumed: a.resumed });
-          break;
-        case "unrecovered":
-          this._emit("unrecovered", { topic: a.topic, epoch: a.epoch, seq: a.seq, previous: a.previous });
-          break;
-        case "subscribeError": {
-          const final = a.retryAt === null;
-          if (final) this._topics.delete(a.topic); // ended: its handlers hear nothing more
-          this._emit("error", { topic: a.topic, code: a.code, message: a.message, final, retryIn: final ? null : a.retryAt - Date.now() });
+        case "subscribed": {
+          const detail = { topic: a.topic, epoch: a.epoch, seq: a.seq, recovered: a.recovered, resumed: a.resumed };
+          this._subs.get(a.topic)?._setState("subscribed", detail);
+          this._emit("subscribed", detail);
           break;
         }
+        case "unrecovered": {
+          const detail = { topic: a.topic, epoch: a.epoch, seq: a.seq, previous: a.previous };
+          this._subs.get(a.topic)?._emit("unrecovered", detail);
+          this._emit("unrecovered", detail);
+          break;
+        }
+        case "presence": {
+          const sub = this._subs.get(a.topic);
+          const detail = { topic: a.topic, subscribers: a.subscribers };
+          if (sub) {
+            sub.subscribers = a.subscribers;
+            sub._emit("presence", detail);
+          }
+          this._emit("presence", detail);
+          break;
+        }
+        case "subscribeError": {
+          const final = a.retryAt === null;
+          const detail = { topic: a.topic, code: a.code, message: a.message, final, retryIn: final ? null : a.retryAt - Date.now() };
+          const sub = this._subs.get(a.topic);
+          if (sub) {
+            sub._emit("error", detail);
+            if (final) {
+              this._subs.delete(a.topic); // ended: its handlers hear nothing more
+              sub._setState("unsubscribed", { code: a.code, reason: a.message });
+            } else {
+              sub._setState("subscribing", { code: a.code, reason: a.message });
+            }
+          }
+          this._emit("error", detail);
+          break;
+        }
+        case "refreshed":
+          this._emit("refreshed", { expires: a.expires });
+          break;
         case "answer":
           this._onAnswer(a);
           break;
@@ -829,23 +1153,26 @@ export class FanrouteClient {
           return;
         case "reconnect":
         case "stop":
-          break; // only closed() returns these, and _lost() handles them
+          // From closed(), tokenFailed() or giveToken(): the connection (or attempt) is over.
+          this._afterClose([a], a.code ?? CLOSE_ABNORMAL, a.reason ?? "", null);
+          return;
       }
     }
   }
 
   _deliver(frame) {
-    const boxes = this._topics.get(frame.topic);
-    if (!boxes) return;
+    const sub = this._subs.get(frame.topic);
+    if (!sub) return;
     const ctx = { topic: frame.topic, seq: frame.seq };
     if (Number.isInteger(frame.skipped) && frame.skipped > 0) ctx.skipped = frame.skipped;
-    for (const box of [...boxes]) {
+    for (const box of [...sub._boxes]) {
       try {
         box.handler(frame.payload, ctx);
       } catch (err) {
         reportError(err);
       }
     }
+    sub._emit("publication", { ...ctx, payload: frame.payload });
   }
 
   _onReady(a) {
@@ -854,7 +1181,7 @@ export class FanrouteClient {
     this._attempt = 0;
     this._startTicker(); // the gateway's ping settings change the period
     this._setState("connected");
-    for (const item of this._queue.splice(0)) this._sendPublish(item);
+    for (const item of this._queue.splice(0)) this._sendRequest(item);
     this._emit("connected", { url: this.url, session: this.session });
   }
 
@@ -865,9 +1192,43 @@ export class FanrouteClient {
       this._requests.delete(a.id);
       clearTimeout(item.timer);
       if (msg.type === "error") item.reject(new FanrouteError(msg.code ?? "error", msg.message ?? ""));
-      else item.resolve(msg.seq);
+      else item.resolve(item.answer(msg));
     } else if (msg.type === "error") {
       this._emit("error", { code: msg.code ?? "error", message: msg.message ?? "" });
+    }
+  }
+
+  // --- tokens --------------------------------------------------------------------
+
+  /** Ask getToken() (sync or async) and hand the answer to the core. */
+  _fetchToken(reason) {
+    const call = ++this._tokenCalls;
+    if (reason === "connect") {
+      this._setState("connecting");
+      this._startTicker(); // the connect timeout covers a token source that never answers
+    }
+    const settle = (token, error) => {
+      if (call !== this._tokenCalls || this._stopped) return;
+      const now = Date.now();
+      if (error !== undefined) {
+        this._emit("error", { code: "token", message: `getToken failed: ${error?.message ?? error}` });
+        this._apply(this._core.tokenFailed(now, "getToken failed"));
+        return;
+      }
+      const value = typeof token === "string" && token !== "" ? token : null;
+      this._apply(this._core.giveToken(value, now, value === null ? null : tokenTtl(value, now)));
+    };
+    let result;
+    try {
+      result = this.options.getToken({ reason });
+    } catch (err) {
+      settle(undefined, err);
+      return;
+    }
+    if (result !== null && typeof result === "object" && typeof result.then === "function") {
+      result.then((token) => settle(token), (err) => settle(undefined, err ?? new Error("rejected")));
+    } else {
+      settle(result);
     }
   }
 
@@ -877,23 +1238,16 @@ export class FanrouteClient {
     this._ws?.send(JSON.stringify(frame));
   }
 
-  _sendPublish(item) {
+  _sendRequest(item) {
     item.id = this._core.nextId();
     this._requests.set(item.id, item);
-    this._send({ type: "publish", topic: item.topic, payload: item.payload, id: item.id });
+    this._send({ ...item.frame, id: item.id });
   }
 
   _forget(item) {
     if (item.id !== null) this._requests.delete(item.id);
     const i = this._queue.indexOf(item);
     if (i >= 0) this._queue.splice(i, 1);
-  }
-
-  _unsubscribe(topic, boxes, box) {
-    if (!boxes.delete(box) || boxes.size > 0) return;
-    if (this._topics.get(topic) !== boxes) return;
-    this._topics.delete(topic);
-    this._apply(this._core.unsubscribe(topic));
   }
 
   _startTicker() {
@@ -904,7 +1258,7 @@ export class FanrouteClient {
   _open(url) {
     this._timers.reconnect = null;
     this._attempt += 1;
-    this._core.settings.token = this.options.token; // read at every attempt
+    if (this.options.getToken === null) this._core.token = this.options.token; // read at every attempt
     this._setState("connecting");
     this._emit("connecting", { url, attempt: this._attempt });
     let ws;
@@ -932,17 +1286,19 @@ export class FanrouteClient {
     this._startTicker();
   }
 
-  /** Abandon the current socket from our side and go on as if it had closed. */
+  /** Abandon the current socket (or the wait for a token) from our side and go on
+   * as if it had closed. */
   _drop(code, reason) {
     const ws = this._ws;
-    if (ws === null) return;
-    const url = this._wsUrl;
+    const url = ws === null ? null : this._wsUrl;
     this._detach();
-    try {
-      if (code === null) ws.close();
-      else ws.close(code, reason);
-    } catch {
-      /* a socket still CONNECTING may refuse a code; it is abandoned anyway */
+    if (ws !== null) {
+      try {
+        if (code === null) ws.close();
+        else ws.close(code, reason);
+      } catch {
+        /* a socket still CONNECTING may refuse a code; it is abandoned anyway */
+      }
     }
     this._lost(code ?? CLOSE_ABNORMAL, reason, url);
   }
@@ -971,7 +1327,14 @@ export class FanrouteClient {
   /** A socket ended (or never opened): settle requests, then reconnect or stop. */
   _lost(code, reason, url) {
     if (this._stopped) return;
-    for (const a of this._core.closed(code, Date.now(), reason)) {
+    this._afterClose(this._core.closed(code, Date.now(), reason), code, reason, url);
+  }
+
+  _afterClose(actions, code, reason, url) {
+    if (this._stopped) return;
+    clearInterval(this._timers.tick);
+    this._timers.tick = null;
+    for (const a of actions) {
       if (a.type === "stop") {
         this._stopped = true;
         this._ended(code, reason, "terminal");
@@ -982,6 +1345,7 @@ export class FanrouteClient {
         this.lastClose = { code, reason };
         this.url = this.session = null;
         this._setState("connecting");
+        this._subscriptionsWait(code, reason);
         this._emit("disconnected", { code, reason, url, reconnect: true, delay: a.delay });
         this._timers.reconnect = setTimeout(() => this._apply(this._core.connect(Date.now())), a.delay);
       }
@@ -1001,13 +1365,15 @@ export class FanrouteClient {
     this.lastClose = { code, reason };
     this.url = this.session = null;
     this._setState("disconnected");
+    this._subscriptionsWait(code, reason);
     this._emit("disconnected", { code, reason, url, reconnect: false, delay: null });
   }
 
   _settle(code) {
     for (const [id, item] of this._requests) {
       clearTimeout(item.timer);
-      item.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came; the publication may or may not have happened`));
+      const what = item.frame.type === "publish" ? "; the publication may or may not have happened" : "";
+      item.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came${what}`));
       this._requests.delete(id);
     }
   }

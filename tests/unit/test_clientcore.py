@@ -66,6 +66,12 @@ def canonical(action: cc.Action) -> dict[str, Any]:
             return {"type": "reconnect", "at": at, "delay": delay}
         case cc.Stop(code, _reason):
             return {"type": "stop", "code": code}
+        case cc.Presence(topic, subscribers):
+            return {"type": "presence", "topic": topic, "subscribers": subscribers}
+        case cc.FetchToken(reason):
+            return {"type": "fetch_token", "reason": reason}
+        case cc.Refreshed(expires):
+            return {"type": "refreshed", "expires": expires}
     raise AssertionError(f"unknown action {action!r}")
 
 
@@ -93,11 +99,17 @@ def run(core: cc.ClientCore[str], step: dict[str, Any]) -> list[dict[str, Any]]:
     elif do == "receive":
         actions = core.received(step["frame"], now)
     elif do == "closed":
-        actions = core.closed(step["code"], now)
+        actions = core.closed(step["code"], now, step.get("reason", ""))
+    elif do == "token":
+        actions = core.give_token(step["token"], now, step.get("ttl"))
+    elif do == "token_failed":
+        actions = core.token_failed(now)
     elif do in ("start", "connect", "opened", "tick"):
         actions = getattr(core, do)(now)
-    elif do in ("subscribe", "unsubscribe"):
-        actions = getattr(core, do)(step["topic"])
+    elif do == "subscribe":
+        actions = core.subscribe(step["topic"], step.get("last"), step.get("presence", False))
+    elif do == "unsubscribe":
+        actions = core.unsubscribe(step["topic"])
     elif do == "stop":
         core.stop()
         actions = ()
@@ -121,6 +133,8 @@ def state(core: cc.ClientCore[str], key: str, want: Any) -> Any:
         return {t: core.streams[t].state if t in core.streams else None for t in want}
     if key == "stats":
         return {k: getattr(core.stats, k) for k in want}
+    if key == "token":
+        return core.token
     raise AssertionError(f"unknown check {key!r}")
 
 
@@ -142,7 +156,7 @@ def test_the_table_covers_every_rule_and_every_close_code() -> None:
     covered = {tag for c in CASES for tag in c["covers"]}
     assert covered >= {
         "close-code", "gap", "duplicate", "unrecovered", "unsolicited", "resubscribe",
-        "resubscribe-error", "heartbeat", "backoff",
+        "resubscribe-error", "heartbeat", "backoff", "last", "presence", "token",
     }
     closed = {s["code"] for c in CASES if "close-code" in c["covers"] for s in c["steps"] if s["do"] == "closed"}
     assert {int(c) for c in CloseCode} <= closed
@@ -160,7 +174,8 @@ def test_every_action_type_has_its_fields_in_the_table() -> None:
     kinds = {canonical(a)["type"] for a in (
         cc.Connect("u"), cc.Send({}), cc.PING, cc.DELIVER, cc.Subscribed("t", "e", 0, False, False),
         cc.Unrecovered("t", "e", 0), cc.SubscribeError("t", "c", "", None), cc.Ready(None), cc.Answer(1, {}),
-        cc.Drop(None, ""), cc.ReconnectAt(0, 0, None), cc.Stop(None, ""),
+        cc.Drop(None, ""), cc.ReconnectAt(0, 0, None), cc.Stop(None, ""), cc.Presence("t", 0), cc.FetchToken("connect"),
+        cc.Refreshed(None),
     )}
     assert kinds == set(FIELDS)
 
@@ -195,3 +210,38 @@ def test_reconnect_delay_for_4029_ignores_the_attempt_count() -> None:
 def test_urls_must_not_be_empty() -> None:
     with pytest.raises(ValueError):
         cc.ClientCore([])
+
+
+def test_token_ttl_reads_exp_without_verifying() -> None:
+    import jwt
+
+    token = jwt.encode({"sub": "u", "exp": 1_000_030}, "k" * 32, algorithm="HS256")
+    assert cc.token_ttl(token, 1_000_000.0) == 30.0
+    assert cc.token_ttl(jwt.encode({"sub": "u"}, "k" * 32, algorithm="HS256"), 0) is None
+    for bad in ("", "a.b", "a.!!!.c", "a.bm90IGpzb24.c", "a.WzFd.c"):  # not JSON, not an object
+        assert cc.token_ttl(bad, 0) is None
+
+
+def test_a_token_is_refreshed_a_third_of_its_life_early_and_at_most_the_lead_early() -> None:
+    assert cc.refresh_delay(3.0) == 2.0
+    assert cc.refresh_delay(60.0) == 40.0
+    assert cc.refresh_delay(3600.0) == 3600.0 - cc.REFRESH_LEAD
+    assert cc.refresh_delay(-5.0) == 0.0
+
+
+def test_the_expired_token_reason_is_the_one_the_gateway_closes_with() -> None:
+    from fanroute.codes import TOKEN_EXPIRED_REASON
+    from fanroute.gateway import admission
+
+    assert admission.TOKEN_EXPIRED.code == CloseCode.UNAUTHORIZED
+    assert admission.TOKEN_EXPIRED.reason == TOKEN_EXPIRED_REASON
+    # Every other 4001 the gateway sends has another reason: those stay terminal.
+    others = [admission.AUTH_TIMEOUT.reason, "unauthorized"]
+    assert TOKEN_EXPIRED_REASON not in others
+
+
+def test_last_must_be_a_positive_integer() -> None:
+    core: cc.ClientCore[str] = cc.ClientCore(["u"])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            core.subscribe("t", last=bad)  # type: ignore[arg-type]

@@ -16,6 +16,9 @@ import {
   isValidTopic,
   reconnectDelay,
   reconnectRule,
+  refreshDelay,
+  tokenTtl,
+  TOKEN_EXPIRED_REASON,
 } from "../fanroute.js";
 
 // --- Backoff ---------------------------------------------------------------------
@@ -104,6 +107,7 @@ const TABLE = JSON.parse(readFileSync(new URL("../../../tests/data/client_cases.
 
 // The table is in seconds and snake_case; fanroute.js works in milliseconds.
 const MS = new Set(["min_delay", "max_delay", "backoff_reset", "ping_interval", "ping_timeout", "app_ping", "connect_timeout", "restart_window"]);
+// fetch_token's value is a flag, not a time.
 const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 const ms = (s) => (s === null ? null : s * 1000);
 const sec = (m) => (m === null ? null : m / 1000);
@@ -133,6 +137,9 @@ function canonical(a) {
     case "drop": return { type: "drop", code: a.code };
     case "reconnect": return { type: "reconnect", at: sec(a.at), delay: sec(a.delay) };
     case "stop": return { type: "stop", code: a.code };
+    case "presence": return { type: "presence", topic: a.topic, subscribers: a.subscribers };
+    case "fetchToken": return { type: "fetch_token", reason: a.reason };
+    case "refreshed": return { type: "refreshed", expires: a.expires };
   }
   throw new Error(`unknown action ${JSON.stringify(a)}`);
 }
@@ -159,9 +166,12 @@ function run(core, step) {
       core.opened(now);
       return core.received(step.frame, now);
     case "receive": return core.received(step.frame, now);
-    case "closed": return core.closed(step.code, now);
+    case "closed": return core.closed(step.code, now, step.reason ?? "");
+    case "token": return core.giveToken(step.token, now, step.ttl === undefined || step.ttl === null ? null : ms(step.ttl));
+    case "token_failed": return core.tokenFailed(now);
     case "start": case "connect": case "opened": case "tick": return core[step.do](now);
-    case "subscribe": case "unsubscribe": return core[step.do](step.topic);
+    case "subscribe": return core.subscribe(step.topic, step.last ?? null, step.presence ?? false);
+    case "unsubscribe": return core.unsubscribe(step.topic);
     case "stop": core.stop(); return [];
   }
   throw new Error(`unknown step ${step.do}`);
@@ -176,6 +186,7 @@ function state(core, key, want) {
     case "position": return Object.fromEntries(Object.keys(want).map((t) => [t, core.position(t)]));
     case "stream": return Object.fromEntries(Object.keys(want).map((t) => [t, core.streams.get(t)?.state ?? null]));
     case "stats": return Object.fromEntries(Object.keys(want).map((k) => [k, core.stats[k]]));
+    case "token": return core.token;
   }
   throw new Error(`unknown check ${key}`);
 }
@@ -591,5 +602,204 @@ describe("FanrouteClient", () => {
     } finally {
       globalThis.reportError = saved;
     }
+  });
+});
+
+// --- last, presence, subscription states, tokens -----------------------------------
+
+// A JWT with only the claims the client reads (it never verifies one).
+function fakeJwt(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  return `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}.sig`;
+}
+
+test("tokenTtl reads exp without verifying; refreshDelay is a third of the life early", () => {
+  assert.equal(tokenTtl(fakeJwt({ sub: "u", exp: 1030 }), 1_000_000), 30_000);
+  assert.equal(tokenTtl(fakeJwt({ sub: "u" }), 0), null);
+  for (const bad of ["", "a.b", "a.!!!.c", null]) assert.equal(tokenTtl(bad, 0), null);
+  assert.equal(refreshDelay(3000), 2000);
+  assert.equal(refreshDelay(3_600_000), 3_600_000 - 30_000);
+  assert.equal(TOKEN_EXPIRED_REASON, "token expired");
+});
+
+describe("FanrouteClient: live features and tokens", () => {
+  beforeEach(() => {
+    FakeSocket.all = [];
+    mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"], now: 1_000_000 });
+  });
+  afterEach(() => mock.timers.reset());
+
+  test("last and presence go on the subscribe, and with since on every resubscribe", () => {
+    const c = makeClient(["ws://a/"]);
+    const got = [];
+    const counts = [];
+    c.on("presence", (d) => counts.push(["client", d.subscribers]));
+    c.subscribe("t", (_p, { seq }) => got.push(seq), { last: 3, presence: true });
+    c.getSubscription("t").on("presence", (d) => counts.push(["sub", d.subscribers]));
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    assert.deepEqual(ws.frames("subscribe"), [{ type: "subscribe", topic: "t", id: 1, last: 3, presence: true }]);
+    ws.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 10, recovered: false });
+    for (const seq of [8, 9, 10]) ws.deliver({ topic: "t", payload: seq, seq });
+    ws.deliver({ type: "presence", topic: "t", subscribers: 4 });
+    assert.deepEqual(got, [8, 9, 10]);
+    assert.deepEqual(counts, [["sub", 4], ["client", 4]]);
+    assert.equal(c.getSubscription("t").subscribers, 4);
+    ws.serverClose(1006);
+    mock.timers.tick(50);
+    FakeSocket.all[1].accept();
+    assert.deepEqual(FakeSocket.all[1].frames("subscribe"), [
+      { type: "subscribe", topic: "t", id: 2, since: { epoch: "e", seq: 10 }, last: 3, presence: true },
+    ]);
+  });
+
+  test("skipped is a legitimate gap: delivered with its count, no resubscribe", () => {
+    const c = makeClient(["ws://a/"]);
+    const got = [];
+    c.subscribe("prices.X", (_p, ctx) => got.push([ctx.seq, ctx.skipped ?? 0]));
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    ws.deliver({ type: "subscribed", topic: "prices.X", id: 1, epoch: "e", seq: 0, recovered: false });
+    ws.deliver({ topic: "prices.X", payload: 1, seq: 1 });
+    ws.deliver({ topic: "prices.X", payload: 9, seq: 9, skipped: 7 });
+    assert.deepEqual(got, [[1, 0], [9, 7]]);
+    assert.equal(ws.frames("subscribe").length, 1);
+    assert.equal(c.stats.gaps, 0);
+    assert.equal(c.stats.unrecovered, 0);
+  });
+
+  test("subscription states: unsubscribed, subscribing, subscribed, with events", () => {
+    const c = makeClient(["ws://a/"]);
+    const sub = c.newSubscription("t", { last: 1 });
+    const states = [];
+    sub.on("state", ({ state, previous }) => states.push(`${previous}>${state}`));
+    const seen = [];
+    sub.on("publication", (p) => seen.push(p.seq));
+    assert.equal(sub.state, "unsubscribed");
+    sub.subscribe();
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    ws.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 1, recovered: false });
+    ws.deliver({ topic: "t", payload: 1, seq: 1 });
+    ws.serverClose(1006); // the connection went: subscribing until the next answer
+    mock.timers.tick(50);
+    FakeSocket.all[1].accept();
+    const again = FakeSocket.all[1].frames("subscribe")[0];
+    FakeSocket.all[1].deliver({ type: "subscribed", topic: "t", id: again.id, epoch: "e", seq: 1, recovered: true });
+    sub.unsubscribe();
+    assert.deepEqual(states, [
+      "unsubscribed>subscribing", "subscribing>subscribed", "subscribed>subscribing", "subscribing>subscribed", "subscribed>unsubscribed",
+    ]);
+    assert.deepEqual(seen, [1]);
+    assert.deepEqual(FakeSocket.all[1].frames("unsubscribe").map((f) => f.topic), ["t"]);
+    assert.deepEqual(c.topics, []);
+  });
+
+  test("a withdrawn subscription goes to unsubscribed with the code", () => {
+    const c = makeClient(["ws://a/"]);
+    const sub = c.newSubscription("t");
+    const ended = [];
+    sub.on("unsubscribed", (d) => ended.push(d.code));
+    sub.subscribe();
+    c.connect();
+    FakeSocket.all[0].accept();
+    FakeSocket.all[0].deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 0, recovered: false });
+    FakeSocket.all[0].deliver({ type: "unsubscribed", topic: "t" });
+    assert.equal(sub.state, "unsubscribed");
+    assert.deepEqual(ended, ["unsubscribed"]);
+  });
+
+  test("getToken (sync): a token for every attempt, refreshed before exp on the same connection", () => {
+    const calls = [];
+    let n = 0;
+    const c = makeClient(["ws://a/"], {
+      pingInterval: 60_000, pingTimeout: 60_000,
+      getToken: (ctx) => { calls.push(ctx.reason); n += 1; return fakeJwt({ sub: "u", n, exp: Date.now() / 1000 + 3 }); },
+    });
+    const refreshed = [];
+    c.on("refreshed", (d) => refreshed.push(d.expires));
+    const sub = c.newSubscription("t");
+    sub.subscribe();
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.open();
+    assert.equal(JSON.parse(Buffer.from(ws.sent[0].token.split(".")[1], "base64url")).n, 1);
+    ws.deliver({ type: "connected", session: "s", ping_interval: 60, ping_timeout: 60 });
+    ws.deliver({ type: "subscribed", topic: "t", id: 1, epoch: "e", seq: 0, recovered: false });
+    advance(2100); // refreshed at 2/3 of 3 s (ticks every 250 ms: a quarter of the 1 s lead)
+    const [r1] = ws.frames("refresh");
+    assert.ok(r1, JSON.stringify(ws.sent));
+    ws.deliver({ type: "refreshed", expires: 123, id: r1.id });
+    assert.deepEqual(refreshed, [123]);
+    advance(2100);
+    assert.equal(ws.frames("refresh").length, 2);
+    assert.deepEqual(calls, ["connect", "refresh", "refresh"]);
+    assert.equal(sub.state, "subscribed");
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
+  test("getToken (async): a 4001 for an expired token reconnects with a new one; a refused one stops", async () => {
+    let n = 0;
+    const c = makeClient(["ws://a/"], { getToken: async () => fakeJwt({ sub: "u", n: ++n }) });
+    const disconnects = [];
+    c.on("disconnected", (d) => disconnects.push([d.code, d.reconnect]));
+    c.connect();
+    await Promise.resolve();
+    await Promise.resolve();
+    const first = FakeSocket.all[0];
+    first.accept();
+    first.serverClose(4001, TOKEN_EXPIRED_REASON);
+    assert.deepEqual(disconnects, [[4001, true]]);
+    mock.timers.tick(50);
+    await Promise.resolve();
+    await Promise.resolve();
+    const second = FakeSocket.all[1];
+    assert.ok(second, "reconnected");
+    second.open();
+    assert.equal(JSON.parse(Buffer.from(second.sent[0].token.split(".")[1], "base64url")).n, 2);
+    second.serverClose(4001, "unauthorized");
+    assert.deepEqual(disconnects, [[4001, true], [4001, false]]);
+    assert.equal(c.state, "disconnected");
+    mock.timers.tick(60_000);
+    assert.equal(FakeSocket.all.length, 2);
+  });
+
+  test("getToken returning nothing stops the client; throwing retries with backoff", async () => {
+    let answers = [new Error("token service down"), null];
+    const c = makeClient(["ws://a/"], { getToken: () => { const a = answers.shift(); if (a instanceof Error) throw a; return a; } });
+    const events = [];
+    c.on("disconnected", (d) => events.push([d.code, d.reconnect]));
+    c.on("error", (e) => events.push([e.code]));
+    c.connect();
+    assert.deepEqual(events, [["token"], [1006, true]]);
+    mock.timers.tick(50);
+    assert.deepEqual(events.at(-1), [4001, false]);
+    assert.equal(c.state, "disconnected");
+    assert.equal(FakeSocket.all.length, 0);
+  });
+
+  test("4003 is terminal with a token source too", () => {
+    const c = makeClient(["ws://a/"], { getToken: () => fakeJwt({ sub: "u" }) });
+    c.connect();
+    FakeSocket.all[0].accept();
+    FakeSocket.all[0].serverClose(4003, "disconnected by the server");
+    mock.timers.tick(60_000);
+    assert.equal(c.state, "disconnected");
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
+  test("presenceCount asks the gateway and resolves to the count", async () => {
+    const c = makeClient(["ws://a/"]);
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    const count = c.presenceCount("live.1");
+    const [q] = ws.frames("presence");
+    assert.equal(q.topic, "live.1");
+    ws.deliver({ type: "presence", topic: "live.1", subscribers: 7, id: q.id });
+    assert.equal(await count, 7);
   });
 });
