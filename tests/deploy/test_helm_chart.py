@@ -159,6 +159,8 @@ def test_values_schema_rejects_values_that_cannot_work():
             {"gateway": {"port": 70000}},
             {"gateway": {"drainWindow": -1}},
             {"logLevel": "chatty"},
+            {"logFormat": "xml"},
+            {"gateway": {"limits": {"maxConnectionsPerUser": -1}}},
             {"gateway": {"service": {"type": "ExternalName"}}},
             {"gatway": {"replicas": 3}},  # a typo is an error, not a silently ignored key
             {"metrics": {"serviceMonitor": {"interval": "soon"}}},
@@ -335,13 +337,14 @@ def test_gateway_inbox_listens_on_and_advertises_the_pod_ip():
     assert env["FANROUTE_ADVERTISE"] == "tcp://$(POD_IP):7200"  # shards still dial the pod IP
 
 
-def test_every_fanroute_variable_is_a_flag_of_the_command_it_runs():
+def test_every_fanroute_variable_is_a_flag_of_the_command_it_runs(variant):
     """The manifests use FANROUTE_* names; each must be a real flag of `fanroute gateway`
     or `fanroute router`, one of the auth variables read directly from the environment, or
     a flag announced and listed as pending in tests/deploy/test_helm_local_cluster.py."""
     from tests.deploy.test_helm_local_cluster import ENV_ONLY, PENDING_FLAGS, known_env
 
-    for _, pod in pod_specs(objects(render(production_values()))):
+    _, _, objs = variant
+    for _, pod in pod_specs(objs):
         container = pod["spec"]["containers"][0]
         command = container["args"][0]
         unknown = {n for n in env_of(container) if n.startswith("FANROUTE_")} - known_env(command) - ENV_ONLY - PENDING_FLAGS
@@ -846,6 +849,13 @@ def test_env_from_volumes_labels_and_priority_render_for_both_components():
         # The chart's own volumes stay, and every mount has its volume.
         assert {"config", "tmp"} <= {vol["name"] for vol in spec["volumes"]}
         assert {m["name"] for m in c["volumeMounts"]} <= {vol["name"] for vol in spec["volumes"]}
+    # The log format on both, the per-user limit on gateways (fanroute's defaults when unset).
+    assert env_of(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])["FANROUTE_MAX_CONNECTIONS_PER_USER"] == "5"
+    for _, pod in pod_specs(objs):
+        assert env_of(pod["spec"]["containers"][0])["FANROUTE_LOG_FORMAT"] == "text"
+    for _, pod in pod_specs(objects(render())):
+        env = env_of(pod["spec"]["containers"][0])
+        assert "FANROUTE_LOG_FORMAT" not in env and "FANROUTE_MAX_CONNECTIONS_PER_USER" not in env
     # Defaults: none of them.
     for workload in (o for o in objects(render()) if o["kind"] in ("Deployment", "StatefulSet")):
         spec = workload["spec"]["template"]["spec"]
