@@ -98,3 +98,11 @@ class History:
             return None
         start = seq + 1 - entries[0].seq
         return list(islice(entries, start, None))
+
+    def newest(self, n: int, now: float) -> list[Entry]:
+        """The newest ``n`` entries still in history (fewer if fewer are kept), oldest first."""
+        self.trim(now)
+        entries = self._entries
+        if n <= 0 or not entries:
+            return []
+        return list(islice(entries, max(0, len(entries) - n), None))

@@ -58,7 +58,9 @@ async def serve_gateway(
 ) -> None:
     gateway = GatewayServer(config)
     admin = AdminServer(gateway.registry, gateway.ready)
-    admin.route("POST", "/api/publish", PublishApi(gateway).handle)
+    api = PublishApi(gateway)
+    admin.route("POST", "/api/publish", api.handle)
+    admin.route("GET", "/api/presence", api.presence)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run)
         admin_port = await _serve_admin(nursery, admin, config.admin_host, config.admin_port)
@@ -96,7 +98,9 @@ async def serve_standalone(
         return gateway.ready()
 
     admin = AdminServer(registry, ready)
-    admin.route("POST", "/api/publish", PublishApi(gateway).handle)
+    api = PublishApi(gateway)
+    admin.route("POST", "/api/publish", api.handle)
+    admin.route("GET", "/api/presence", api.presence)
     async with trio.open_nursery() as nursery:
         for router in routers:
             await nursery.start(router.run)

@@ -21,6 +21,9 @@ MSGPACK_SUBPROTOCOL = "fanroute.msgpack"
 
 MAX_TOPIC_LENGTH = 256
 MAX_IDEM_LENGTH = 64
+# The most recent messages a subscribe may ask for with ``last``: a larger N is served
+# as this many. It bounds the burst one command can put in a connection's outbox.
+MAX_LAST = 100
 # Topic characters: letters, digits and a small set of separators. Anything else
 # (spaces, control characters, quotes) is refused so topics stay safe to log,
 # to put in URLs and to use as namespace keys.
@@ -52,6 +55,16 @@ class Subscribe:
     topic: str
     id: int | None = None
     since: Since | None = None
+    last: int = 0  # the newest N messages to send after ``subscribed`` (0: none), capped
+    presence: bool = False  # push the topic's subscriber count to this connection
+
+
+@dataclass(slots=True)
+class Presence:
+    """How many connections are subscribed to ``topic`` across the cluster."""
+
+    topic: str
+    id: int | None = None
 
 
 @dataclass(slots=True)
@@ -74,7 +87,7 @@ class Ping:
     id: int | None = None
 
 
-Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping
+Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping | Presence
 
 
 def check_topic(topic: Any, id: int | None = None) -> str:
@@ -120,6 +133,22 @@ def _parse_since(value: Any, id: int | None) -> Since:
     return Since(epoch, seq)
 
 
+def _parse_last(value: Any, id: int | None) -> int:
+    """``last``: absent, or an integer >= 1, served as at most :data:`MAX_LAST`."""
+    if value is None:
+        return 0
+    if type(value) is not int or value < 1:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "last must be an integer >= 1", id)
+    return min(value, MAX_LAST)
+
+
+def _parse_flag(frame: dict[str, Any], name: str, id: int | None) -> bool:
+    value = frame.get(name, False)
+    if type(value) is not bool:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be true or false", id)
+    return value
+
+
 def parse_command(frame: Any) -> Command:
     """Turn one decoded client frame into a command, or raise :class:`ProtocolError`."""
     if not isinstance(frame, dict):
@@ -139,11 +168,19 @@ def parse_command(frame: Any) -> Command:
     if kind == "subscribe":
         topic = check_topic(frame.get("topic"), id)
         since = frame.get("since")
-        return Subscribe(topic, id, None if since is None else _parse_since(since, id))
+        return Subscribe(
+            topic,
+            id,
+            None if since is None else _parse_since(since, id),
+            _parse_last(frame.get("last"), id),
+            _parse_flag(frame, "presence", id),
+        )
     if kind == "unsubscribe":
         return Unsubscribe(check_topic(frame.get("topic"), id), id)
     if kind == "ping":
         return Ping(frame.get("ts"), id)
+    if kind == "presence":
+        return Presence(check_topic(frame.get("topic"), id), id)
     if kind == "connect":
         token = frame.get("token")
         if token is not None and not isinstance(token, str):
@@ -214,3 +251,8 @@ def refreshed_event(expires: float | None, id: int | None = None) -> dict[str, A
 
 def message_event(topic: str, payload: Any, seq: int) -> dict[str, Any]:
     return {"topic": topic, "payload": payload, "seq": seq}
+
+
+def presence_event(topic: str, subscribers: int, id: int | None = None) -> dict[str, Any]:
+    """A topic's cluster-wide subscriber count: a reply (with ``id``) or a push (without)."""
+    return _with_id({"type": "presence", "topic": topic, "subscribers": subscribers}, id)

@@ -28,10 +28,17 @@ read it back.
 
 Gateway → shard frames:
     HELLO  [1, inbox, instance, [[topic, epoch|None, seq], ...]]   full interest
-    SUB    [2, topic, req, since_epoch|None, since_seq]            subscribe (interest +1)
+    SUB    [2, topic, req, since_epoch|None, since_seq(, last)]    subscribe (interest +1); ``last``
+                                                                   (optional, >= 0): the newest N
+                                                                   to send when not recovered
     UNSUB  [3, topic]                                              last local subscriber left
     PUB    [4, topic, payload, req, ts, idem|None]                 req 0: no ack wanted
     BEAT   [5]                                                     gateway heartbeat
+    COUNTS [6, [[topic, subscribers, watching], ...]]              this gateway's local subscriber
+                                                                   count per topic (absolute, the
+                                                                   changed topics only) and whether
+                                                                   it wants the totals pushed
+    COUNTQ [7, topic, req]                                         ask for a topic's total now
 
 Shard → gateway frames:
     MSG    [20, topic, seq, payload, ts]                           a delivery
@@ -41,6 +48,13 @@ Shard → gateway frames:
                                                                    the gateway instance the shard
                                                                    knows at that inbox ("" if none)
     NACK   [24, req, code, message]                                a request that failed
+    TOTALS [25, [[topic, total, yours], ...]]                      cluster-wide subscriber counts,
+                                                                   pushed to watching gateways
+    COUNTA [26, topic, req, total, yours]                          answer to COUNTQ
+
+``yours`` is the count of the receiving gateway inside ``total``, as the shard knows
+it: the gateway replaces it with its own current count, so its own changes show at
+once (see ``fanroute.gateway.presence``).
 """
 
 from __future__ import annotations
@@ -60,11 +74,11 @@ from fanroute.errors import WireError
 
 WIRE_VERSION = 2
 
-HELLO, SUB, UNSUB, PUB, BEAT = 1, 2, 3, 4, 5
-MSG, SUBOK, PUBOK, WELCOME, NACK = 20, 21, 22, 23, 24
+HELLO, SUB, UNSUB, PUB, BEAT, COUNTS, COUNTQ = 1, 2, 3, 4, 5, 6, 7
+MSG, SUBOK, PUBOK, WELCOME, NACK, TOTALS, COUNTA = 20, 21, 22, 23, 24, 25, 26
 
-GATEWAY_KINDS = frozenset({HELLO, SUB, UNSUB, PUB, BEAT})
-SHARD_KINDS = frozenset({MSG, SUBOK, PUBOK, WELCOME, NACK})
+GATEWAY_KINDS = frozenset({HELLO, SUB, UNSUB, PUB, BEAT, COUNTS, COUNTQ})
+SHARD_KINDS = frozenset({MSG, SUBOK, PUBOK, WELCOME, NACK, TOTALS, COUNTA})
 
 MAC_SIZE = 16
 _NONCE_SIZE = 12
@@ -255,13 +269,28 @@ def check_gateway_frame(frame: Any) -> int:
         )
     elif kind == SUB:
         _check(
-            n == 5
+            n in (5, 6)
             and _is_str(frame[1])
             and _is_int(frame[2])
             and (frame[3] is None or _is_str(frame[3]))
-            and _is_int(frame[4]),
+            and _is_int(frame[4])
+            and (n == 5 or (_is_int(frame[5]) and frame[5] >= 0)),
             frame,
         )
+    elif kind == COUNTS:
+        _check(n == 2 and isinstance(frame[1], list), frame)
+        for item in frame[1]:
+            _check(
+                isinstance(item, list)
+                and len(item) == 3
+                and _is_str(item[0])
+                and _is_int(item[1])
+                and item[1] >= 0
+                and type(item[2]) is bool,
+                item,
+            )
+    elif kind == COUNTQ:
+        _check(n == 3 and _is_str(frame[1]) and _is_int(frame[2]), frame)
     elif kind == UNSUB:
         _check(n == 2 and _is_str(frame[1]), frame)
     elif kind == HELLO:
@@ -308,4 +337,15 @@ def check_shard_frame(frame: Any) -> int:
         _check(n == 3 and _is_str(frame[1]) and _is_str(frame[2]), frame)
     elif kind == NACK:
         _check(n == 4 and _is_int(frame[1]) and _is_str(frame[2]) and _is_str(frame[3]), frame)
+    elif kind == TOTALS:
+        _check(n == 2 and isinstance(frame[1], list), frame)
+        for item in frame[1]:
+            _check(
+                isinstance(item, list) and len(item) == 3 and _is_str(item[0]) and _is_int(item[1]) and _is_int(item[2]),
+                item,
+            )
+    elif kind == COUNTA:
+        _check(
+            n == 5 and _is_str(frame[1]) and _is_int(frame[2]) and _is_int(frame[3]) and _is_int(frame[4]), frame
+        )
     return kind

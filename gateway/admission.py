@@ -135,6 +135,7 @@ FORWARD = Forward()
 SEND_PING = SendPing()
 # Command classes as module globals: one lookup each on the per-command path.
 _PUBLISH, _PING, _CONNECT, _REFRESH, _SUBSCRIBE = p.Publish, p.Ping, p.Connect, p.Refresh, p.Subscribe
+_PRESENCE = p.Presence
 
 Decision = Forward | Answer | Close | Authenticated
 
@@ -337,6 +338,10 @@ class Admission:
         identity = state.identity
         if identity is None:
             return NOT_AUTHENTICATED
+        if kind is _PRESENCE:
+            # A count says who is watching: it is for those who may watch too.
+            why = self.policy.can_subscribe(identity, cmd.topic)
+            return FORWARD if why is None else forbidden(why)
         if kind is _SUBSCRIBE:
             why = self.policy.can_subscribe(identity, cmd.topic)
             if why is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 import trio
@@ -194,6 +195,34 @@ class PublishApi:
                 results[i] = {"topic": topic, "error": {"code": event["code"], "message": event["message"]}}
         return results  # type: ignore[return-value]
 
+    async def presence(self, request: Request) -> Response:
+        """``GET /api/presence?topic=T`` → ``{"topic": T, "subscribers": n}``.
+
+        The same count as the ``presence`` command (:meth:`Hub.presence`), read
+        with the API key: ``401`` without it, ``400`` (one sentence) for a missing or
+        invalid topic, ``503`` when the topic's shard cannot be reached.
+        """
+        response = await self._presence(request)
+        self.gateway.metrics.api_requests.labels(str(response.status)).inc()
+        return response
+
+    async def _presence(self, request: Request) -> Response:
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
+        topics = parse_qs(request.query).get("topic", [])
+        if len(topics) != 1:
+            return _error(400, ErrorCode.BAD_REQUEST, "give exactly one topic: /api/presence?topic=NAME")
+        try:
+            topic = p.check_topic(topics[0])
+        except p.ProtocolError as err:
+            return _error(400, err.code, err.message)
+        event = await query_presence(self.gateway, topic, next(self._ids))
+        if event.get("type") != "presence":
+            code = event.get("code", ErrorCode.UNAVAILABLE)
+            return _error(_STATUS.get(code, 503), code, event.get("message", "no answer from the shard in time"))
+        return _json(200, {"topic": topic, "subscribers": event["subscribers"]})
+
     async def _room(self, shard: str, deadline: float) -> bool:
         """Wait while ``shard``'s backlog is over the limit; ``False`` if the deadline came first.
 
@@ -209,3 +238,22 @@ class PublishApi:
             if scope.cancelled_caught:
                 return False
         return True
+
+
+async def query_presence(gateway: Any, topic: str, id: int = 1, timeout: float = _TIMEOUT) -> dict[str, Any]:
+    """The ``presence`` event (or ``error`` event) the hub answers for ``topic``.
+
+    For server-side callers: a short-lived session asks :meth:`Hub.presence` and
+    waits for its answer, as a WebSocket client would.
+    """
+    replies = _Replies()
+    session = Session(f"api-presence-{id}", Encoding.JSON, replies)
+    gateway.hub.presence(session, p.Presence(topic, id))
+    gateway.flush()
+    with trio.move_on_after(timeout):
+        while id not in replies.events:
+            await replies.changed.wait()
+            replies.changed = trio.Event()
+    session.closed = True
+    return replies.events.get(id, {"type": "error", "code": ErrorCode.UNAVAILABLE, "message": "no answer from the shard in time"})
+

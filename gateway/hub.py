@@ -38,6 +38,7 @@ from fanroute.codes import ErrorCode
 from fanroute import wire
 from fanroute.codec import Encoding, FrameCache, pack_payload, unpack_payload
 from fanroute.ring import Ring
+from fanroute.gateway.presence import GatewayPresence
 
 
 class Outbox(Protocol):
@@ -74,12 +75,14 @@ class TopicEntry:
 
 @dataclass(slots=True)
 class Request:
-    kind: int  # wire.SUB or wire.PUB
+    kind: int  # wire.SUB, wire.PUB or wire.COUNTQ
     shard: str
     session: Session
     client_id: int | None
     topic: str
     since: p.Since | None = None
+    last: int = 0
+    presence: bool = False
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class Hub:
         instance: str,
         observe_latency: Callable[[float], None] = lambda seconds: None,
         max_payload: int = 64 * 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ring = ring
         self.max_payload = max_payload
@@ -123,6 +127,9 @@ class Hub:
         self.dirty: set[Session] = set()
         self.stats = HubStats()
         self._observe_latency = observe_latency
+        self._clock = clock
+        # Subscriber counts: this gateway's own, and the pushes to its watchers.
+        self.presence_counts = GatewayPresence()
         self._req_ids = itertools.count(1)
         self._hello_pending: set[str] = set()
         # Per shard, the newest publish request queued, and the newest handed to the
@@ -172,22 +179,82 @@ class Hub:
         if entry is None:
             entry = self.topics[topic] = TopicEntry()
         elif entry.synced and (
-            since is None or (since.epoch == entry.epoch and since.seq == entry.seq)
+            (since is None and not cmd.last) or (since is not None and since.epoch == entry.epoch and since.seq == entry.seq)
         ):
             # The gateway already follows this topic and knows where it stands:
-            # answer here, without a round trip to the shard.
+            # answer here, without a round trip to the shard. A subscribe that asks
+            # for ``last`` (and cannot be recovered here) always goes to the shard:
+            # its SUBOK carries the newest messages on the ordered channel of the
+            # deliveries, which is what makes them end exactly where the live
+            # stream goes on (see the module docstring); a copy kept here could not
+            # promise that without a second ordering rule.
             recovered = since is not None
             if recovered:
                 self.stats.recovered += 1
-            entry.subscribers[session] = None
-            session.topics[topic] = ACTIVE
-            self._reply(session, p.subscribed_event(topic, entry.epoch, entry.seq, recovered, cmd.id))
+            session.send(p.subscribed_event(topic, entry.epoch, entry.seq, recovered, cmd.id))
+            self._activate(session, topic, entry, cmd.presence)
             return
         req = next(self._req_ids)
-        self.requests[req] = Request(wire.SUB, shard, session, cmd.id, topic, since)
+        self.requests[req] = Request(wire.SUB, shard, session, cmd.id, topic, since, cmd.last, cmd.presence)
         entry.pending[session] = req
         session.topics[topic] = PENDING
-        self.to_shards[shard].append(_sub_frame(topic, req, since))
+        self.to_shards[shard].append(_sub_frame(topic, req, since, cmd.last))
+
+    def _activate(self, session: Session, topic: str, entry: TopicEntry, presence: bool) -> None:
+        """``session`` now gets ``topic``'s live messages: count it, and start its presence pushes."""
+        entry.subscribers[session] = None
+        session.topics[topic] = ACTIVE
+        counts = self.presence_counts
+        counts.joined(topic)
+        if presence:
+            count = counts.watch(topic, session, self._clock())
+            if count is not None:
+                session.send(p.presence_event(topic, count))
+            else:
+                self._ask_count(topic)
+        self.dirty.add(session)
+
+    def presence(self, session: Session, cmd: p.Presence) -> None:
+        """Answer ``session`` with the cluster-wide subscriber count of ``cmd.topic``.
+
+        The one way to read a count (the ``presence`` command and ``GET
+        /api/presence`` both come here): from the total this gateway keeps up to date
+        when it has watchers for the topic, else by asking the topic's shard. The
+        answer is a ``presence`` event with the command's ``id`` in the session's
+        outbox (``unavailable`` if the shard cannot be reached).
+        """
+        known = self.presence_counts.known(cmd.topic)
+        if known is not None:
+            self._reply(session, p.presence_event(cmd.topic, known, cmd.id))
+            return
+        shard = self._shard_for(session, cmd.topic, cmd.id)
+        if shard is None:
+            return
+        req = next(self._req_ids)
+        self.requests[req] = Request(wire.COUNTQ, shard, session, cmd.id, cmd.topic)
+        self.to_shards[shard].append([wire.COUNTQ, cmd.topic, req])
+
+    def _ask_count(self, topic: str) -> None:
+        """Ask the shard for a watched topic's total (the answer feeds every watcher)."""
+        shard = self.ring.owner(topic)
+        if self.shard_up[shard]:
+            self.to_shards[shard].append([wire.COUNTQ, topic, 0])
+
+    def presence_tick(self) -> None:
+        """Report changed counts to the shards and push counts to watchers (a few times a second)."""
+        counts = self.presence_counts
+        by_shard: dict[str, list[list[Any]]] = {}
+        owner = self.ring.owner
+        for topic, local, watching in counts.reports():
+            by_shard.setdefault(owner(topic), []).append([topic, local, watching])
+        for shard, items in by_shard.items():
+            self.to_shards[shard].append([wire.COUNTS, items])
+        self._push_counts()
+
+    def _push_counts(self) -> None:
+        for topic, count, watchers in self.presence_counts.due(self._clock()):
+            frames = FrameCache(p.presence_event(topic, count))
+            self._fan_out(watchers, frames, count_deliveries=False)
 
     def unsubscribe(self, session: Session, cmd: p.Unsubscribe) -> None:
         self._leave(session, cmd.topic)
@@ -236,6 +303,9 @@ class Hub:
         if state is None:
             return
         entry = self.topics[topic]
+        if state == ACTIVE:
+            self.presence_counts.left(topic)
+            self.presence_counts.unwatch(topic, session)
         entry.subscribers.pop(session, None)
         entry.pending.pop(session, None)
         if not entry.subscribers and not entry.pending:
@@ -262,15 +332,24 @@ class Hub:
         frames: list[list[Any]] = [[wire.HELLO, self.inbox, self.instance, interest]]
         for req, r in self.requests.items():
             if r.kind == wire.SUB and r.shard == shard:
-                frames.append(_sub_frame(r.topic, req, r.since))
+                frames.append(_sub_frame(r.topic, req, r.since, r.last))
+            elif r.kind == wire.COUNTQ and r.shard == shard:
+                frames.append([wire.COUNTQ, r.topic, req])
         self.to_shards[shard] = frames
         self._hello_pending.add(shard)
+        # After the HELLO the shard knows none of this gateway's counts: report them all.
+        self.presence_counts.lost(lambda topic: self.ring.owner(topic) == shard)
 
     def link_down(self, shard: str) -> None:
         """A shard became unreachable: fail what cannot be answered any more."""
         self.shard_up[shard] = False
         self._fail_publications(shard)
         self.to_shards[shard] = []
+        self.presence_counts.lost(lambda topic: self.ring.owner(topic) == shard)
+        for req in [req for req, r in self.requests.items() if r.kind == wire.COUNTQ and r.shard == shard]:
+            r = self.requests.pop(req)
+            if not r.session.closed:
+                self._error(r.session, ErrorCode.UNAVAILABLE, f"lost the shard for {r.topic!r}", r.client_id)
         for topic, entry in self.topics.items():
             if self.ring.owner(topic) == shard:
                 entry.synced = False
@@ -339,6 +418,20 @@ class Hub:
             r = self.requests.pop(frame[1], None)
             if r is not None and not r.session.closed:
                 self._error(r.session, frame[2], frame[3], r.client_id)
+        elif kind == wire.TOTALS:
+            totals = self.presence_counts.totals
+            for topic, total, yours in frame[1]:
+                totals(topic, total, yours)
+            self._push_counts()
+        elif kind == wire.COUNTA:
+            _, topic, req, total, yours = frame
+            self.presence_counts.totals(topic, total, yours)
+            r = self.requests.pop(req, None) if req else None
+            if r is not None and not r.session.closed:
+                local = self.presence_counts.topics.get(topic)
+                count = max(0, total - yours + (local.local if local is not None else 0))
+                self._reply(r.session, p.presence_event(topic, count, r.client_id))
+            self._push_counts()
 
     def _deliver(self, topic: str, seq: int, payload: Any, ts: float) -> None:
         self.stats.deliveries_received += 1
@@ -363,7 +456,7 @@ class Hub:
             self.stats.payloads_rejected += 1
             return None
 
-    def _fan_out(self, sessions: Any, frames: FrameCache) -> None:
+    def _fan_out(self, sessions: Any, frames: FrameCache, count_deliveries: bool = True) -> None:
         dirty = self.dirty
         json_frame = None
         for session in sessions:
@@ -374,7 +467,8 @@ class Hub:
             else:
                 session.outbox.push(frames.get(session.encoding))
             dirty.add(session)
-        self.stats.deliveries_sent += len(sessions)
+        if count_deliveries:
+            self.stats.deliveries_sent += len(sessions)
 
     def _subscribed(self, frame: list[Any]) -> None:
         _, topic, req, epoch, seq, recovered, missed = frame
@@ -389,8 +483,6 @@ class Hub:
             return  # answered already, or the subscriber left meanwhile
         session = r.session
         del entry.pending[session]
-        entry.subscribers[session] = None
-        session.topics[topic] = ACTIVE
         if r.since is not None:
             if recovered:
                 self.stats.recovered += 1
@@ -400,7 +492,7 @@ class Hub:
         for m_seq, payload, _ts in missed:
             if (event := self._message(topic, payload, m_seq)) is not None:
                 session.send(event)
-        self.dirty.add(session)
+        self._activate(session, topic, entry, r.presence)
 
     def _resynced(self, frame: list[Any]) -> None:
         """The answer to HELLO for one topic: fill the gap, or say it cannot be filled."""

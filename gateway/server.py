@@ -72,10 +72,12 @@ _COMMAND_NAMES = {
     p.Subscribe: "subscribe",
     p.Unsubscribe: "unsubscribe",
     p.Ping: "ping",
+    p.Presence: "presence",
     p.Connect: "connect",
     p.Refresh: "refresh",
 }
 _Publish = p.Publish
+_PRESENCE_TICK = 0.1  # seconds between presence reports and pushes
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _HEAD_TIMEOUT = 10.0
 _FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and files
@@ -228,6 +230,7 @@ class GatewayServer:
                     nursery.start_soon(link.run)
                 nursery.start_soon(self._receive_from_shards)
                 nursery.start_soon(self._sweep)
+                nursery.start_soon(self._presence_ticks)
                 try:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
                 except OSError as exc:
@@ -335,6 +338,13 @@ class GatewayServer:
             log.exception("a message from shard %s could not be handled", env.sender)
             self.metrics.internal_errors.labels("inbox").inc()
         link.heard()
+
+    async def _presence_ticks(self) -> None:
+        """Report subscriber counts and push them to watchers (``gateway.presence`` paces them)."""
+        while True:
+            await trio.sleep(_PRESENCE_TICK)
+            self.hub.presence_tick()
+            self.flush()
 
     async def _sweep(self) -> None:
         """The timing rules of every connection (:meth:`Admission.sweep`), from one task."""
@@ -554,6 +564,8 @@ class GatewayServer:
         hub, session, kind = self.hub, conn.session, type(cmd)
         if kind is p.Subscribe:
             hub.subscribe(session, cmd)
+        elif kind is p.Presence:
+            hub.presence(session, cmd)
         elif kind is p.Ping:
             hub.ping(session, cmd)
         elif kind is p.Unsubscribe:

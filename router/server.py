@@ -33,6 +33,7 @@ log = logging.getLogger("fanroute.router")
 
 _QUEUE_MESSAGES = 1024
 _SWEEP_INTERVAL = 1.0
+_PRESENCE_TICK = 0.1
 
 
 class GatewayLink:
@@ -107,6 +108,7 @@ class RouterServer:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._sweep)
+                nursery.start_soon(self._presence)
                 log.info("shard %s (epoch %s) listening on %s", self.shard.name, self.shard.epoch, self.config.listen)
                 task_status.started(self)
                 while True:
@@ -178,6 +180,13 @@ class RouterServer:
         link = self.links.pop(inbox, None)
         if link is not None:
             link.close()
+
+    async def _presence(self) -> None:
+        """Push the subscriber totals that are due (``router.presence`` paces them)."""
+        while True:
+            await trio.sleep(_PRESENCE_TICK)
+            self.shard.presence_tick(trio.current_time())
+            self._flush()
 
     async def _sweep(self) -> None:
         interval = min(_SWEEP_INTERVAL, max(0.05, self.config.gateway_timeout / 4))

@@ -28,6 +28,7 @@ from typing import Any
 from fanroute import wire
 from fanroute.config import is_nng_url
 from fanroute.history import Entry, History
+from fanroute.router.presence import ShardPresence
 
 
 @dataclass(slots=True)
@@ -96,6 +97,8 @@ class Shard:
         self.outbound: defaultdict[str, list[list[Any]]] = defaultdict(list)
         self.stats = ShardStats()
         self._generation = 0
+        # Subscriber counts per topic and gateway, summed (``router.presence``).
+        self.presence = ShardPresence()
 
     # --- entry point ---------------------------------------------------------------
 
@@ -126,13 +129,21 @@ class Shard:
                 if kind == wire.PUB:
                     self.publish(gw, frame[1], frame[2], frame[3], frame[4], now, frame[5])
                 elif kind == wire.SUB:
-                    self.subscribe(gw, frame[1], frame[2], frame[3], frame[4], now)
+                    last = frame[5] if len(frame) > 5 else 0
+                    self.subscribe(gw, frame[1], frame[2], frame[3], frame[4], now, last)
                 elif kind == wire.UNSUB:
                     self.unsubscribe(gw, frame[1])
                 elif kind == wire.BEAT:
                     self.outbound[gw.inbox].append([wire.WELCOME, self.epoch, gw.instance])
                 elif kind == wire.HELLO:
                     self.hello(gw, frame[2], frame[3], now)
+                elif kind == wire.COUNTS:
+                    report = self.presence.report
+                    for topic, count, watching in frame[1]:
+                        report(gw.inbox, topic, count, watching)
+                elif kind == wire.COUNTQ:
+                    total, yours = self.presence.total(frame[1], gw.inbox)
+                    self.outbound[gw.inbox].append([wire.COUNTA, frame[1], frame[2], total, yours])
             except Exception:
                 # One frame that trips a bug must not take the others (or the
                 # process) with it: it is counted, and the batch goes on.
@@ -203,13 +214,20 @@ class Shard:
             self.outbound[gw.inbox].append([wire.PUBOK, name, req, topic.seq])
 
     def subscribe(
-        self, gw: Gateway, name: str, req: int, since_epoch: str | None, since_seq: int, now: float
+        self, gw: Gateway, name: str, req: int, since_epoch: str | None, since_seq: int, now: float, last: int = 0
     ) -> None:
+        """Add interest and answer with SUBOK: what ``since`` missed, or else the newest ``last``.
+
+        The answer travels on the same ordered channel as the deliveries, so what it
+        carries ends exactly where the live stream to this gateway goes on.
+        """
         topic = self._topic(name)
         topic.gateways.add(gw.inbox)
         gw.topics.add(name)
         self.stats.subscribes += 1
         recovered, missed = self._recover(topic, since_epoch, since_seq, now)
+        if not recovered and last > 0:
+            missed = [[e.seq, e.payload, e.ts] for e in topic.history.newest(last, now)]
         self.outbound[gw.inbox].append(
             [wire.SUBOK, name, req, topic.epoch, topic.seq, recovered, missed]
         )
@@ -224,6 +242,8 @@ class Shard:
         """A gateway (re)connected: its interest is exactly what it lists now."""
         if gw.instance != instance:
             gw.instance = instance
+        # Its counts start again from what it reports after this HELLO.
+        self.presence.forget(gw.inbox)
         for name in gw.topics:
             topic = self.topics.get(name)
             if topic is not None:
@@ -258,11 +278,20 @@ class Shard:
         if gw is None:
             return
         self.stats.gateways_forgotten += 1
+        self.presence.forget(inbox)
         for name in gw.topics:
             topic = self.topics.get(name)
             if topic is not None:
                 topic.gateways.discard(inbox)
         self.outbound.pop(inbox, None)
+
+    def presence_tick(self, now: float) -> None:
+        """Push the subscriber totals that are due (call a few times a second)."""
+        presence = self.presence
+        presence.liveness({inbox: g.last_seen for inbox, g in self.gateways.items()}, now)
+        for inbox, items in presence.due(now).items():
+            if inbox in self.gateways:
+                self.outbound[inbox].append([wire.TOTALS, items])
 
     def sweep(self, now: float) -> list[str]:
         """Forget silent gateways and idle topics; return the inboxes forgotten."""
