@@ -9,6 +9,7 @@ adds its own (the HTTP publish API) to the same table.
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.exposition import gzip_accepted
 
 log = logging.getLogger("fanroute.admin")
 
@@ -307,8 +309,18 @@ class AdminServer(HttpApp):
         self.route("GET", "/healthz", self._healthz)
         self.route("GET", "/readyz", self._readyz)
 
-    async def _metrics(self, _: Request) -> Response:
-        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+    async def _metrics(self, request: Request) -> Response:
+        """The exposition, gzipped when the scraper says it accepts gzip (Prometheus does).
+
+        A gateway's exposition is tens of kilobytes of repetitive text; gzip makes it a
+        few, at a fraction of a millisecond of CPU per scrape.
+        """
+        body = generate_latest(self.registry)
+        headers = [("vary", "accept-encoding")]
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=6)
+            headers.append(("content-encoding", "gzip"))
+        return Response(200, body, CONTENT_TYPE_LATEST, headers)
 
     async def _healthz(self, _: Request) -> Response:
         return text(200, "ok")

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from fanroute import settings
+from fanroute import logs, settings
 from fanroute.config import ConfigError, GatewayConfig, RouterConfig
 
 log = logging.getLogger("fanroute")
@@ -127,11 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = settings.parse(argv, os.environ, parser)
         read_files(args)
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        logs.setup(args.log_level, args.log_format, sys.stderr)
         for name, instead in settings.unknown_variables(os.environ, settings.all_settings(parser)).items():
             hint = f"; did you mean {' or '.join(instead)}?" if instead else ""
             log.warning("%s is not a setting of any fanroute command and is ignored%s", name, hint)

@@ -59,6 +59,7 @@ class GatewayConfig:
     # a gateway open to browsers should set them (the Helm chart does).
     max_subscriptions: int = _gateway("max-subscriptions")
     max_connections: int = _gateway("max-connections")
+    max_connections_per_user: int = _gateway("max-connections-per-user")  # per gateway; 0: no limit
     connection_rate: float = _gateway("connection-rate")  # new connections per second (burst: the same)
     command_rate: float = _gateway("command-rate")  # per connection, all commands
     publish_rate: float = _gateway("publish-rate")  # per connection
@@ -93,6 +94,8 @@ class GatewayConfig:
         for flag, value in (("--max-subscriptions", self.max_subscriptions), ("--max-connections", self.max_connections)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1")
+        if self.max_connections_per_user < 0:
+            raise ConfigError("--max-connections-per-user must not be negative (0 turns it off)")
         for flag, value in (("--connection-rate", self.connection_rate), ("--command-rate", self.command_rate), ("--publish-rate", self.publish_rate)):
             if value < 0:
                 raise ConfigError(f"{flag} must not be negative (0 turns it off)")

@@ -11,10 +11,11 @@ or a user.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,11 +27,36 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 LIFETIME_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+_PROCESS_WIDE: WeakSet[CollectorRegistry] = WeakSet()
+
+
+def version() -> str:
+    """fanroute's installed version, or ``unknown`` when it runs from a tree that is not installed."""
+    try:
+        return metadata.version("fanroute")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def process_wide(registry: CollectorRegistry) -> None:
+    """What every process exposes once, whatever it runs: ``fanroute_build_info`` and
+    the process's CPU, memory and descriptors (``process_*``, prometheus-client's
+    ProcessCollector, read from /proc at scrape time).
+
+    Standalone puts a gateway and shards on one registry; this registers once per registry.
+    """
+    if registry in _PROCESS_WIDE:
+        return
+    _PROCESS_WIDE.add(registry)
+    build = Gauge("fanroute_build_info", "fanroute's version; always 1.", ["version"], registry=registry)
+    build.labels(version()).set(1)
+    ProcessCollector(registry=registry)
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        process_wide(registry)
         self.connections = Gauge(
             "fanroute_gateway_connections", "Open client connections.", registry=registry
         )
@@ -105,8 +131,26 @@ class GatewayMetrics:
         )
         self.api_requests = Counter(
             "fanroute_gateway_api_requests_total",
-            "HTTP publish API requests, by status code.",
+            "HTTP API requests, by status code.",
             ["status"],
+            registry=registry,
+        )
+        self.api_calls = Counter(
+            "fanroute_gateway_api_calls_total",
+            "Server API calls on the admin port, by endpoint and outcome (ok, or the error code answered).",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.api_commands = Counter(
+            "fanroute_gateway_api_commands_total",
+            "Server API commands carried out on this gateway (from its own API or relayed by a shard), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.api_command_targets = Counter(
+            "fanroute_gateway_api_command_targets_total",
+            "Connections closed (disconnect) or subscriptions ended (unsubscribe) here by server API commands.",
+            ["kind"],
             registry=registry,
         )
         self.inter_node_rejected = Counter(
@@ -130,6 +174,9 @@ class GatewayMetrics:
             self.inter_node_rejected.labels(reason)
         for where in ("command", "inbox"):
             self.internal_errors.labels(where)
+        for kind in ("disconnect", "unsubscribe"):
+            self.api_commands.labels(kind)
+            self.api_command_targets.labels(kind)
 
     def watch(self, hub: Hub, outbox_bytes: Callable[[], int], bytes_out: Callable[[], int]) -> None:
         self.registry.register(_HubCollector(hub, outbox_bytes, bytes_out))
@@ -200,6 +247,7 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        process_wide(registry)
         self.collector = _ShardCollector()
         registry.register(self.collector)
         self.batch_size = Histogram(

@@ -167,6 +167,16 @@ def _level(text: str) -> str:
     return lowered
 
 
+LOG_FORMATS = ("auto", "json", "text")  # fanroute.logs.FORMATS
+
+
+def _log_format(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in LOG_FORMATS:
+        raise ValueError(text)
+    return lowered
+
+
 TEXT = Kind("text", "TEXT", str)
 OPTIONAL_TEXT = Kind("text", "TEXT", _optional_text)
 HOST = Kind("a host address", "HOST", str)
@@ -184,6 +194,7 @@ BOOL = Kind("true or false", "true|false", _bool)
 LIST = Kind("a comma-separated list", "LIST", _list)
 ROUTERS = Kind("a list of name=url shards", "ROUTERS", parse_routers, _show_routers)
 LEVEL = Kind("one of " + ", ".join(LEVELS), "LEVEL", _level)
+LOG_FORMAT = Kind("one of " + ", ".join(LOG_FORMATS), "json|text|auto", _log_format)
 
 
 # --- settings -------------------------------------------------------------------------
@@ -245,6 +256,10 @@ LINKS = ("gateway", "router")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("log-level", LEVEL, "info", "logging level: " + ", ".join(LEVELS[:4]), (TOP,)),
+    Setting(
+        "log-format", LOG_FORMAT, "auto",
+        "log lines as json (one object per line) or text; auto: json unless stderr is a terminal", (TOP,),
+    ),
     # -- the gateway's side: clients, admin port, limits, access control
     Setting("host", HOST, "127.0.0.1", "address for WebSocket clients", GATEWAYS),
     Setting("port", PORT, 8081, "port for WebSocket clients", GATEWAYS, defaults={"standalone": 8080}),
@@ -280,11 +295,15 @@ SETTINGS: tuple[Setting, ...] = (
         "anonymous", Kind("allow, deny or auto", "allow|deny|auto", str), "auto", "allow, deny, or auto (allow unless a JWT key is set)", GATEWAYS,
         defaults={"standalone": "allow"},
     ),
-    Setting("api-key", SECRET, None, "key for the HTTP publish API (POST /api/publish on the admin port)", GATEWAYS),
+    Setting("api-key", SECRET, None, "key for the server API on the admin port (POST /api/publish, /api/disconnect, /api/unsubscribe; GET /api/info)", GATEWAYS),
     Setting("auth-timeout", SECONDS, 5.0, "seconds to present a valid token when one is required (else 4001)", GATEWAYS),
     Setting("allowed-origins", LIST, (), "comma-separated Origin allow-list for browsers (empty: any)", GATEWAYS),
     Setting("max-subscriptions", INT, 1000, "subscriptions per connection", GATEWAYS),
     Setting("max-connections", INT, 50000, "connections per gateway (beyond: close 1013)", GATEWAYS),
+    Setting(
+        "max-connections-per-user", INT, 0,
+        "connections per user (token subject) on each gateway (beyond: close 1013); 0 for no limit", GATEWAYS,
+    ),
     Setting(
         "connection-rate", NUMBER, 5000.0, "new connections per second (beyond: close 1013); 0 for no limit", GATEWAYS
     ),

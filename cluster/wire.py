@@ -34,6 +34,12 @@ Gateway → shard frames:
     UNSUB  [3, topic]                                              last local subscriber left
     PUB    [4, topic, payload, req, ts, idem|None]                 req 0: no ack wanted
     BEAT   [5]                                                     gateway heartbeat
+    CTRL   [30, id, kind, user, topic|None, reconnect]             a server API command (kind
+                                                                   "disconnect" or "unsubscribe")
+                                                                   for the shard to pass on
+    REPORT [31, instance, connections, subscriptions, topics]      this gateway's counts, each beat
+    INFOQ  [32, req]                                               ask for the shard's counts and
+                                                                   its gateways' last reports
     COUNTS [6, [[topic, subscribers, watching], ...]]              this gateway's local subscriber
                                                                    count per topic (absolute, the
                                                                    changed topics only) and whether
@@ -48,6 +54,11 @@ Shard → gateway frames:
                                                                    the gateway instance the shard
                                                                    knows at that inbox ("" if none)
     NACK   [24, req, code, message]                                a request that failed
+    RELAY  [50, id, kind, user, topic|None, reconnect]             a CTRL passed on to every gateway
+                                                                   the shard knows (its sender too);
+                                                                   gateways act once per id
+    INFO   [51, req, [topics, gateways, interest_entries],         answer to INFOQ
+            [[instance, inbox, connections, subscriptions, topics], ...]]
     TOTALS [25, [[topic, total, yours], ...]]                      cluster-wide subscriber counts,
                                                                    pushed to watching gateways
     COUNTA [26, topic, req, total, yours]                          answer to COUNTQ
@@ -79,6 +90,13 @@ MSG, SUBOK, PUBOK, WELCOME, NACK, TOTALS, COUNTA = 20, 21, 22, 23, 24, 25, 26
 
 GATEWAY_KINDS = frozenset({HELLO, SUB, UNSUB, PUB, BEAT, COUNTS, COUNTQ})
 SHARD_KINDS = frozenset({MSG, SUBOK, PUBOK, WELCOME, NACK, TOTALS, COUNTA})
+
+# The server API's frames (fanroute.gateway.control): commands relayed through the shards.
+CTRL, REPORT, INFOQ = 30, 31, 32
+RELAY, INFO = 50, 51
+CONTROL_KINDS = ("disconnect", "unsubscribe")
+GATEWAY_KINDS |= {CTRL, REPORT, INFOQ}
+SHARD_KINDS |= {RELAY, INFO}
 
 MAC_SIZE = 16
 _NONCE_SIZE = 12
@@ -293,6 +311,12 @@ def check_gateway_frame(frame: Any) -> int:
         _check(n == 3 and _is_str(frame[1]) and _is_int(frame[2]), frame)
     elif kind == UNSUB:
         _check(n == 2 and _is_str(frame[1]), frame)
+    elif kind == CTRL:
+        _check_control(frame)
+    elif kind == REPORT:
+        _check(n == 5 and _is_str(frame[1]) and all(_is_count(v) for v in frame[2:]), frame)
+    elif kind == INFOQ:
+        _check(n == 2 and _is_int(frame[1]), frame)
     elif kind == HELLO:
         _check(n == 4 and _is_str(frame[1]) and _is_str(frame[2]) and isinstance(frame[3], list), frame)
         for item in frame[3]:
@@ -307,6 +331,24 @@ def check_gateway_frame(frame: Any) -> int:
     else:
         _check(n == 1, frame)
     return kind
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _check_control(frame: list[Any]) -> None:
+    """CTRL and RELAY: ``[kind, id, what, user, topic|None, reconnect]``."""
+    _check(
+        len(frame) == 6
+        and _is_str(frame[1])
+        and 0 < len(frame[1]) <= 64
+        and frame[2] in CONTROL_KINDS
+        and _is_str(frame[3])
+        and (frame[4] is None or _is_str(frame[4]))
+        and type(frame[5]) is bool,
+        frame,
+    )
 
 
 def check_shard_frame(frame: Any) -> int:
@@ -337,6 +379,27 @@ def check_shard_frame(frame: Any) -> int:
         _check(n == 3 and _is_str(frame[1]) and _is_str(frame[2]), frame)
     elif kind == NACK:
         _check(n == 4 and _is_int(frame[1]) and _is_str(frame[2]) and _is_str(frame[3]), frame)
+    elif kind == RELAY:
+        _check_control(frame)
+    elif kind == INFO:
+        _check(
+            n == 4
+            and _is_int(frame[1])
+            and isinstance(frame[2], list)
+            and len(frame[2]) == 3
+            and all(_is_count(v) for v in frame[2])
+            and isinstance(frame[3], list),
+            frame,
+        )
+        for item in frame[3]:
+            _check(
+                isinstance(item, list)
+                and len(item) == 5
+                and _is_str(item[0])
+                and _is_str(item[1])
+                and all(_is_count(v) for v in item[2:]),
+                item,
+            )
     elif kind == TOTALS:
         _check(n == 2 and isinstance(frame[1], list), frame)
         for item in frame[1]:

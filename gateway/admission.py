@@ -172,6 +172,15 @@ DRAINING = Refuse(503, b"draining\n", (Count("connections_rejected", "draining")
 ORIGIN_REFUSED = Refuse(403, b"origin not allowed\n", (Count("connections_rejected", "origin"),))
 TOO_MANY_CONNECTIONS = _too_many("connections")
 CONNECTION_RATE = _too_many("connection_rate")
+TOO_MANY_FOR_USER = Close(
+    CloseCode.TRY_AGAIN,
+    "too many connections for this user",
+    "user_connections",
+    (Count("limit_hits", "user_connections"), Count("connections_rejected", "user_connections")),
+)
+# POST /api/disconnect: 4003 (do not reconnect), or 1012 with "reconnect": true.
+DISCONNECTED = Close(CloseCode.DISCONNECTED, "disconnected by the server", "api_disconnect")
+DISCONNECTED_RECONNECT = Close(CloseCode.RESTART, "disconnected by the server: reconnect", "api_disconnect")
 SHED = Refuse(503, b"", TOO_MANY_CONNECTIONS.counts)
 API_BODY_TOO_LARGE = Answer(ErrorCode.TOO_LARGE, "request body too large")
 _FORBIDDEN = (Count("auth_failures", "forbidden"),)
@@ -237,6 +246,7 @@ class Admission:
         self.policy = policy
         self.auth = auth
         self.max_connections = config.max_connections if max_connections is None else max_connections
+        self.max_connections_per_user = config.max_connections_per_user
         self.max_subscriptions = config.max_subscriptions
         self.command_rate = config.command_rate
         self.publish_rate = config.publish_rate
@@ -304,6 +314,25 @@ class Admission:
         else:
             state.auth_deadline = now + self.auth_timeout
         return state
+
+    def user_connection(self, identity: Identity, open_for_user: int) -> Close | None:
+        """A connection has just been given its identity; ``open_for_user`` other
+        connections of that subject are open on this gateway.
+
+        Past ``--max-connections-per-user`` the new connection is closed with 1013;
+        the ones already open stay. The count is per gateway (each knows only its own
+        connections), so a user may hold up to that many on every gateway. Anonymous
+        connections have no subject and are not counted.
+        """
+        limit = self.max_connections_per_user
+        if limit and identity.subject is not None and open_for_user >= limit:
+            return TOO_MANY_FOR_USER
+        return None
+
+    @staticmethod
+    def disconnect(reconnect: bool) -> Close:
+        """How ``POST /api/disconnect`` closes a user's connections."""
+        return DISCONNECTED_RECONNECT if reconnect else DISCONNECTED
 
     # --- commands -------------------------------------------------------------------
 

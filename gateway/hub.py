@@ -132,6 +132,9 @@ class Hub:
         self.presence_counts = GatewayPresence()
         self._req_ids = itertools.count(1)
         self._hello_pending: set[str] = set()
+        # The server API's frames from shards (RELAY, INFO), for the shell to carry
+        # out: they act on connections, which the hub does not own (gateway.control).
+        self.on_control: Callable[[str, list[Any]], None] = lambda shard, frame: None
         # Per shard, the newest publish request queued, and the newest handed to the
         # link (request ids only grow): what a lost link leaves unknown, see link_down.
         self._queued_pub: dict[str, int] = {name: 0 for name in ring.shards}
@@ -418,6 +421,8 @@ class Hub:
             r = self.requests.pop(frame[1], None)
             if r is not None and not r.session.closed:
                 self._error(r.session, frame[2], frame[3], r.client_id)
+        elif kind == wire.RELAY or kind == wire.INFO:
+            self.on_control(shard, frame)
         elif kind == wire.TOTALS:
             totals = self.presence_counts.totals
             for topic, total, yours in frame[1]:

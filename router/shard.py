@@ -46,6 +46,8 @@ class Gateway:
     last_seen: float
     reply_as: str = ""  # the name this gateway knows the shard by
     topics: set[str] = field(default_factory=set)
+    # Its last REPORT: connections, subscriptions, topics (for GET /api/info).
+    report: tuple[int, int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +139,12 @@ class Shard:
                     self.outbound[gw.inbox].append([wire.WELCOME, self.epoch, gw.instance])
                 elif kind == wire.HELLO:
                     self.hello(gw, frame[2], frame[3], now)
+                elif kind == wire.CTRL:
+                    self.relay(frame)
+                elif kind == wire.REPORT:
+                    gw.report = (frame[2], frame[3], frame[4])
+                elif kind == wire.INFOQ:
+                    self.info(gw, frame[1])
                 elif kind == wire.COUNTS:
                     report = self.presence.report
                     for topic, count, watching in frame[1]:
@@ -270,6 +278,25 @@ class Shard:
             return False, []
         self.stats.recovered += 1
         return True, [[e.seq, e.payload, e.ts] for e in entries]
+
+    # --- the server API -------------------------------------------------------------
+
+    def relay(self, frame: list[Any]) -> None:
+        """Pass a server API command (CTRL) on to every gateway this shard knows.
+
+        Every gateway says HELLO to every shard, so any one shard reaches the whole
+        cluster; the gateway that sent it gets it back too, and each gateway acts on a
+        command once (by its id), however many shards relay it.
+        """
+        relayed = [wire.RELAY, *frame[1:]]
+        for inbox in self.gateways:
+            self.outbound[inbox].append(relayed)
+
+    def info(self, gw: Gateway, req: int) -> None:
+        """Answer INFOQ: this shard's counts and the last report of every gateway it knows."""
+        reports = [[g.instance, g.inbox, *g.report] for g in self.gateways.values() if g.report is not None and g.instance]
+        counts = [len(self.topics), len(self.gateways), self.interest_entries()]
+        self.outbound[gw.inbox].append([wire.INFO, req, counts, reports])
 
     # --- housekeeping --------------------------------------------------------------
 
