@@ -111,13 +111,15 @@ secrets; otherwise 64 random alphanumerics (about 380 bits).
 {{- end -}}
 {{- end -}}
 
-{{/* The env entry every fanroute container gets for the cluster secret. */}}
+{{/* The env entries every fanroute container gets for the cluster secret (and whether it encrypts). */}}
 {{- define "fanroute.clusterSecretEnv" -}}
 - name: FANROUTE_CLUSTER_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ include "fanroute.clusterSecretName" . }}
       key: {{ include "fanroute.clusterSecretKey" . }}
+- name: FANROUTE_CLUSTER_ENCRYPT
+  value: {{ .Values.cluster.encrypt | toString | quote }}
 {{- end -}}
 
 {{/*
