@@ -1,11 +1,13 @@
 """The Python client SDK (trio).
 
     async with fanroute.client.Client(["ws://127.0.0.1:8081/", "ws://127.0.0.1:8082/"]) as client:
-        sub = await client.subscribe("prices.AAPL")
+        sub = await client.subscribe("prices.AAPL", last=1, presence=True)
         seq = await client.publish("prices.AAPL", {"price": 189.5})
         async for item in sub:
             if isinstance(item, Unrecovered):
                 ...  # continuity broke: refetch state from the application
+            elif isinstance(item, Presence):
+                print(item.subscribers, "watching")
             else:
                 print(item.topic, item.seq, item.payload)
 
@@ -24,7 +26,19 @@ a trio-websocket connection and that core:
 * resubscribes every topic with ``since`` after a reconnect, drops duplicates, and
   repairs gaps by resubscribing, so each subscription yields every message once and
   in ``seq`` order — or an explicit :class:`Unrecovered` marker where the cluster
-  could not fill the gap (history too short, or the topic's epoch changed).
+  could not fill the gap (history too short, or the topic's epoch changed);
+* ``last=N`` starts a subscription with the topic's newest N messages, and asks for
+  them again (with ``since``) whenever it resubscribes, so a subscription that cannot
+  recover still starts from the latest value; ``presence=True`` yields a
+  :class:`Presence` item whenever the topic's subscriber count changes (and
+  :attr:`Subscription.subscribers` holds the latest); a message that carries
+  ``skipped`` (a conflated topic) is delivered as it is, the gap announced, not repaired;
+* ``token=`` is a string, or a callable (sync or async) returning one: the client
+  then asks it for a token before every connection attempt and again a third of the
+  token's life before its ``exp``, which it sends with ``refresh`` on the open
+  connection; a connection closed with 4001 because its token expired reconnects
+  with a new one. A callable that returns None (no token can be had) or a token the
+  gateway refuses stops the client; one that raises is asked again after a backoff.
 
 A subscribe refused for a transient reason (``unavailable``, ``rate_limited``,
 ``internal``) is retried with backoff, and :meth:`Client.subscribe` waits through it
@@ -36,10 +50,11 @@ were read. A terminal close code ends every subscription the same way.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import orjson
 import trio
@@ -53,13 +68,16 @@ from trio_websocket import (
 
 from fanroute import clientcore as cc
 from fanroute import protocol as p
-from fanroute.clientcore import TERMINAL_CLOSE_CODES, Message, Unrecovered
+from fanroute.clientcore import TERMINAL_CLOSE_CODES, Message, Presence, Unrecovered
 from fanroute.codes import CloseCode, ErrorCode
 from fanroute.errors import ClientError, ConnectionLost, RequestFailed
 
 log = logging.getLogger("fanroute.client")
 
-__all__ = ["Client", "Message", "Subscription", "TERMINAL_CLOSE_CODES", "Unrecovered"]
+__all__ = ["Client", "Message", "Presence", "Subscription", "TERMINAL_CLOSE_CODES", "TokenSource", "Unrecovered"]
+
+#: A token source: called with no argument, returns a token (or None: none can be had).
+TokenSource: TypeAlias = Callable[[], "str | None | Awaitable[str | None]"]
 
 # What a terminal close code becomes for the application.
 _TERMINAL_ERRORS = {
@@ -94,19 +112,25 @@ class _Pending:
         return self.value
 
 
+Item: TypeAlias = Message | Unrecovered | Presence
+
+
 class Subscription:
-    """A topic's stream of :class:`Message` and :class:`Unrecovered` items.
+    """A topic's stream of :class:`Message` and :class:`Unrecovered` items (and
+    :class:`Presence` items when subscribed with ``presence=True``).
 
     Iteration ends when the application unsubscribes; it raises :class:`ClientError`
     when the subscription ended otherwise (refused, withdrawn, a terminal close)."""
 
-    def __init__(self, client: Client, topic: str, buffer: int) -> None:
+    def __init__(self, client: Client, topic: str, buffer: int, last: int | None = None, presence: bool = False) -> None:
         self.client = client
         self.topic = topic
+        self.last = last
+        self.presence = presence
         self.error: ClientError | None = None  # why it ended, when not by unsubscribe
         self.confirmed = _Pending()
         self._stream: cc.Stream | None = None  # the core's state for the topic
-        self._send, self._recv = trio.open_memory_channel[Message | Unrecovered](buffer)
+        self._send, self._recv = trio.open_memory_channel[Item](buffer)
 
     # Where the stream stands, as the core tracks it.
     @property
@@ -127,6 +151,11 @@ class Subscription:
         return 0 if self._stream is None else self._stream.gaps
 
     @property
+    def subscribers(self) -> int | None:
+        """The topic's latest subscriber count the gateway pushed (``presence=True``)."""
+        return None if self._stream is None else self._stream.subscribers
+
+    @property
     def recovering(self) -> bool:
         """A resubscribe with ``since`` is in flight (or waiting to be retried)."""
         s = self._stream
@@ -135,13 +164,13 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Message | Unrecovered:
+    async def __anext__(self) -> Item:
         try:
             return await self.get()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    async def get(self) -> Message | Unrecovered:
+    async def get(self) -> Item:
         try:
             return await self._recv.receive()
         except trio.EndOfChannel:
@@ -152,7 +181,7 @@ class Subscription:
     async def unsubscribe(self) -> None:
         await self.client.unsubscribe(self.topic)
 
-    async def _put(self, item: Message | Unrecovered) -> None:
+    async def _put(self, item: Item) -> None:
         await self._send.send(item)
 
     def _end(self, error: ClientError | None) -> None:
@@ -168,7 +197,7 @@ class Client:
         self,
         urls: str | Sequence[str],
         *,
-        token: str | None = None,
+        token: str | TokenSource | None = None,
         min_delay: float = 0.05,
         max_delay: float = 10.0,
         backoff_reset: float = 5.0,
@@ -180,10 +209,13 @@ class Client:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("a client needs at least one gateway URL")
+        if token is not None and not isinstance(token, str) and not callable(token):
+            raise TypeError("token must be a string or a callable returning one")
         self.token = token
         settings = cc.Settings(
             min_delay=min_delay, max_delay=max_delay, backoff_reset=backoff_reset, ping_interval=ping_interval,
-            ping_timeout=ping_timeout, connect_timeout=connect_timeout, token=token,
+            ping_timeout=ping_timeout, connect_timeout=connect_timeout,
+            token=token if isinstance(token, str) else None, fetch_token=callable(token),
         )
         self._core: cc.ClientCore[str] = cc.ClientCore(self.urls, settings)
         self.backoff = self._core.backoff
@@ -192,6 +224,8 @@ class Client:
         self.subscriptions: dict[str, Subscription] = {}
         self.url: str | None = None  # the gateway currently connected to
         self.last_close_code: int | None = None
+        self.last_close_reason = ""
+        self.refreshes = 0  # tokens the gateway took with `refresh` on an open connection
         self._ws: WebSocketConnection | None = None  # set once `connected` arrived
         self._socket: WebSocketConnection | None = None  # the open socket, connected or not
         self._connected = trio.Event()
@@ -202,6 +236,7 @@ class Client:
         self._dropped: cc.Drop | None = None
         self._hold: trio.Event | None = None
         self._session_scope = trio.CancelScope()  # the current connection's tasks
+        self._session_nursery: trio.Nursery | None = None
         self._tick_wait = trio.CancelScope()  # the ticker's sleep, cut short when the period changes
 
     # --- lifecycle -----------------------------------------------------------------
@@ -239,15 +274,21 @@ class Client:
 
     # --- the application's side ------------------------------------------------------
 
-    async def subscribe(self, topic: str) -> Subscription:
-        """Subscribe and wait until the gateway confirmed; raises :class:`ClientError`."""
+    async def subscribe(self, topic: str, *, last: int | None = None, presence: bool = False) -> Subscription:
+        """Subscribe and wait until the gateway confirmed; raises :class:`ClientError`.
+
+        ``last``: begin with the topic's newest ``last`` messages (and get them again
+        whenever a resubscribe cannot recover); ``presence``: yield a
+        :class:`Presence` item whenever the topic's subscriber count changes."""
         p.check_topic(topic)
+        if last is not None and (type(last) is not int or last < 1):
+            raise ValueError("last must be an integer of at least 1")
         if self._terminal is not None:
             raise self._terminal
         if topic in self.subscriptions:
             raise RequestFailed(ErrorCode.BAD_REQUEST, f"already subscribed to {topic!r}")
-        sub = self.subscriptions[topic] = Subscription(self, topic, self.buffer)
-        actions = self._core.subscribe(topic)
+        sub = self.subscriptions[topic] = Subscription(self, topic, self.buffer, last, presence)
+        actions = self._core.subscribe(topic, last, presence)
         sub._stream = self._core.streams[topic]
         await self._apply(self._socket, actions)
         try:
@@ -296,6 +337,21 @@ class Client:
                 frame["id"] = self._core.next_id()
                 return await self._request(ws, frame, "publish")
 
+    async def presence(self, topic: str, *, timeout: float = 10.0) -> int:
+        """How many connections are subscribed to ``topic`` across the cluster (the
+        right to subscribe to it is needed)."""
+        p.check_topic(topic)
+        with trio.fail_after(timeout):
+            while True:
+                if self._terminal is not None:
+                    raise self._terminal
+                await self._connected.wait()
+                ws = self._ws
+                if ws is None:
+                    continue
+                frame = {"type": "presence", "topic": topic, "id": self._core.next_id()}
+                return await self._request(ws, frame, "presence")
+
     # --- the connection ----------------------------------------------------------------
 
     async def _request(self, ws: WebSocketConnection, frame: dict[str, Any], kind: str) -> Any:
@@ -311,34 +367,73 @@ class Client:
     async def _run(self) -> None:
         actions = self._core.start(trio.current_time())
         while True:
+            while not any(isinstance(a, cc.Connect) for a in actions):
+                if any(isinstance(a, cc.FetchToken) for a in actions):
+                    actions = await self._token_from_source()
+                    continue
+                if not await self._after_close(actions):  # the token source failed, or had none
+                    return
+                actions = self._core.connect(trio.current_time())
             url = next(a.url for a in actions if isinstance(a, cc.Connect))
             code: int | None = None
+            reason = ""
             self._dropped = None
             try:
                 async with open_websocket_url(
                     url, connect_timeout=self.connect_timeout, disconnect_timeout=1
                 ) as ws:
-                    code = await self._session(ws, url)
+                    code, reason = await self._session(ws, url)
             except (OSError, HandshakeError, ConnectionClosed, DisconnectionTimeout, trio.TooSlowError) as exc:
                 log.debug("connection to %s ended: %r", url, exc)
                 if isinstance(exc, ConnectionClosed) and exc.reason is not None:
-                    code = exc.reason.code
+                    code, reason = exc.reason.code, exc.reason.reason or ""
             if self._dropped is not None:
-                code = self._dropped.code
-            self.last_close_code = code
+                code, reason = self._dropped.code, self._dropped.reason
+            self.last_close_code, self.last_close_reason = code, reason
             self._disconnected()
-            for action in self._core.closed(code, trio.current_time()):
-                if isinstance(action, cc.Stop):
-                    error = _TERMINAL_ERRORS.get(action.code, "closed")  # type: ignore[call-overload]
-                    self._terminal = RequestFailed(error, action.reason or f"closed with {action.code}")
-                    self._fail_all(self._terminal)
-                    return
-                if isinstance(action, cc.ReconnectAt):
-                    await trio.sleep_until(action.at)
+            if not await self._after_close(self._core.closed(code, trio.current_time(), reason)):
+                return
             hold, self._hold = self._hold, None
             if hold is not None:
                 await hold.wait()
             actions = self._core.connect(trio.current_time())
+
+    async def _after_close(self, actions: Sequence[cc.Action]) -> bool:
+        """Wait for the next attempt (True), or end the client on a Stop (False)."""
+        for action in actions:
+            if isinstance(action, cc.Stop):
+                error = _TERMINAL_ERRORS.get(action.code, "closed")  # type: ignore[call-overload]
+                self._terminal = RequestFailed(error, action.reason or f"closed with {action.code}")
+                self._fail_all(self._terminal)
+                return False
+            if isinstance(action, cc.ReconnectAt):
+                await trio.sleep_until(action.at)
+        return True
+
+    # --- tokens ------------------------------------------------------------------------
+
+    async def _ask_token_source(self) -> str | None:
+        assert callable(self.token)
+        result = self.token()
+        if inspect.isawaitable(result):
+            result = await result
+        if result is not None and not isinstance(result, str):
+            raise TypeError(f"the token source returned {type(result).__name__}, not a string")
+        return result
+
+    async def _token_from_source(self) -> Sequence[cc.Action]:
+        """Ask the token source (within the connect timeout) and tell the core."""
+        try:
+            with trio.fail_after(self.connect_timeout):
+                token = await self._ask_token_source()
+        except Exception as exc:  # the application's code: whatever it raises, try again later
+            log.warning("the token source failed: %r", exc)
+            return self._core.token_failed(trio.current_time(), f"the token source failed: {exc!r}")
+        ttl = cc.token_ttl(token, time.time()) if token else None
+        return self._core.give_token(token, trio.current_time(), ttl)
+
+    async def _refresh_token(self, ws: WebSocketConnection) -> None:
+        await self._apply(ws, await self._token_from_source())
 
     def _disconnected(self) -> None:
         self._ws = self._socket = None
@@ -353,14 +448,16 @@ class Client:
         for sub in self.subscriptions.values():
             sub._end(error)
 
-    async def _session(self, ws: WebSocketConnection, url: str) -> int | None:
-        """One connection, from the open socket to its end; returns the close code."""
+    async def _session(self, ws: WebSocketConnection, url: str) -> tuple[int | None, str]:
+        """One connection, from the open socket to its end; returns the close code and reason."""
         self._socket = ws
         code: int | None = None
+        reason = ""
         with trio.CancelScope() as kick:
             self._kick = kick
             async with trio.open_nursery() as nursery:
                 self._session_scope = nursery.cancel_scope
+                self._session_nursery = nursery
                 await self._apply(ws, self._core.opened(trio.current_time()))
                 nursery.start_soon(self._ticker, ws)
                 try:
@@ -373,11 +470,13 @@ class Client:
                         if isinstance(msg, dict):
                             await self._dispatch(ws, msg)
                 except ConnectionClosed as exc:
-                    code = exc.reason.code if exc.reason is not None else None
+                    if exc.reason is not None:
+                        code, reason = exc.reason.code, exc.reason.reason or ""
                 finally:
                     nursery.cancel_scope.cancel()
         self._kick = None
-        return code
+        self._session_nursery = None
+        return code, reason
 
     async def _ticker(self, ws: WebSocketConnection) -> None:
         while True:
@@ -414,6 +513,15 @@ class Client:
                 sub = self.subscriptions.get(action.topic)
                 if sub is not None:
                     await sub._put(action)
+            elif isinstance(action, cc.Presence):
+                sub = self.subscriptions.get(action.topic)
+                if sub is not None and sub.presence:
+                    await sub._put(action)
+            elif isinstance(action, cc.FetchToken):
+                if self._session_nursery is not None and ws is not None:
+                    self._session_nursery.start_soon(self._refresh_token, ws)
+            elif isinstance(action, cc.Refreshed):
+                self.refreshes += 1
             elif isinstance(action, cc.Subscribed):
                 sub = self.subscriptions.get(action.topic)
                 if sub is not None and not sub.confirmed.event.is_set():
@@ -450,6 +558,8 @@ class Client:
             pending.fail(RequestFailed(msg.get("code", "error"), msg.get("message", "")))
         elif kind == "publish":
             pending.resolve(msg.get("seq"))
+        elif kind == "presence":
+            pending.resolve(msg.get("subscribers"))
         else:
             pending.resolve(msg)
 
