@@ -24,6 +24,18 @@ The config file is TOML (or YAML, by its suffix)::
     subscribe = "authenticated"
     publish = "api"
 
+    [namespaces.prices]
+    conflate = true               # a subscriber that falls behind gets the newest of each topic
+
+Conflation
+----------
+In a namespace with ``conflate = true``, a subscriber whose outbound buffer holds
+more than ``--conflate-threshold`` bytes is sent only the newest pending message of
+each of the namespace's topics, marked with how many were left out (``skipped``),
+instead of being closed as a slow consumer: right for prices and scores, where only
+the latest value matters; wrong for chat, where every message does
+(``fanroute.gateway.conflation``).
+
 Private topics
 --------------
 In a namespace with ``private = true``, a topic is subscribable only by the subject (the
@@ -286,6 +298,7 @@ class Namespace:
     private: bool = False
     history_size: int | None = None
     history_ttl: float | None = None
+    conflate: bool = False
 
 
 OPEN = Namespace("*")
@@ -349,6 +362,11 @@ class Policy:
         if self.open:
             return []
         return [topic for topic in topics if self.can_subscribe(who, topic) is not None]
+
+    def conflates(self, topic: str) -> bool:
+        """Whether ``topic``'s namespace says ``conflate = true``."""
+        ns = self.namespaces.get(namespace_of(topic))
+        return ns is not None and ns.conflate
 
     def history_for(self, topic: str) -> tuple[int | None, float | None]:
         ns = self.namespaces.get(namespace_of(topic))
@@ -417,13 +435,16 @@ def _namespace(path: str, name: str, spec: Any) -> Namespace:
         raise ConfigError(f"{where} must be a table")
     if any(c in name for c in _SEPARATORS):
         raise ConfigError(f"{where}: a namespace name cannot contain '.' or ':'")
-    allowed = {"subscribe", "publish", "private", "history_size", "history_ttl"}
+    allowed = {"subscribe", "publish", "private", "history_size", "history_ttl", "conflate"}
     for key in spec:
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r} (expected {', '.join(sorted(allowed))})")
     private = spec.get("private", False)
     if not isinstance(private, bool):
         raise ConfigError(f"{where}.private must be true or false")
+    conflate = spec.get("conflate", False)
+    if not isinstance(conflate, bool):
+        raise ConfigError(f"{where}.conflate must be true or false")
     size, ttl = spec.get("history_size"), spec.get("history_ttl")
     if size is not None and (type(size) is not int or size < 0):
         raise ConfigError(f"{where}.history_size must be a whole number >= 0")
@@ -436,4 +457,5 @@ def _namespace(path: str, name: str, spec: Any) -> Namespace:
         private,
         size,
         None if ttl is None else float(ttl),
+        conflate,
     )
