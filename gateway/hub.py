@@ -523,7 +523,8 @@ class Hub:
         self._fan_out(entry.subscribers, FrameCache(p.subscribed_event(topic, epoch, seq, False)))
 
 
-def _sub_frame(topic: str, req: int, since: p.Since | None) -> list[Any]:
-    if since is None:
-        return [wire.SUB, topic, req, None, 0]
-    return [wire.SUB, topic, req, since.epoch, since.seq]
+def _sub_frame(topic: str, req: int, since: p.Since | None, last: int = 0) -> list[Any]:
+    frame: list[Any] = [wire.SUB, topic, req, None, 0] if since is None else [wire.SUB, topic, req, since.epoch, since.seq]
+    if last:
+        frame.append(last)
+    return frame
