@@ -75,11 +75,18 @@ async def serve_standalone(
     demo_feed: float = 0.0,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A gateway and ``shards`` router shards in one process, linked over inproc://."""
+    """A gateway and ``shards`` router shards in one process and one trio loop.
+
+    The gateway's hub calls each shard directly
+    (:class:`fanroute.gateway.locallink.LocalShardLink`): no nng socket, no
+    encoding, no MAC. nng is for clusters, where there is a wire. The inproc://
+    addresses below are never listened on; they only name the parts, the way a
+    cluster's addresses do.
+    """
     if shards < 1:
         raise ConfigError("--shards must be at least 1")
     tag = secrets.token_hex(4)
-    # The links never leave the process: a fresh secret each start keeps it zero-config.
+    # Nothing leaves the process; the secret only satisfies the configuration.
     secret = secrets.token_hex(16)
     registry = CollectorRegistry()
     names = [(f"shard-{i}", f"inproc://fanroute-{tag}-shard-{i}") for i in range(shards)]
@@ -92,6 +99,7 @@ async def serve_standalone(
             gateway_config, routers=names, inbox=f"inproc://fanroute-{tag}-gateway", advertise=None, cluster_secret=secret
         ),
         registry,
+        local_shards={router.config.name: router.shard for router in routers},
     )
 
     def ready() -> tuple[bool, str]:
@@ -103,7 +111,7 @@ async def serve_standalone(
     admin.route("GET", "/api/presence", api.presence)
     async with trio.open_nursery() as nursery:
         for router in routers:
-            await nursery.start(router.run)
+            await nursery.start(router.run_in_process)
         await nursery.start(gateway.run)
         # In one process the shards are reachable at once: report started only when
         # the gateway is ready, so the printed URL works the moment it appears.

@@ -63,6 +63,8 @@ from fanroute.gateway.admission import (
 )
 from fanroute.gateway.hub import Hub, Session
 from fanroute.gateway.links import ShardLink
+from fanroute.gateway.locallink import LocalShardLink
+from fanroute.router.shard import Shard
 from fanroute.gateway.outbox import SocketOutbox
 
 log = logging.getLogger("fanroute.gateway")
@@ -123,8 +125,16 @@ def _query_param(target: str, name: str) -> str | None:
 
 
 class GatewayServer:
-    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: CollectorRegistry | None = None,
+        *,
+        local_shards: dict[str, Shard] | None = None,
+    ) -> None:
         config.check()
+        # Shards in this process (standalone): linked by direct calls, no nng inbox.
+        self.local_shards = local_shards or {}
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
@@ -134,7 +144,7 @@ class GatewayServer:
         self.port: int | None = None
         self._inbox_sock: pynng.Pull0 | None = None
         self.hub: Hub | None = None
-        self.links: dict[str, ShardLink] = {}
+        self.links: dict[str, ShardLink | LocalShardLink] = {}
         self._bytes_closed = 0  # bytes written by connections that are gone
         self._ws_server: WebSocketServer | None = None
         self.policy = load_policy(config.config_file)
@@ -187,6 +197,9 @@ class GatewayServer:
 
     def _open_inbox(self) -> str:
         cfg = self.config
+        if self.local_shards:
+            # Shards in this process call back directly: the inbox is only a name.
+            return cfg.inbox
         sock = pynng.Pull0(recv_buffer_size=128)
         try:
             listener = sock.listen(cfg.inbox)
@@ -215,20 +228,13 @@ class GatewayServer:
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
         for name, url in cfg.routers:
             self.metrics.shard_link_up.labels(name).set(0)
-            self.links[name] = ShardLink(
-                hub,
-                name,
-                url,
-                beat_interval=cfg.shard_beat,
-                timeout=cfg.shard_timeout,
-                sealer=self.sealer,
-                on_state=self._link_state,
-            )
+            self.links[name] = self._link(hub, name, url)
         try:
             async with trio.open_nursery() as nursery:
                 for link in self.links.values():
                     nursery.start_soon(link.run)
-                nursery.start_soon(self._receive_from_shards)
+                if self._inbox_sock is not None:
+                    nursery.start_soon(self._receive_from_shards)
                 nursery.start_soon(self._sweep)
                 nursery.start_soon(self._presence_ticks)
                 try:
@@ -306,6 +312,30 @@ class GatewayServer:
             if frames:
                 self.links[name].wake.set()
 
+    def _link(self, hub: Hub, name: str, url: str) -> ShardLink | LocalShardLink:
+        """The link to shard ``name``: direct calls if it lives here, else nng to ``url``."""
+        cfg = self.config
+        shard = self.local_shards.get(name)
+        if shard is not None:
+            return LocalShardLink(
+                hub,
+                name,
+                shard,
+                beat_interval=cfg.shard_beat,
+                deliver=self._on_shard_batch,
+                flush=self.flush,
+                on_state=self._link_state,
+            )
+        return ShardLink(
+            hub,
+            name,
+            url,
+            beat_interval=cfg.shard_beat,
+            timeout=cfg.shard_timeout,
+            sealer=self.sealer,
+            on_state=self._link_state,
+        )
+
     async def _receive_from_shards(self) -> None:
         sock = self._inbox_sock
         while True:
@@ -328,16 +358,19 @@ class GatewayServer:
         except wire.WireError as exc:
             self.metrics.inter_node_rejected.labels(exc.reason).inc()
             return
-        link = self.links.get(env.sender)
-        if link is None:
+        if env.sender not in self.links:
             self.metrics.inter_node_rejected.labels("sender").inc()
             return
+        self._on_shard_batch(env.sender, env.frames)
+
+    def _on_shard_batch(self, shard: str, frames: list[Any]) -> None:
+        """Hand one batch from ``shard`` to the hub (from the nng inbox or a local link)."""
         try:
-            self.hub.on_shard_frames(env.sender, env.frames)
+            self.hub.on_shard_frames(shard, frames)
         except Exception:
-            log.exception("a message from shard %s could not be handled", env.sender)
+            log.exception("a message from shard %s could not be handled", shard)
             self.metrics.internal_errors.labels("inbox").inc()
-        link.heard()
+        self.links[shard].heard()
 
     async def _presence_ticks(self) -> None:
         """Report subscriber counts and push them to watchers (``gateway.presence`` paces them)."""

@@ -85,6 +85,7 @@ class RouterServer:
         self.links: dict[str, GatewayLink] = {}
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None
+        self._in_process = False
 
     def listen(self) -> None:
         """Bind the inbox (separately from :meth:`run`, so a bad address fails early)."""
@@ -97,7 +98,7 @@ class RouterServer:
         self._sock = sock
 
     def ready(self) -> tuple[bool, str]:
-        ok = self._sock is not None
+        ok = self._sock is not None or self._in_process
         return ok, f"shard {self.shard.name} epoch {self.shard.epoch}" if ok else "starting"
 
     async def run(self, *, task_status: trio.TaskStatus[RouterServer] = trio.TASK_STATUS_IGNORED) -> None:
@@ -125,6 +126,20 @@ class RouterServer:
             for link in self.links.values():
                 link.close()
             sock.close()
+
+    async def run_in_process(
+        self, *, task_status: trio.TaskStatus[RouterServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The shard without an inbox, for a gateway in this process (standalone).
+
+        The gateway's :class:`fanroute.gateway.locallink.LocalShardLink` calls
+        :attr:`shard` directly; only the housekeeping (forgetting silent gateways
+        and idle topics) runs here. No nng socket is opened.
+        """
+        self._in_process = True
+        log.info("shard %s (epoch %s) in process", self.shard.name, self.shard.epoch)
+        task_status.started(self)
+        await self._sweep()
 
     def _on_message(self, data: bytes) -> None:
         try:
