@@ -22,7 +22,7 @@ import pynng
 import trio
 from prometheus_client import CollectorRegistry
 
-from fanroute import wire
+from fanroute import logs, wire
 from fanroute.config import ConfigError, RouterConfig
 from fanroute.metrics import RouterMetrics
 from fanroute.nngio import send
@@ -172,12 +172,18 @@ class RouterServer:
                 try:
                     link = GatewayLink(inbox)
                 except pynng.NNGException as exc:
-                    log.warning("cannot dial gateway inbox %s: %s; forgetting it", inbox[:80], exc)
+                    logs.event(
+                        log, logging.WARNING, "gateway_forgotten", f"cannot dial gateway inbox {inbox[:80]}: {exc}; forgetting it",
+                        shard=shard.name, gateway=inbox[:80], reason="dial",
+                    )
                     self.metrics.dial_failures.labels(shard.name).inc()
                     shard.forget(inbox)
                     continue
                 self.links[inbox] = link
                 self._nursery.start_soon(link.run)
+                logs.event(
+                    log, logging.INFO, "gateway_joined", f"gateway {inbox} joined", shard=shard.name, gateway=inbox
+                )
             step = 256
             for i in range(0, len(frames), step):
                 chunk = frames[i : i + step]
@@ -185,7 +191,10 @@ class RouterServer:
                 try:
                     link.send_q.send_nowait(self.sealer.pack(gw.reply_as, chunk))
                 except trio.WouldBlock:
-                    log.warning("gateway %s is not keeping up; forgetting it", inbox)
+                    logs.event(
+                        log, logging.WARNING, "gateway_forgotten", f"gateway {inbox} is not keeping up; forgetting it",
+                        shard=shard.name, gateway=inbox, reason="overflow",
+                    )
                     self.metrics.gateway_overflows.labels(shard.name).inc()
                     shard.forget(inbox)
                     self._drop_link(inbox)
@@ -208,7 +217,10 @@ class RouterServer:
         while True:
             await trio.sleep(interval)
             for inbox in self.shard.sweep(trio.current_time()):
-                log.info("forgot gateway %s (silent past %.1fs)", inbox, self.config.gateway_timeout)
+                logs.event(
+                    log, logging.INFO, "gateway_forgotten", f"forgot gateway {inbox} (silent past {self.config.gateway_timeout:g}s)",
+                    shard=self.shard.name, gateway=inbox, reason="silent",
+                )
                 self._drop_link(inbox)
             for inbox in [i for i in self.links if i not in self.shard.gateways]:
                 self._drop_link(inbox)
