@@ -36,6 +36,7 @@ class GatewayConfig:
     ping_interval: float = _gateway("ping-interval")
     ping_timeout: float = _gateway("ping-timeout")
     outbox_limit: int = _gateway("outbox-limit")  # bytes per connection, as Centrifugo
+    conflate_threshold: int = _gateway("conflate-threshold")  # bytes; conflated topics past it (gateway.conflation)
     max_frame: int = _gateway("max-frame")
     # Tuning, not settings: no flag sets these.
     shard_beat: float = 1.0
@@ -89,6 +90,8 @@ class GatewayConfig:
             raise ConfigError("--ping-interval and --ping-timeout must be positive numbers of seconds")
         if self.outbox_limit < 1024:
             raise ConfigError("--outbox-limit must be at least 1024 bytes")
+        if not 0 <= self.conflate_threshold < self.outbox_limit:
+            raise ConfigError("--conflate-threshold must be at least 0 and below --outbox-limit")
         if self.anonymous not in ("allow", "deny", "auto"):
             raise ConfigError("--anonymous must be allow, deny or auto")
         for flag, value in (("--max-subscriptions", self.max_subscriptions), ("--max-connections", self.max_connections)):

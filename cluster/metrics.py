@@ -202,6 +202,7 @@ class _HubCollector(Collector):
             ("wire_frames_rejected", "Inter-node frames from shards that failed validation (dropped).", s.frames_rejected),
             ("wire_frames_failed", "Inter-node frames from shards whose handling raised (dropped).", s.frames_failed),
             ("payloads_rejected", "Deliveries whose payload could not be sent to every encoding (dropped; subscribers see a seq gap).", s.payloads_rejected),
+            ("conflated", "Messages of conflated topics left out for subscribers that fell behind (each later one says how many: skipped).", s.conflated),
         ]
         for name, doc, value in counters:
             c = CounterMetricFamily(f"fanroute_gateway_{name}", doc)

@@ -272,6 +272,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ping-interval", SECONDS, 25.0, "seconds between WebSocket pings to each client", (*GATEWAYS, "local-cluster")),
     Setting("ping-timeout", SECONDS, 8.0, "seconds a client may stay silent after a ping", (*GATEWAYS, "local-cluster")),
     Setting("outbox-limit", BYTES, 1 << 20, "bytes a connection may have waiting before it is closed with 4008", GATEWAYS),
+    Setting(
+        "conflate-threshold", BYTES, 64 * 1024,
+        "bytes waiting on a connection past which conflated topics send only their newest message (below --outbox-limit)",
+        GATEWAYS,
+    ),
     Setting("max-frame", BYTES, 64 * 1024, "largest client frame in bytes (larger: close 1009)", GATEWAYS),
     Setting("drain-window", SECONDS, 10.0, "seconds over which SIGTERM closes clients with 1012 before exit", GATEWAYS),
     Setting(

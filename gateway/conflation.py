@@ -92,13 +92,17 @@ class Conflation(Generic[T]):
         return out
 
     def drop(self, topic: str) -> int:
-        """Forget ``topic``'s held message (the subscription ended); return how many that was."""
+        """Forget ``topic``'s held message (the subscription ended, or its stream did).
+
+        Returns the messages this leaves out that were not counted yet: 1 if one was
+        held (those it had replaced were counted when they were).
+        """
         held = self.pending.pop(topic, None)
         if held is None:
             return 0
         self.bytes -= held.size
         self.conflated += 1
-        return 1 + held.skipped
+        return 1
 
     def __len__(self) -> int:
         return len(self.pending)

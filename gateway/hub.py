@@ -38,10 +38,13 @@ from fanroute.codes import ErrorCode
 from fanroute import wire
 from fanroute.codec import Encoding, FrameCache, pack_payload, unpack_payload
 from fanroute.ring import Ring
+from fanroute.gateway.conflation import Conflation
 from fanroute.gateway.presence import GatewayPresence
 
 
 class Outbox(Protocol):
+    size: int  # bytes waiting to be written (what conflation watches)
+
     def push(self, frame: bytes) -> None: ...
 
 
@@ -57,6 +60,9 @@ class Session:
     outbox: Outbox
     topics: dict[str, int] = field(default_factory=dict)  # topic -> PENDING | ACTIVE
     closed: bool = False
+    # Held messages of conflated topics, made the first time this connection falls
+    # behind on one (fanroute.gateway.conflation).
+    conflation: Conflation[FrameCache] | None = None
 
     def send(self, event: dict[str, Any]) -> None:
         self.outbox.push(self.encoding.encode(event))
@@ -71,6 +77,7 @@ class TopicEntry:
     epoch: str | None = None
     seq: int = 0
     synced: bool = False  # epoch/seq confirmed by the shard since the link last came up
+    conflate: bool = False  # its namespace says conflate = true
 
 
 @dataclass(slots=True)
@@ -101,6 +108,7 @@ class HubStats:
     not_recovered: int = 0
     frames_rejected: int = 0
     frames_failed: int = 0  # shard frames whose handling raised (dropped)
+    conflated: int = 0  # messages of conflated topics left out for a subscriber behind
     payloads_rejected: int = 0  # deliveries whose payload failed the check (dropped)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -115,6 +123,8 @@ class Hub:
         observe_latency: Callable[[float], None] = lambda seconds: None,
         max_payload: int = 64 * 1024,
         clock: Callable[[], float] = time.monotonic,
+        conflates: Callable[[str], bool] = lambda topic: False,
+        conflate_threshold: int = 64 * 1024,
     ) -> None:
         self.ring = ring
         self.max_payload = max_payload
@@ -128,6 +138,9 @@ class Hub:
         self.stats = HubStats()
         self._observe_latency = observe_latency
         self._clock = clock
+        self._conflates = conflates
+        self.conflate_threshold = conflate_threshold
+        self.conflating: set[Session] = set()  # sessions holding conflated messages back
         # Subscriber counts: this gateway's own, and the pushes to its watchers.
         self.presence_counts = GatewayPresence()
         self._req_ids = itertools.count(1)
@@ -180,7 +193,7 @@ class Hub:
             self.stats.resumes += 1
         entry = self.topics.get(topic)
         if entry is None:
-            entry = self.topics[topic] = TopicEntry()
+            entry = self.topics[topic] = TopicEntry(conflate=self._conflates(topic))
         elif entry.synced and (
             (since is None and not cmd.last) or (since is not None and since.epoch == entry.epoch and since.seq == entry.seq)
         ):
@@ -242,6 +255,11 @@ class Hub:
         shard = self.ring.owner(topic)
         if self.shard_up[shard]:
             self.to_shards[shard].append([wire.COUNTQ, topic, 0])
+
+    def tick(self) -> None:
+        """What is due a few times a second: presence reports and pushes, held conflated messages."""
+        self.presence_tick()
+        self.release_conflated()
 
     def presence_tick(self) -> None:
         """Report changed counts to the shards and push counts to watchers (a few times a second)."""
@@ -309,6 +327,8 @@ class Hub:
         if state == ACTIVE:
             self.presence_counts.left(topic)
             self.presence_counts.unwatch(topic, session)
+            if session.conflation is not None:
+                self.stats.conflated += session.conflation.drop(topic)
         entry.subscribers.pop(session, None)
         entry.pending.pop(session, None)
         if not entry.subscribers and not entry.pending:
@@ -451,7 +471,10 @@ class Hub:
         if event is None:
             return
         self._observe_latency(time.time() - ts)
-        self._fan_out(entry.subscribers, FrameCache(event))
+        if entry.conflate:
+            self._fan_out_conflated(topic, seq, entry.subscribers, FrameCache(event))
+        else:
+            self._fan_out(entry.subscribers, FrameCache(event))
 
     def _message(self, topic: str, payload: bytes, seq: int) -> dict[str, Any] | None:
         """A message event from a shard's payload bytes, or ``None`` (counted) if they fail the check."""
@@ -475,6 +498,60 @@ class Hub:
         if count_deliveries:
             self.stats.deliveries_sent += len(sessions)
 
+    def _fan_out_conflated(self, topic: str, seq: int, sessions: Any, frames: FrameCache) -> None:
+        """Fan out a message of a conflated topic: at once, or held as the newest of its topic.
+
+        A subscriber whose buffer is within the threshold, with nothing of this topic
+        held, gets the frame as every other does; otherwise its conflation keeps it
+        as the topic's newest and counts what it replaced (``gateway.conflation``).
+        """
+        threshold, dirty, sent = self.conflate_threshold, self.dirty, 0
+        for session in sessions:
+            frame = frames.get(session.encoding)
+            outbox = session.outbox
+            c = session.conflation
+            if c is None:
+                if outbox.size <= threshold:
+                    outbox.push(frame)
+                    dirty.add(session)
+                    sent += 1
+                    continue
+                c = session.conflation = Conflation(threshold)
+            before = c.conflated
+            if c.offer(topic, seq, frames, len(frame), outbox.size):
+                outbox.push(frame)
+                dirty.add(session)
+                sent += 1
+            else:
+                self.stats.conflated += c.conflated - before
+                self.conflating.add(session)
+        self.stats.deliveries_sent += sent
+
+    def release_conflated(self) -> None:
+        """Write the held messages of every subscriber whose buffer drained to the threshold.
+
+        Called a few times a second (and cheap when nobody is behind): a subscriber
+        that reads again gets the newest message of each conflated topic within a tick.
+        """
+        done = []
+        for session in self.conflating:
+            c = session.conflation
+            if session.closed or c is None:
+                done.append(session)
+                continue
+            for held in c.take(session.outbox.size):
+                event = held.item.event
+                if held.skipped:
+                    session.send({**event, "skipped": held.skipped})
+                else:
+                    session.outbox.push(held.item.get(session.encoding))
+                self.stats.deliveries_sent += 1
+                self.dirty.add(session)
+            if not len(c):
+                done.append(session)
+        for session in done:
+            self.conflating.discard(session)
+
     def _subscribed(self, frame: list[Any]) -> None:
         _, topic, req, epoch, seq, recovered, missed = frame
         r = self.requests.pop(req, None)
@@ -496,7 +573,10 @@ class Hub:
         session.send(p.subscribed_event(topic, epoch, seq, recovered, r.client_id))
         for m_seq, payload, _ts in missed:
             if (event := self._message(topic, payload, m_seq)) is not None:
-                session.send(event)
+                if entry.conflate:
+                    self._fan_out_conflated(topic, m_seq, (session,), FrameCache(event))
+                else:
+                    session.send(event)
         self._activate(session, topic, entry, r.presence)
 
     def _resynced(self, frame: list[Any]) -> None:
@@ -509,7 +589,11 @@ class Hub:
             for m_seq, payload, _ts in missed:
                 if m_seq > entry.seq:
                     entry.seq = m_seq
-                    if (event := self._message(topic, payload, m_seq)) is not None:
+                    if (event := self._message(topic, payload, m_seq)) is None:
+                        continue
+                    if entry.conflate:
+                        self._fan_out_conflated(topic, m_seq, entry.subscribers, FrameCache(event))
+                    else:
                         self._fan_out(entry.subscribers, FrameCache(event))
         elif entry.subscribers:
             self._epoch_changed(topic, entry, epoch, seq)
@@ -520,6 +604,10 @@ class Hub:
         # gap outgrew its history). Each is told with an unsolicited `subscribed`
         # carrying the new epoch and recovered:false, then the stream goes on.
         self.stats.not_recovered += len(entry.subscribers)
+        for session in entry.subscribers:
+            # What was held of the old stream must not follow the new epoch's answer.
+            if session.conflation is not None:
+                self.stats.conflated += session.conflation.drop(topic)
         self._fan_out(entry.subscribers, FrameCache(p.subscribed_event(topic, epoch, seq, False)))
 
 

@@ -224,6 +224,8 @@ class GatewayServer:
             instance=self.instance,
             observe_latency=self.metrics.latency.observe,
             max_payload=cfg.max_frame,
+            conflates=self.policy.conflates,
+            conflate_threshold=cfg.conflate_threshold,
         )
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
         for name, url in cfg.routers:
@@ -373,10 +375,10 @@ class GatewayServer:
         self.links[shard].heard()
 
     async def _presence_ticks(self) -> None:
-        """Report subscriber counts and push them to watchers (``gateway.presence`` paces them)."""
+        """The hub's periodic work: presence counts, and conflated messages held back."""
         while True:
             await trio.sleep(_PRESENCE_TICK)
-            self.hub.presence_tick()
+            self.hub.tick()
             self.flush()
 
     async def _sweep(self) -> None:

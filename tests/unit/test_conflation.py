@@ -100,5 +100,5 @@ def test_a_dropped_topic_is_not_written_and_is_counted():
     assert c.offer("a", 1, None, 10, 0)
     assert not c.offer("a", 2, None, 10, 10)
     assert not c.offer("a", 3, None, 10, 10)
-    assert c.drop("a") == 2
+    assert c.drop("a") == 1  # the held one; the one it replaced was counted already
     assert c.conflated == 2 and c.take(0) == [] and c.bytes == 0

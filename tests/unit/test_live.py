@@ -254,3 +254,43 @@ def test_hub_pushes_to_watchers_and_stops_when_they_leave():
     hub.to_shards["s0"] = []
     hub.presence_tick()
     assert hub.to_shards["s0"] == [[wire.COUNTS, [["t", 0, False]]]]
+
+
+# --- conflation in the hub ---------------------------------------------------------------------
+
+
+class Slow(Capture):
+    """An outbox whose bytes stay waiting until the test says they were written."""
+
+    def __init__(self):
+        super().__init__()
+        self.size = 0
+
+    def push(self, frame: bytes) -> None:
+        super().push(frame)
+        self.size += len(frame)
+
+
+def test_hub_conflates_a_subscriber_behind_and_releases_the_newest_with_skipped():
+    hub = Hub(Ring(["s0"]), inbox=GW, instance="i1", conflates=lambda t: t.startswith("px."), conflate_threshold=100)
+    hub.link_up("s0")
+    hub.on_shard_frames("s0", [[wire.WELCOME, "E", "i1"]])
+    hub.to_shards["s0"] = []
+    a = Session("a", Encoding.JSON, Slow())
+    for i, topic in enumerate(["px.A", "plain.B"]):
+        hub.subscribe(a, p.Subscribe(topic, i))
+        req = hub.to_shards["s0"].pop()[2]
+        hub.on_shard_frames("s0", [[wire.SUBOK, topic, req, "E-1", 0, False, []]])
+    a.outbox.events()
+    a.outbox.size = 1000  # far behind
+    frames = [[wire.MSG, t, seq, P(seq), 0.0] for seq in range(1, 6) for t in ("px.A", "plain.B")]
+    hub.on_shard_frames("s0", frames)
+    assert [(e["topic"], e["seq"]) for e in a.outbox.events()] == [("plain.B", s) for s in range(1, 6)]
+    assert hub.stats.conflated == 4  # px.A 1..4 replaced, 5 held
+    hub.release_conflated()
+    assert a.outbox.events() == []  # still behind
+    a.outbox.size = 0  # it read everything
+    hub.release_conflated()
+    assert a.outbox.events() == [{"topic": "px.A", "payload": 5, "seq": 5, "skipped": 4}]
+    hub.on_shard_frames("s0", [[wire.MSG, "px.A", 6, P(6), 0.0]])
+    assert a.outbox.events() == [{"topic": "px.A", "payload": 6, "seq": 6}]
