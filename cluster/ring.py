@@ -27,6 +27,7 @@ class Ring:
         # Each shard scores topics with its own seed, derived from its name.
         self._seeds = tuple((xxhash.xxh64_intdigest(n.encode()), n) for n in names)
         self.owner = lru_cache(maxsize=65536)(self._owner)
+        self.order = lru_cache(maxsize=65536)(self._order)
 
     def _owner(self, topic: str) -> str:
         key = topic.encode()
@@ -36,6 +37,17 @@ class Ring:
             if score > best_score:
                 best_score, best = score, name
         return best
+
+    def _order(self, topic: str) -> tuple[str, ...]:
+        """Every shard, best score first: the owner, then who takes over from it.
+
+        A topic's copies are the first few of these (``router.replication``); the
+        order of the others does not change when one of them goes away, so a
+        failover moves only the topics of the shard that went.
+        """
+        key = topic.encode()
+        scored = sorted(((xxhash.xxh64_intdigest(key, seed), name) for seed, name in self._seeds), reverse=True)
+        return tuple(name for _, name in scored)
 
     def __len__(self) -> int:
         return len(self.shards)
