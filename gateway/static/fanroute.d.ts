@@ -17,6 +17,15 @@ export declare const TERMINAL_CLOSE_CODES: ReadonlySet<number>;
 export declare const RESTART_WINDOW: number;
 /** Error codes answering a subscribe after which it is retried (unavailable, rate_limited, internal). */
 export declare const TRANSIENT_ERRORS: ReadonlySet<string>;
+/** The reason of the 4001 close for a token that expired on an open connection: the
+ * one 4001 a client with getToken recovers from (with a new token). */
+export declare const TOKEN_EXPIRED_REASON: "token expired";
+/** A token is refreshed at most this long (ms) before its exp. */
+export declare const REFRESH_LEAD: number;
+/** Milliseconds from `wall` (ms since the epoch) until the JWT's exp (read, not verified), or null. */
+export declare function tokenTtl(token: unknown, wall: number): number | null;
+/** When (ms from now) to refresh a token that expires in `ttl` ms: a third of its life early, at most REFRESH_LEAD. */
+export declare function refreshDelay(ttl: number): number;
 
 export type ReconnectRule = "never" | "prompt" | "longest" | "backoff";
 /** The rule for close `code` (fanroute.codes in Python): 4001, 4003, 1008 never; 1012 prompt; 4029 longest. */
@@ -74,7 +83,11 @@ export type StreamState = "waiting" | "pending" | "active" | "retry";
 
 /** One subscription's position and state, as ClientCore tracks it. */
 export declare class Stream {
+  constructor(topic: string, last?: number | null, presence?: boolean);
   readonly topic: string;
+  /** Ask for the newest `last` messages on every subscribe (null: none). */
+  readonly last: number | null;
+  readonly presence: boolean;
   epoch: string | null;
   seq: number;
   state: StreamState;
@@ -86,6 +99,12 @@ export declare class Stream {
   duplicates: number;
   gaps: number;
   unrecovered: number;
+  /** The last presence count received. */
+  subscribers: number | null;
+  /** After an answer to which `last` applied: its seq, until the first message. */
+  window: number | null;
+  floor: number;
+  windowMarks: boolean;
   since(): Position | null;
 }
 
@@ -104,6 +123,8 @@ export interface CoreSettings {
   connectTimeout?: number;
   restartWindow?: number;
   token?: string | null;
+  /** The host has a token source: a fetchToken action before every attempt and before exp. */
+  fetchToken?: boolean;
   /** Subscribe together with `connect` (anonymous gateways only). */
   eager?: boolean;
 }
@@ -120,7 +141,11 @@ export type Action =
   | { type: "answer"; id: number | null; frame: Record<string, unknown> }
   | { type: "drop"; code: number | null; reason: string }
   | { type: "reconnect"; at: number; delay: number; code: number | null }
-  | { type: "stop"; code: number | null; reason: string };
+  | { type: "stop"; code: number | null; reason: string }
+  | { type: "presence"; topic: string; subscribers: number }
+  /** Ask the token source, then call giveToken() or tokenFailed(). */
+  | { type: "fetchToken"; reason: "connect" | "refresh" }
+  | { type: "refreshed"; expires: number | null };
 
 export declare const NOTHING: readonly Action[];
 export declare const PING: { readonly type: "ping" };
@@ -143,14 +168,20 @@ export declare class ClientCore {
   readonly phase: "idle" | "connecting" | "open" | "ready" | "stopped";
   readonly url: string | null;
   readonly session: string | null;
+  /** The token the next `connect` frame carries. */
+  token: string | null;
   /** pingInterval + pingTimeout. */
   readonly deadline: number;
   /** How often to call tick(). */
   readonly checkPeriod: number;
   position(topic: string): Position | null;
   nextId(): number;
-  subscribe(topic: string): readonly Action[];
+  subscribe(topic: string, last?: number | null, presence?: boolean): readonly Action[];
   unsubscribe(topic: string): readonly Action[];
+  /** The token source answered: a token expiring in `ttl` ms (null: unknown), or null: none to be had. */
+  giveToken(token: string | null, now: number, ttl?: number | null): readonly Action[];
+  /** The token source failed: tried again after a backoff delay. */
+  tokenFailed(now: number, reason?: string): readonly Action[];
   start(now: number): readonly Action[];
   stop(): void;
   connect(now: number): readonly Action[];
@@ -164,15 +195,26 @@ export declare class ClientCore {
 
 /** An `error` frame from the gateway, or a request that could not complete. */
 export declare class FanrouteError extends Error {
+  constructor(code: string, message: string);
   /** bad_request, unauthorized, forbidden, rate_limited, too_large, unavailable,
    * or, from the client itself: disconnected, closed, timeout. */
   readonly code: string;
   readonly reason: string;
 }
 
+/** What getToken() is asked for. */
+export interface TokenContext {
+  reason: "connect" | "refresh";
+}
+
 export interface ClientOptions {
-  /** JWT sent in the `connect` frame. */
-  token?: string;
+  /** JWT sent in the `connect` frame (fixed: when it expires the client stops). */
+  token?: string | null;
+  /** A token source (sync or async), asked before every connection attempt and again
+   * a third of the token's life before its exp (sent with `refresh` on the open
+   * connection). Return null or "" when no token can be had: the client stops. A
+   * source that throws is asked again after a backoff delay. */
+  getToken?: (context: TokenContext) => string | null | Promise<string | null>;
   /** Reconnect backoff: cap of the first draw (default 100). */
   minDelay?: number;
   /** Reconnect backoff: largest delay (default 10000). */
@@ -196,6 +238,14 @@ export interface ClientOptions {
 
 export type State = "disconnected" | "connecting" | "connected";
 
+export interface SubscribeOptions {
+  /** Begin with the topic's newest `last` messages (and get them again whenever a
+   * reconnect cannot recover), so a ticker shows the current value at once. */
+  last?: number | null;
+  /** Receive the topic's subscriber count, once after subscribing and on change. */
+  presence?: boolean;
+}
+
 export interface MessageContext {
   topic: string;
   seq: number;
@@ -216,11 +266,57 @@ export interface ClientEvents {
   /** Messages of `topic` up to `seq` may have been lost (history too short, or the
    * stream restarted); delivery goes on from seq + 1. */
   unrecovered: { topic: string } & LostRange;
-  /** An error frame not tied to a publish, or a refused subscribe (with topic). For a
+  /** An error frame not tied to a publish, a refused subscribe (with topic), or
+   * getToken() failing (code "token": it is asked again after a backoff delay). For a
    * subscribe, `final` says the subscription ended (refused for good, or withdrawn by
    * the server: code "unsubscribed") and its handlers were removed; otherwise it is
    * sent again in `retryIn` ms, with `since`. */
   error: { code: string; message: string; topic?: string; final?: boolean; retryIn?: number | null };
+  /** A pushed subscriber count (subscribed with presence: true). */
+  presence: PresenceCount;
+  /** The gateway took a new token on the open connection (`expires`: its exp, seconds). */
+  refreshed: { expires: number | null };
+}
+
+export interface PresenceCount {
+  topic: string;
+  subscribers: number;
+}
+
+export type SubscriptionState = "unsubscribed" | "subscribing" | "subscribed";
+
+export interface Publication extends MessageContext {
+  payload: unknown;
+}
+
+export interface SubscriptionEvents {
+  state: { state: SubscriptionState; previous: SubscriptionState };
+  /** Waiting for an answer: subscribe() called, the connection lost, a gap being repaired. */
+  subscribing: { topic: string; code: number | string | null; reason: string };
+  subscribed: { topic: string; epoch: string; seq: number; recovered: boolean; resumed: boolean };
+  /** Ended: unsubscribe() (code null), refused, or withdrawn by the server (code "unsubscribed"). */
+  unsubscribed: { topic: string; code: number | string | null; reason: string };
+  publication: Publication;
+  presence: PresenceCount;
+  unrecovered: { topic: string } & LostRange;
+  error: { code: string; message: string; topic?: string; final?: boolean; retryIn?: number | null };
+}
+
+/** One topic's subscription, with the states centrifuge-js users know. */
+export declare class Subscription {
+  constructor(client: FanrouteClient, topic: string, options?: SubscribeOptions);
+  readonly client: FanrouteClient;
+  readonly topic: string;
+  readonly last: number | null;
+  readonly presence: boolean;
+  readonly state: SubscriptionState;
+  /** The last subscriber count pushed (presence: true), or null. */
+  readonly subscribers: number | null;
+  readonly position: Position | null;
+  subscribe(): void;
+  unsubscribe(): void;
+  on<K extends keyof SubscriptionEvents>(event: K, handler: (detail: SubscriptionEvents[K]) => void): () => void;
+  off<K extends keyof SubscriptionEvents>(event: K, handler: (detail: SubscriptionEvents[K]) => void): void;
 }
 
 export declare class FanrouteClient {
@@ -238,10 +334,16 @@ export declare class FanrouteClient {
   connect(): void;
   /** Stops reconnecting; subscriptions are kept for a later connect(). */
   close(code?: number, reason?: string): void;
-  /** Returns a function that unsubscribes this handler. */
-  subscribe<T = unknown>(topic: string, handler: (payload: T, context: MessageContext) => void): () => void;
+  /** Returns a function that unsubscribes this handler; the last one removed ends the
+   * topic's subscription. A topic has one subscription: the first options stay. */
+  subscribe<T = unknown>(topic: string, handler: (payload: T, context: MessageContext) => void, options?: SubscribeOptions): () => void;
+  /** The topic's subscription (created "unsubscribed" if there is none): call subscribe() on it. */
+  newSubscription(topic: string, options?: SubscribeOptions): Subscription;
+  getSubscription(topic: string): Subscription | null;
   /** Resolves to the seq the cluster gave the publication. */
   publish(topic: string, payload: unknown, options?: { timeout?: number }): Promise<number>;
+  /** Resolves to the topic's subscriber count across the cluster. */
+  presenceCount(topic: string, options?: { timeout?: number }): Promise<number>;
   position(topic: string): Position | null;
   on<K extends keyof ClientEvents>(event: K, handler: (detail: ClientEvents[K]) => void): () => void;
   off<K extends keyof ClientEvents>(event: K, handler: (detail: ClientEvents[K]) => void): void;

@@ -43,6 +43,11 @@
  * Node's test runner with a fake socket.
  */
 
+// The declarations beside this file (fanroute.d.ts) are the types the JSDoc here
+// refers to: `tsc --checkJs` (tests/browser) checks the code against them.
+/** @typedef {import("./fanroute.js").Action} Action */
+/** @typedef {{ timeout?: number }} RequestOptions */
+
 // --- Close codes ----------------------------------------------------------------
 
 export const CLOSE_NORMAL = 1000;
@@ -58,6 +63,7 @@ export const CLOSE_RATE_LIMIT = 4029;
 
 // What a client does after each close code: fanroute.codes (CloseCode.reconnect) in
 // Python; the shared cases hold the two to the same table.
+/** @type {Map<number, import("./fanroute.js").ReconnectRule>} */
 const RULES = new Map([
   [CLOSE_POLICY, "never"],
   [CLOSE_UNAUTHORIZED, "never"],
@@ -66,7 +72,9 @@ const RULES = new Map([
   [CLOSE_RATE_LIMIT, "longest"],
 ]);
 
-/** "never", "prompt", "longest" or "backoff": the rule for close `code` (any code). */
+/** "never", "prompt", "longest" or "backoff": the rule for close `code` (any code).
+ * @param {number | null} code
+ * @returns {import("./fanroute.js").ReconnectRule} */
 export function reconnectRule(code) {
   return RULES.get(code) ?? "backoff";
 }
@@ -193,7 +201,9 @@ export function reconnectDelay(code, backoff, random = Math.random, restartWindo
 
 const TOPIC_RE = /^[A-Za-z0-9._:\-/@=+,#~]{1,256}$/;
 
-/** True when `topic` is a valid topic name (letters, digits and . _ : - / @ = + , # ~). */
+/** True when `topic` is a valid topic name (letters, digits and . _ : - / @ = + , # ~).
+ * @param {unknown} topic
+ * @returns {topic is string} */
 export function isValidTopic(topic) {
   return typeof topic === "string" && TOPIC_RE.test(topic);
 }
@@ -239,6 +249,7 @@ export class Stream {
     this.presence = presence; // ask for pushed subscriber counts
     this.epoch = null; // null until the first `subscribed`
     this.seq = 0; // the last seq delivered (or where the stream started)
+    /** @type {import("./fanroute.js").StreamState} */
     this.state = WAITING;
     this.request = null; // id of the subscribe in flight
     this.resuming = false; // that subscribe carries `since`
@@ -317,6 +328,7 @@ export class ClientCore {
     this.backoff = new Backoff({ minDelay: s.minDelay, maxDelay: s.maxDelay, resetAfter: s.backoffReset, random });
     this.streams = new Map();
     this.stats = { connects: 0, duplicates: 0, gaps: 0, unrecovered: 0 };
+    /** @type {"idle" | "connecting" | "open" | "ready" | "stopped"} */
     this.phase = IDLE;
     this.url = null;
     this.session = null;
@@ -407,6 +419,7 @@ export class ClientCore {
     return [this._connectUrl()];
   }
 
+  /** @returns {Action} */
   _connectUrl() {
     this.url = this.urls[this._nextUrl];
     this._nextUrl = (this._nextUrl + 1) % this.urls.length;
@@ -458,6 +471,7 @@ export class ClientCore {
     this.phase = OPEN;
     const hello = { type: "connect", id: CONNECT_ID };
     if (this.token !== null && this.token !== undefined) hello.token = this.token;
+    /** @type {Action[]} */
     const out = [{ type: "send", frame: hello }];
     if (this.settings.eager) out.push(...this._subscribeAll());
     return out;
@@ -545,6 +559,7 @@ export class ClientCore {
     return id;
   }
 
+  /** @returns {Action} */
   _subscribe(s) {
     const id = this._own(s);
     s.request = id;
@@ -590,6 +605,7 @@ export class ClientCore {
     this._readyAt = this.lastRx = this._lastPing = this._lastTick = now;
     this._late = this.interval;
     this.stats.connects += 1;
+    /** @type {Action[]} */
     const out = [{ type: "ready", session: this.session }];
     if (!s.eager) out.push(...this._subscribeAll());
     this._reschedule();
@@ -616,6 +632,7 @@ export class ClientCore {
     s.resuming = false;
     s.tries = 0;
     s.confirmed = true;
+    /** @type {Action[]} */
     const out = [{ type: "subscribed", topic: s.topic, epoch, seq, recovered, resumed }];
     if (resumed && recovered) {
       s.epoch = epoch; // the missed messages follow, from s.seq + 1
@@ -666,6 +683,7 @@ export class ClientCore {
     return [{ type: "presence", topic: s.topic, subscribers: count }];
   }
 
+  /** @returns {Action} */
   _unrecovered(s, epoch, seq) {
     const previous = s.since();
     s.epoch = epoch;
@@ -711,6 +729,7 @@ export class ClientCore {
     return [this._refused(s, code, message, now)];
   }
 
+  /** @returns {Action} */
   _refused(s, code, message, now) {
     s.request = null;
     s.resuming = false;
@@ -846,6 +865,7 @@ export class Subscription extends Emitter {
     this.topic = topic;
     this.last = last ?? null;
     this.presence = !!presence;
+    /** @type {import("./fanroute.js").SubscriptionState} */
     this.state = "unsubscribed";
     /** The last subscriber count pushed (with `presence: true`), or null. */
     this.subscribers = null;
@@ -910,6 +930,7 @@ export class FanrouteClient extends Emitter {
       fetchToken: this.options.getToken !== null,
     }, { random, firstUrl: first });
     this.backoff = this._core.backoff;
+    /** @type {import("./fanroute.js").State} */
     this.state = "disconnected";
     this.url = null; // the gateway currently connected to
     this.session = null;
@@ -1022,6 +1043,10 @@ export class FanrouteClient extends Emitter {
    * Waits for a connection (up to `publishTimeout`). If the connection drops before
    * the answer, it rejects with code "disconnected": the publication may or may not
    * have happened (it is not sent again, so it never happens twice).
+   * @param {string} topic
+   * @param {unknown} payload
+   * @param {RequestOptions} [options]
+   * @returns {Promise<number>}
    */
   publish(topic, payload, { timeout } = {}) {
     if (payload === undefined) return Promise.reject(new FanrouteError("bad_request", "publish needs a payload"));
@@ -1029,7 +1054,11 @@ export class FanrouteClient extends Emitter {
   }
 
   /** How many connections are subscribed to `topic` across the cluster (needs the
-   * right to subscribe to it). Waits for a connection like publish(). */
+   * right to subscribe to it). Waits for a connection like publish().
+   * @param {string} topic
+   * @param {RequestOptions} [options]
+   * @returns {Promise<number>}
+   */
   presenceCount(topic, { timeout } = {}) {
     return this._request({ type: "presence", topic }, (msg) => msg.subscribers, timeout);
   }
