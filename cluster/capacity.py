@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -436,38 +437,38 @@ def plan(p: Profile, load: Load, pods: Pods = Pods()) -> Plan:
 
 
 def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
-    """Routers for ``load``: the smallest count at which the *busiest* router stays
-    within the CPU target. Topics land on routers by rendezvous hashing, so with few
-    topics per router the busiest holds well above the mean (:func:`_busiest_share`).
-    A topic's leader sequences it and sends it to every interested gateway; each
-    further copy costs one router publication (storing it), until the profile has a
-    measured replication figure."""
+    """Routers for ``load``: the smallest count at which the mean router stays within
+    the CPU target and the *busiest* holds no more topics than the target allows.
+    Topics land on routers by rendezvous hashing, like balls in bins: with few topics
+    per router the busiest holds well above the mean (:func:`busiest_topics`), and no
+    router count splits one topic. So more topics at the same rate can need fewer
+    routers; more publications, fan-out or copies never do. A count set by the
+    busiest router is held to at most ``UNEVEN_LIMIT`` times the mean's (a note says
+    how loaded the busiest then is). A topic's leader sequences it and sends it to
+    every interested gateway; each further copy costs one router publication (storing
+    it), until the profile has a measured replication figure."""
     usable = pods.router_cores * 1e6
     budget = pods.cpu_target * usable
     per_pub = router_us_per_publication(p, interested)
     follower = 1e6 / p.router_publications_per_core
     total = load.peak * (per_pub + (load.copies - 1) * follower)
     spare = 1 if load.copies >= 2 else 0  # with copies, a lost router's topics move to the next
-    hottest = load.peak / load.topics * (per_pub + (load.copies - 1) * follower)  # one topic's leader is one router
+    hottest = total / load.topics  # topics equally busy; one topic's leader is one router
+    allowed = max(1, math.floor(budget / hottest)) if hottest else load.topics  # topics a router may hold
 
     def busiest(up: int) -> float:
         """CPU of the busiest of ``up`` routers, µs/s."""
-        return max(hottest, total / up * min(float(up), _busiest_share(load.topics, up)))
-
-    def cpu_ok(r: int) -> bool:
-        return busiest(r - spare) <= budget
+        return busiest_topics(load.topics, up) * hottest
 
     lo = max(1, load.copies, 1 + spare)
-    if hottest > budget:
-        # No count helps the hottest topic; plan for the mean and say so below.
-        need_cpu = _smallest(lambda r: total / (r - spare) <= budget, lo)
-    else:
-        need_cpu = _smallest(cpu_ok, lo)
+    need_mean = _smallest(lambda r: total / (r - spare) <= budget, lo)
+    need_busiest = _smallest(lambda r: busiest_topics(load.topics, r - spare) <= allowed, lo)
+    need_cpu = min(need_busiest, max(need_mean, UNEVEN_LIMIT * need_mean))
     need = {"cpu": need_cpu, "copies": load.copies}
     r = max(need.values())
     if need["cpu"] > lo:
         why = "CPU: publications, sequenced and sent to every interested gateway"
-        if total / (r - spare) < 0.85 * budget:
+        if need_cpu > need_mean:
             why += " (the busiest router: topics hash unevenly over routers)"
     elif load.copies > 1 and r == load.copies:
         why = f"copies: each topic is held by {load.copies} routers"
@@ -493,6 +494,11 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
             f"hot topics: at {_n(load.peak / load.topics)} publications/s per topic (topics equally busy) one topic needs "
             f"{hottest / 1e6:.2f} cores of its router, above the {pods.cpu_target:.0%} target of one: spread it over more topics"
         )
+    elif busiest(r - spare) > budget:
+        notes.append(
+            f"balance: {_n(load.topics)} topics over {r} routers — the busiest is expected to hold "
+            f"{busiest_topics(load.topics, r - spare)} of them, at {busiest(r - spare) / usable:.0%} CPU: more, smaller topics even it out"
+        )
     if load.copies > 1:
         notes.append(
             f"copies: each of a topic's {load.copies - 1} further cop{'y' if load.copies == 2 else 'ies'} is costed as one router "
@@ -514,6 +520,7 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
             "mean_utilisation": total / r / usable,
             "busiest_over_mean": busiest(r) / (total / r) if total else 1.0,
             "topics_each": topics_each,
+            "busiest_topics": busiest_topics(load.topics, r),
             "history_entries_per_topic": entries,
             "history_bytes_wanted_each": wanted,
             "history_bytes_each": history,
@@ -523,39 +530,86 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
     )
 
 
-def _busiest_share(items: float, bins: int) -> float:
-    """Expected load of the busiest of ``bins`` over the mean, for items hashed at
-    random (the balls-into-bins estimate mean + sqrt(2·mean·ln bins), at least one item)."""
-    if bins <= 1:
-        return 1.0
+UNEVEN_LIMIT = 3  # at most this many times the routers the mean load needs, for the busiest
+
+
+def busiest_topics(items: int, bins: int) -> int:
+    """Topics the busiest of ``bins`` routers holds when ``items`` topics hash onto
+    them at random: the smallest k with bins × P(Binomial(items, 1/bins) ≥ k) ≤ ½
+    (a union bound on the median of the maximum, a little above it when topics are
+    few), exact below a mean of 1000 topics per router and from the normal
+    approximation above; at least 1, at most ``items``."""
+    if bins <= 1 or items <= 1:
+        return max(1, items)
     mean = items / bins
-    return max(1.0 / mean if mean < 1 else 1.0, (mean + math.sqrt(2 * mean * math.log(bins))) / mean)
+    if mean > 1000:
+        z = statistics.NormalDist().inv_cdf(1 - 0.5 / bins)
+        return min(items, max(1, math.ceil(mean + z * math.sqrt(mean * (1 - 1 / bins)) + 0.5)))
+    log_p, log_q = -math.log(bins), math.log1p(-1 / bins)
+    log_n = math.lgamma(items + 1)
+
+    def tail(k: int) -> float:
+        """P(X ≥ k), summing the pmf upward in log space (no underflow) until it is negligible."""
+        total = 0.0
+        for j in range(k, items + 1):
+            term = math.exp(log_n - math.lgamma(j + 1) - math.lgamma(items - j + 1) + j * log_p + (items - j) * log_q)
+            total += term
+            if j > mean and term < 1e-18:
+                break
+        return total
+
+    k = max(1, math.floor(mean))
+    while k < items and bins * tail(k) > 0.5:
+        k += 1
+    return k
 
 
 def p99(p: Profile, fanout_per_gateway: float, utilisation: float) -> dict[str, Any]:
-    """The p99 a measured figure supports for this per-gateway fan-out and utilisation, or why none."""
-    loaded_enough = [pt for pt in p.latency if pt.utilisation >= utilisation]
-    if not loaded_enough:
+    """The p99 the measured figures support for this per-gateway fan-out and
+    utilisation, or why none. For each measured fan-out the figure is interpolated
+    linearly between the utilisations measured around the plan's (below the lightest
+    one measured, that one's figure: an upper bound); a fan-out measured only below
+    the plan's utilisation supports nothing. Between fan-outs it is interpolated on
+    a log scale; outside the measured fan-outs no figure is quoted."""
+    groups: dict[float, list[LatencyPoint]] = {}
+    for pt in p.latency:
+        groups.setdefault(pt.fanout_per_gateway, []).append(pt)
+    at: dict[float, tuple[float, float, float]] = {}  # fan-out: (p99, lowest and highest utilisation used)
+    for f, pts in groups.items():
+        pts.sort(key=lambda q: q.utilisation)
+        if utilisation > pts[-1].utilisation:
+            continue
+        if utilisation <= pts[0].utilisation:
+            at[f] = (pts[0].p99_ms, pts[0].utilisation, pts[0].utilisation)
+            continue
+        lo = max((q for q in pts if q.utilisation <= utilisation), key=lambda q: q.utilisation)
+        hi = min((q for q in pts if q.utilisation >= utilisation), key=lambda q: q.utilisation)
+        w = 0.0 if hi.utilisation == lo.utilisation else (utilisation - lo.utilisation) / (hi.utilisation - lo.utilisation)
+        at[f] = (lo.p99_ms + w * (hi.p99_ms - lo.p99_ms), lo.utilisation, hi.utilisation)
+    if not at:
         top = max((pt.utilisation for pt in p.latency), default=0.0)
         return {"p99_ms": None, "why": f"the profile's latency figures were measured at up to {top:.0%} of saturation, below this plan's {utilisation:.0%}"}
-    by_fanout: dict[float, LatencyPoint] = {}
-    for pt in sorted(loaded_enough, key=lambda q: q.utilisation):
-        by_fanout.setdefault(pt.fanout_per_gateway, pt)
-    xs = sorted(by_fanout)
+    xs = sorted(at)
     if not xs[0] <= fanout_per_gateway <= xs[-1]:
-        return {"p99_ms": None, "why": f"{_n(fanout_per_gateway)} subscribers per gateway per publication is outside the measured {_n(xs[0])}–{_n(xs[-1])}"}
-    lo = max(x for x in xs if x <= fanout_per_gateway)
-    hi = min(x for x in xs if x >= fanout_per_gateway)
-    a, b = by_fanout[lo], by_fanout[hi]
-    if hi == lo:
-        value = a.p99_ms
+        return {
+            "p99_ms": None,
+            "why": f"{_n(fanout_per_gateway)} subscribers per gateway per publication is outside the {_n(xs[0])}–{_n(xs[-1])} "
+            f"measured at this plan's utilisation ({utilisation:.0%})",
+        }
+    lo_f = max(x for x in xs if x <= fanout_per_gateway)
+    hi_f = min(x for x in xs if x >= fanout_per_gateway)
+    a, b = at[lo_f], at[hi_f]
+    if hi_f == lo_f:
+        value = a[0]
     else:
-        t = (math.log(fanout_per_gateway) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        value = a.p99_ms + t * (b.p99_ms - a.p99_ms)
+        w = (math.log(fanout_per_gateway) - math.log(lo_f)) / (math.log(hi_f) - math.log(lo_f))
+        value = a[0] + w * (b[0] - a[0])
+    u_lo, u_hi = min(a[1], b[1]), max(a[2], b[2])
     return {
         "p99_ms": value,
-        "why": f"from the figures measured at {_n(lo)}" + ("" if hi == lo else f" and {_n(hi)}")
-        + f" subscribers per gateway, at {min(a.utilisation, b.utilisation):.0%}–{max(a.utilisation, b.utilisation):.0%} of saturation (this plan: {utilisation:.0%} CPU)",
+        "why": f"interpolated from the figures measured at {_n(lo_f)}" + ("" if hi_f == lo_f else f" and {_n(hi_f)}")
+        + f" subscribers per gateway, at {u_lo:.0%}" + ("" if u_hi == u_lo else f"–{u_hi:.0%}")
+        + f" of saturation (this plan: {utilisation:.0%} CPU), on the profile's machine",
     }
 
 

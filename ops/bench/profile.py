@@ -21,8 +21,10 @@ Two parts, each bounded in time and count:
    RSS growth ÷ the bytes it accounts to history (``fanroute_router_history_bytes``)
    is the **RSS per history byte**.
 2. **Publications** — the fan-out benchmark's ``cluster`` target (2 gateways,
-   3 routers) and its cells (:func:`fanroute.bench.fanout.run_cell`): fan-out 1, 200
-   and 1000 at 64-byte payloads, and 200 at 1 KiB. Each cell's saturation phase
+   3 routers) and its cells (:func:`fanroute.bench.fanout.run_cell`): fan-out 1, 2,
+   200 and 1000 at 64-byte payloads, and 200 at 1 KiB. Fan-out 2 puts one subscriber
+   on each gateway at the publication rates of fan-out 1, so that the cost of a
+   second interested gateway is not confused with the batching a lower rate gets. Each cell's saturation phase
    gives publications/s and every process's CPU; the gateways' CPU is fitted (least
    squares, relative) to ``publications in × a + publications out × b + deliveries ×
    (c + KiB × d)`` — the publisher is on gateway-0 and the subscribers alternate, so
@@ -72,6 +74,7 @@ from fanroute.localcluster import LocalCluster, LocalClusterError
 CELLS: tuple[tuple[int, int, str], ...] = (
     (1, 64, "light"),
     (1, 64, "loaded"),
+    (2, 64, "light"),  # one subscriber on each gateway: the second interested gateway at fan-out 1's rates
     (200, 64, "light"),
     (200, 64, "loaded"),
     (200, 1024, "light"),
@@ -584,13 +587,18 @@ def measure_cells(a: argparse.Namespace, logdir: Path, say: Callable[[str], None
 
 
 def latency_points(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """p99 by fan-out per gateway and utilisation (the latency rate ÷ the saturation
-    publications/s the same cell measured), for the 64-byte cells."""
+    """p99 by fan-out per gateway and utilisation (the latency rate ÷ the highest
+    saturation publications/s a cell of that fan-out measured: on a shared machine
+    one saturation phase can come out low), for the 64-byte cells."""
     out = []
+    best: dict[int, float] = {}
+    for c in cells:
+        if c["payload"] == 64:
+            best[c["subscribers"]] = max(best.get(c["subscribers"], 0.0), c["saturation"]["publications_per_s"])
     for c in cells:
         if c["payload"] != 64:
             continue
-        lat, sat = c["latency"], c["saturation"]
+        lat, sat = c["latency"], {"publications_per_s": best[c["subscribers"]]}
         out.append(
             {
                 "fanout": c["subscribers"],
