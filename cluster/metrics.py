@@ -27,6 +27,8 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 LIFETIME_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+# Handling one client command takes microseconds; a slow one (a token check) milliseconds.
+COMMAND_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05)
 _PROCESS_WIDE: WeakSet[CollectorRegistry] = WeakSet()
 
 
@@ -87,6 +89,18 @@ class GatewayMetrics:
             "fanroute_gateway_commands_total",
             "Client commands received, by type.",
             ["type"],
+            registry=registry,
+        )
+        self.command_seconds = Histogram(
+            "fanroute_gateway_command_seconds",
+            "Time to handle one client command in the gateway (admission and routing; not the shard's answer), by type.",
+            ["command"],
+            buckets=COMMAND_BUCKETS,
+            registry=registry,
+        )
+        self.bytes_in = Counter(
+            "fanroute_gateway_bytes_in",
+            "Bytes read from client WebSocket connections (counted once per read).",
             registry=registry,
         )
         self.latency = Histogram(

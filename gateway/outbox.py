@@ -1,20 +1,30 @@
-"""A connection's bounded outbound buffer and the one writer that drains it.
+"""A connection's bounded outbound buffer and the one writer of its socket.
 
 Frames arrive already built (``fanroute.codec``). The fan-out path only appends;
 after each batch the gateway calls :meth:`SocketOutbox.flush`, which writes every
 queued frame with one non-blocking ``writev`` — several frames per syscall under
-bursts. Only when the socket is full does the connection's writer task take over
-and await writability, so a slow socket never delays anyone else. When more than
-``limit`` bytes are waiting, the client is not keeping up: the buffer is dropped
-and the connection is closed as a slow consumer (4008), which is counted.
+bursts. Only when the socket is full is a writer task started (in the gateway's
+nursery, through ``spawn``) to await writability and finish the job; it ends as soon
+as the buffer is empty, so an idle or keeping-up connection has no task, no event
+and no buffer of its own here: the list of waiting frames exists only while frames
+wait. When more than ``limit`` bytes are waiting, the client is not keeping up: the
+buffer is dropped and the connection is closed as a slow consumer (4008), which is
+counted.
+
+Everything the gateway sends on a connection goes through here — deliveries,
+replies, WebSocket pongs and the close frame (:meth:`finish`) — so one frame is
+never written into the middle of another.
+
+``pending`` is room for a latest-value-wins mode (conflated topics): a per-topic
+slot holding only the newest frame of each such topic, written after the frames
+that must all arrive. It stays ``None`` until that mode exists.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable
-from itertools import islice
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -22,61 +32,85 @@ _IOV_MAX = 512
 
 
 class SocketOutbox:
+    __slots__ = (
+        "_sock",
+        "limit",
+        "_on_overflow",
+        "_spawn",
+        "_chunks",
+        "size",
+        "bytes_sent",
+        "overflowed",
+        "broken",
+        "finished",
+        "_writing",
+        "_idle",
+        "pending",
+    )
+
     def __init__(
         self,
         sock: trio.socket.SocketType,
-        lock: trio.StrictFIFOLock,
         limit: int,
         on_overflow: Callable[[], None],
+        spawn: Callable[[Callable[[], Awaitable[Any]]], None],
     ) -> None:
         self._sock = sock
-        self._lock = lock
         self.limit = limit
         self._on_overflow = on_overflow
-        self._chunks: deque[bytes | memoryview] = deque()
+        self._spawn = spawn
+        self._chunks: list[bytes | memoryview] | None = None  # only while frames wait
         self.size = 0
         self.bytes_sent = 0
         self.overflowed = False
         self.broken = False
-        self._busy = False  # the writer task holds the lock and owns the socket
-        self._wake = trio.Event()
+        self.finished = False  # the close frame is queued: nothing follows it
+        self._writing = False  # a writer task owns the socket until the buffer is empty
+        self._idle: trio.Event | None = None  # set when the writer ends, for drain()
+        self.pending: dict[str, bytes] | None = None  # reserved: conflated topics (see module doc)
 
     def push(self, frame: bytes) -> None:
-        if self.overflowed or self.broken:
+        if self.overflowed or self.broken or self.finished:
             return
-        self._chunks.append(frame)
+        chunks = self._chunks
+        if chunks is None:
+            self._chunks = [frame]
+        else:
+            chunks.append(frame)
         self.size += len(frame)
         if self.size > self.limit:
             self.overflowed = True
             self._drop_whole_frames()
             self._on_overflow()
 
+    def finish(self, frame: bytes) -> None:
+        """Queue the last frame (a close): after an overflow too, never inside another frame."""
+        if self.broken or self.finished:
+            return
+        self.finished = True
+        if frame:
+            if self._chunks is None:
+                self._chunks = [frame]
+            else:
+                self._chunks.append(frame)
+            self.size += len(frame)
+
     def _drop_whole_frames(self) -> None:
         # A frame already partly on the wire must be finished, or the close frame
         # that follows would land inside it and the client would see garbage.
         chunks = self._chunks
         head = chunks[0] if chunks and isinstance(chunks[0], memoryview) else None
-        chunks.clear()
-        self.size = 0
-        if head is not None:
-            chunks.append(head)
-            self.size = len(head)
+        self._chunks = [head] if head is not None else None
+        self.size = len(head) if head is not None else 0
 
     def flush(self) -> None:
-        """Write what is queued without blocking; leave the rest to the writer."""
-        if not self._chunks or self._busy:
+        """Write what is queued without blocking; leave the rest to a writer task."""
+        if self._chunks is None or self._writing:
             return
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            self._wake.set()
-            return
-        try:
-            self._write_nowait()
-        finally:
-            self._lock.release()
-        if self._chunks:
-            self._wake.set()
+        self._write_nowait()
+        if self._chunks is not None:
+            self._writing = True
+            self._spawn(self._write_when_writable)
 
     def _write_nowait(self) -> None:
         chunks = self._chunks
@@ -89,7 +123,7 @@ class SocketOutbox:
                 if len(chunks) == 1:
                     n = os.write(fd, chunks[0])
                 else:
-                    n = os.writev(fd, list(islice(chunks, _IOV_MAX)))
+                    n = os.writev(fd, chunks[:_IOV_MAX])
             except BlockingIOError:
                 return
             except OSError:
@@ -97,41 +131,43 @@ class SocketOutbox:
                 return
             self.size -= n
             self.bytes_sent += n
-            while n:
-                head = chunks[0]
-                if n >= len(head):
-                    n -= len(head)
-                    chunks.popleft()
+            done = 0
+            for head in chunks:
+                size = len(head)
+                if n >= size:
+                    n -= size
+                    done += 1
+                    if not n:
+                        break
                 else:
-                    chunks[0] = memoryview(head)[n:]
-                    n = 0
+                    chunks[done] = memoryview(head)[n:]
+                    break
+            del chunks[:done]
+        self._chunks = None
 
     def _fail(self) -> None:
         self.broken = True
-        self._chunks.clear()
+        self._chunks = None
         self.size = 0
 
-    async def drain(self) -> None:
-        """Write everything still queued, waiting for the socket as needed (before a close)."""
-        async with self._lock:
-            while self._chunks and not self.broken:
+    async def _write_when_writable(self) -> None:
+        """The writer, started only when the socket was full: ends once the buffer is empty."""
+        try:
+            while self._chunks is not None and not self.broken:
+                await trio.lowlevel.wait_writable(self._sock)
                 self._write_nowait()
-                if self._chunks:
-                    await trio.lowlevel.wait_writable(self._sock)
+        except (trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            self._fail()
+        finally:
+            self._writing = False
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                idle.set()
 
-    async def run(self) -> None:
-        """The writer: drains the buffer whenever a flush could not finish."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if not self._chunks:
-                continue
-            async with self._lock:
-                self._busy = True
-                try:
-                    while self._chunks:
-                        self._write_nowait()
-                        if self._chunks:
-                            await trio.lowlevel.wait_writable(self._sock)
-                finally:
-                    self._busy = False
+    async def drain(self) -> None:
+        """Wait until everything queued is written (before a close), or the socket broke."""
+        self.flush()
+        while self._writing:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()

@@ -3,8 +3,10 @@
 This is the I/O shell around two pure cores: :class:`gateway.admission.Admission`
 decides what happens to each new connection and each command (forward it, answer
 with an error, close, wait for room), and :class:`gateway.hub.Hub` carries out what
-is forwarded. The shell accepts connections (trio-websocket), decodes frames, asks
-the admission rules, hands commands to the hub, receives shard batches from its nng
+is forwarded. The shell accepts connections and runs the WebSocket protocol of each
+itself (``gateway.wsconn``, a sans-I/O engine): one task per connection reads what
+the socket has, takes every complete message in it, asks the admission rules, hands
+the commands to the hub, receives shard batches from its nng
 inbox (Pull0) and hands them to the hub, and after every command or batch flushes
 each touched socket once. It counts the metric each decision names and does what
 it says; it holds no rule of its own. One task sweeps all connections for the
@@ -25,6 +27,7 @@ import logging
 import resource
 import secrets
 import time
+from time import perf_counter
 from urllib.parse import parse_qs
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -33,7 +36,6 @@ from typing import Any
 import pynng
 import trio
 from prometheus_client import CollectorRegistry
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from fanroute import protocol as p
 from fanroute.codes import CloseCode, ErrorCode, close_code_label
@@ -78,9 +80,9 @@ _COMMAND_NAMES = {
     p.Connect: "connect",
     p.Refresh: "refresh",
 }
-_Publish = p.Publish
 _PRESENCE_TICK = 0.1  # seconds between presence reports and pushes
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
+_READ_SIZE = 65536  # bytes taken from a client socket per read
 _HEAD_TIMEOUT = 10.0
 _FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and files
 _SHED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -89,16 +91,21 @@ _ACCEPT_BACKOFF = 0.1
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Conn:
-    """The I/O side of one client connection; ``state`` is what the admission rules know of it."""
+    """The I/O side of one client connection; ``state`` is what the admission rules know of it.
+
+    ``last_rx`` (when bytes last arrived, pongs included) and ``ws.in_progress`` (a
+    message partly arrived) are what the heartbeat sweep needs from the engine.
+    """
 
     session: Session
-    ws: WebSocketConnection
-    activity: wsconn.ClientStream
+    ws: wsconn.WsConn
+    stream: trio.SocketStream
     outbox: SocketOutbox
     opened: float
     state: ConnState
+    last_rx: float
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int | None = None
     close_reason: str = ""
@@ -109,13 +116,6 @@ class Conn:
         if self.close_code is None:
             self.close_code, self.close_reason, self.why = close.code, close.reason, close.why
         self.cancel.cancel()
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _query_param(target: str, name: str) -> str | None:
@@ -146,7 +146,8 @@ class GatewayServer:
         self.hub: Hub | None = None
         self.links: dict[str, ShardLink | LocalShardLink] = {}
         self._bytes_closed = 0  # bytes written by connections that are gone
-        self._ws_server: WebSocketServer | None = None
+        self._nursery: trio.Nursery | None = None  # where blocked connections' writers run
+        self._dispatch: dict[type, Any] = {}  # command type -> its handler, once admitted
         self.policy = load_policy(config.config_file)
         self.auth = Authenticator.from_settings(
             secret=config.jwt_secret,
@@ -168,6 +169,12 @@ class GatewayServer:
             config, policy=self.policy, auth=self.auth, max_connections=_connection_cap(config.max_connections)
         )
         self._counters: dict[Count, Any] = {}  # metric children by decision count, bound once
+        # Per-command metric children, bound once: a labels() lookup takes a lock.
+        metrics = self.metrics
+        self._counted = {kind: metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
+        self._timed = {kind: metrics.command_seconds.labels(name) for kind, name in _COMMAND_NAMES.items()}
+        self._invalid = metrics.commands.labels("invalid")
+        self._failed = metrics.internal_errors.labels("command")
         # Plain HTTP on the client port: the browser client and the demo pages.
         self.http = HttpApp()
         self.http.add_static(STATIC_DIR)
@@ -243,13 +250,12 @@ class GatewayServer:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
                 except OSError as exc:
                     raise ConfigError(f"--port {cfg.port} on {cfg.host} cannot be listened on: {exc.strerror}") from None
-                self._ws_server = WebSocketServer(
-                    self._handle,
-                    listeners,
-                    message_queue_size=4,
-                    max_message_size=cfg.max_frame,
-                    receive_buffer_size=65536,
-                )
+                self._nursery = nursery
+                self._dispatch = {
+                    kind: handler
+                    for kind, name in _COMMAND_NAMES.items()
+                    if (handler := getattr(self, f"_on_{name}", None)) is not None
+                }
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 self.port = listeners[0].socket.getsockname()[1]
@@ -390,7 +396,7 @@ class GatewayServer:
             now = trio.current_time()
             wall = time.time()
             for conn in list(self.conns.values()):
-                due = sweep(conn.state, now, wall, conn.activity.last_rx, wsconn.message_in_progress(conn.ws))
+                due = sweep(conn.state, now, wall, conn.last_rx, conn.ws.in_progress)
                 if due is None:
                     continue
                 if due is SEND_PING:
@@ -448,15 +454,14 @@ class GatewayServer:
                 head = await wsconn.read_head(stream)
             if head is None:
                 return
-            client = wsconn.ClientStream(stream, head)
             if wsconn.is_websocket_upgrade(head):
-                await wsconn.serve_connection(self._ws_server, client)
+                await self._serve_websocket(stream, head)
             elif (refused := self.admission.http_request(self.client_sockets)) is not None:
                 self.count(refused.counts)
                 await stream.send_all(_SHED_RESPONSE)
             else:
-                await self.http.handle(client)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.http.handle(wsconn.ClientStream(stream, head))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away; nothing to answer
         except Exception:
             log.exception("a client connection failed")
@@ -466,66 +471,103 @@ class GatewayServer:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        refused = self.admission.handshake(
-            _header(request.headers, b"origin"), self.client_sockets, trio.current_time()
-        )
+    async def _serve_websocket(self, stream: trio.SocketStream, head: bytes) -> None:
+        """One WebSocket connection on this task, from its upgrade request to its close.
+
+        The handshake is answered here (the admission rules decide Origin, draining
+        and the caps; ``fanroute.codec`` the subprotocol); the connection then has no
+        task but this one, which reads, and no writer unless its socket fills up.
+        """
+        shake = wsconn.Handshake(head)
+        if shake.request is None:
+            await stream.send_all(wsconn.BAD_REQUEST)
+            return
+        now = trio.current_time()
+        refused = self.admission.handshake(shake.origin, self.client_sockets, now)
         if type(refused) is Refuse:
             self.count(refused.counts)
-            await request.reject(refused.status, body=refused.body)
+            await stream.send_all(shake.reject(refused.status, refused.body))
             return
-        encoding = Encoding.for_subprotocols(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=encoding.subprotocol)
-        if refused is not None:  # a Close: accepted, then told to try again later
-            self.count(refused.counts)
-            with trio.move_on_after(_CLOSE_TIMEOUT):
-                await ws.aclose(refused.code, refused.reason)
-            return
-        activity = wsconn.stream_of(ws)
-        sock, lock = activity.socket, wsconn.write_lock(ws)
-        now = trio.current_time()
+        encoding = Encoding.for_subprotocols(shake.offered_subprotocols())
+        response, opened = shake.accept(encoding.subprotocol)
+        await stream.send_all(response)
+        if not opened:
+            return  # not a valid upgrade: websockets answered it (400, 426, ...)
+        cfg = self.config
+        ws = wsconn.WsConn(cfg.max_frame)
         conn: Conn
         outbox = SocketOutbox(
-            sock,
-            lock,
-            self.config.outbox_limit,
+            stream.socket,
+            cfg.outbox_limit,
             on_overflow=lambda: self._overflow(conn),
+            spawn=self._nursery.start_soon,
         )
+        if refused is not None:  # a Close: accepted, then told to try again later
+            self.count(refused.counts)
+            outbox.finish(ws.close_frame(refused.code, refused.reason))
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                await self._linger(stream, ws, outbox)
+            return
         session = Session(secrets.token_hex(8), encoding, outbox)
         state = self.admission.connection(session.topics, now)
-        conn = Conn(session, ws, activity, outbox, opened=now, state=state)
-        token = _query_param(request.path, "token")
+        conn = Conn(session, ws, stream, outbox, opened=now, state=state, last_rx=now)
+        token = _query_param(shake.path, "token")
+        first = shake.rest
+        del shake  # the handshake's parser is not kept for the connection's life
         if token is not None:
             self._authenticated(conn, self.admission.authenticate(state, token), None)
         self.conns[session] = conn
         self.metrics.connections.inc()
         self.metrics.connections_opened.inc()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(outbox.run)
-                with conn.cancel:
-                    await self._read_loop(conn)
-                nursery.cancel_scope.cancel()
+            with conn.cancel:
+                await self._read_loop(conn, first)
         finally:
             self.hub.close_session(session)
             del self.conns[session]
-            self._bytes_closed += outbox.bytes_sent
             self.flush()
             code = conn.close_code
             if code is not None:
                 # A peer that stopped answering will not read a close frame either:
                 # do not hold its socket and buffer for long.
                 patience = 0.5 if code == CloseCode.HEARTBEAT_TIMEOUT else _CLOSE_TIMEOUT
-                with trio.move_on_after(patience) as scope:
-                    scope.shield = True
-                    await outbox.drain()
-                    await ws.aclose(code, conn.close_reason)
+                outbox.finish(ws.close_frame(code, conn.close_reason))
             else:
-                reason = ws.closed
-                code = reason.code if reason is not None else 1006
+                # The peer closed (its close is echoed already), or broke the
+                # protocol (1002, 1007, 1009: the engine's close is queued).
+                patience = _CLOSE_TIMEOUT
+                code = ws.close_code
+                if ws.failed:
+                    conn.why = "protocol"
+                outbox.finish(b"")
+            with trio.move_on_after(patience) as scope:
+                scope.shield = True
+                await self._linger(stream, ws, outbox)
+            self._bytes_closed += outbox.bytes_sent
             self.metrics.connections.dec()
             self.metrics.connections_closed.labels(conn.why, close_code_label(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
+
+    @staticmethod
+    async def _linger(stream: trio.SocketStream, ws: wsconn.WsConn, outbox: SocketOutbox) -> None:
+        """Finish a close: write what is queued (the close frame last), then wait for the peer's close.
+
+        The server ends the TCP connection once both close frames have crossed
+        (RFC 6455 7.1.1); clients wait for that. What the peer sends meanwhile is
+        read and dropped, so no unread data makes the kernel answer with a reset
+        that could overtake the close frame. The caller bounds the wait.
+        """
+        await outbox.drain()
+        if outbox.broken:
+            return
+        try:
+            while not ws.close_received:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                ws.receive(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
     def _refuse(self, conn: Conn, decision: Answer | Close, id: int | None) -> None:
         """Carry out a refusal: count it, answer with an ``error`` frame, close if it says so."""
@@ -551,62 +593,91 @@ class GatewayServer:
         self.count(SLOW_CONSUMER.counts)
         conn.kill(SLOW_CONSUMER)
 
-    async def _read_loop(self, conn: Conn) -> None:
-        hub, session, ws, state = self.hub, conn.session, conn.ws, conn.state
-        admit, room, clock = self.admission.command, self.admission.room, trio.current_time
-        encoding = session.encoding
-        # Label children bound once: a labels() lookup per command takes a lock.
-        counted = {kind: self.metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
-        invalid = self.metrics.commands.labels("invalid")
-        failed = self.metrics.internal_errors.labels("command")
-        while True:
-            try:
-                message = await ws.get_message()
-            except ConnectionClosed:
-                return
-            try:
-                cmd = p.parse_command(encoding.decode(message))
-            except p.ProtocolError as err:
-                invalid.inc()
-                hub.reject(session, err)
-                self.flush()
-                continue
-            kind = type(cmd)
-            counted[kind].inc()
-            shard = None
-            try:
-                decision = admit(state, cmd, clock())
-                if decision is not FORWARD:
-                    self._decided(conn, cmd, decision)
-                elif kind is _Publish:  # the hot path, kept to one call into the hub
-                    hub.publish(session, cmd)
-                    shard = hub.ring.owner(cmd.topic)
-                else:
-                    self._forward(conn, cmd)
-            except Exception:
-                log.exception("a %s command could not be handled", kind.__name__.lower())
-                failed.inc()
-                hub.reject(session, p.ProtocolError(ErrorCode.INTERNAL, "the command failed inside the gateway", cmd.id))
-                shard = None
-            self.flush()
-            while shard is not None and (wait := room(shard, hub.backlog(shard))) is not None:
-                # The shard link is behind: stop reading this client until it
-                # catches up (TCP pushes back on the publisher).
-                await self.links[wait.shard].room.wait()
+    async def _read_loop(self, conn: Conn, data: bytes) -> None:
+        """Read what the socket has, handle every complete message in it, flush once; repeat.
 
-    def _forward(self, conn: Conn, cmd: p.Command) -> None:
-        """Carry out a command the admission rules let through (a publish is carried out inline)."""
-        hub, session, kind = self.hub, conn.session, type(cmd)
-        if kind is p.Subscribe:
-            hub.subscribe(session, cmd)
-        elif kind is p.Presence:
-            hub.presence(session, cmd)
-        elif kind is p.Ping:
-            hub.ping(session, cmd)
-        elif kind is p.Unsubscribe:
-            hub.unsubscribe(session, cmd)
-        elif kind is p.Connect:
-            self._connected(conn, cmd.id)
+        Control frames the protocol owes the peer (pongs, the echo of a close) are
+        queued after the replies to the commands before them. A publisher whose
+        shard link is behind is not read again until the link catches up, so TCP
+        pushes back on it.
+        """
+        ws, outbox, hub = conn.ws, conn.outbox, self.hub
+        recv = conn.stream.socket.recv
+        clock, bytes_in, command = trio.current_time, self.metrics.bytes_in, self._command
+        room = self.admission.room
+        while True:
+            if data:
+                now = conn.last_rx = clock()
+                bytes_in.inc(len(data))
+                waits = None
+                for message in ws.receive(data):
+                    shard = command(conn, message, now)
+                    if shard is not None:
+                        waits = {shard} if waits is None else waits | {shard}
+                    if conn.close_code is not None:
+                        break  # closed by a rule: the rest of the batch is not handled
+                replies = ws.replies()
+                for frame in replies:
+                    outbox.push(frame)
+                self.flush()
+                if ws.done:
+                    return
+                if waits is not None:
+                    for shard in waits:
+                        while (wait := room(shard, hub.backlog(shard))) is not None:
+                            await self.links[wait.shard].room.wait()
+            data = await recv(_READ_SIZE)
+            if not data:
+                ws.receive_eof()
+                return
+
+    def _command(self, conn: Conn, message: str | bytes, now: float) -> str | None:
+        """Decode, admit and carry out one client message; the shard of a publication, else ``None``."""
+        session = conn.session
+        try:
+            cmd = p.parse_command(session.encoding.decode(message))
+        except p.ProtocolError as err:
+            self._invalid.inc()
+            self.hub.reject(session, err)
+            return None
+        kind = type(cmd)
+        self._counted[kind].inc()
+        started = perf_counter()
+        shard = None
+        try:
+            decision = self.admission.command(conn.state, cmd, now)
+            if decision is FORWARD:
+                shard = self._dispatch[kind](conn, cmd)
+            else:
+                self._decided(conn, cmd, decision)
+        except Exception:
+            log.exception("a %s command could not be handled", kind.__name__.lower())
+            self._failed.inc()
+            self.hub.reject(session, p.ProtocolError(ErrorCode.INTERNAL, "the command failed inside the gateway", cmd.id))
+            shard = None
+        self._timed[kind].observe(perf_counter() - started)
+        return shard
+
+    # What each admitted command does (a table: ``_COMMAND_NAMES`` maps a command type
+    # to its name, and ``_on_<name>`` carries it out). A publication returns its shard,
+    # for back-pressure.
+
+    def _on_publish(self, conn: Conn, cmd: p.Publish) -> str:
+        hub = self.hub
+        hub.publish(conn.session, cmd)
+        return hub.ring.owner(cmd.topic)
+
+    def _on_subscribe(self, conn: Conn, cmd: p.Subscribe) -> None:
+        self.hub.subscribe(conn.session, cmd)
+
+    def _on_unsubscribe(self, conn: Conn, cmd: p.Unsubscribe) -> None:
+        self.hub.unsubscribe(conn.session, cmd)
+
+    def _on_ping(self, conn: Conn, cmd: p.Ping) -> None:
+        self.hub.ping(conn.session, cmd)
+
+    def _on_connect(self, conn: Conn, cmd: p.Connect) -> None:
+        self._connected(conn, cmd.id)
 
     def _decided(self, conn: Conn, cmd: p.Command, decision: Decision) -> None:
         """Carry out a decision other than :data:`FORWARD`: a token accepted, or a refusal."""

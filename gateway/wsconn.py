@@ -1,40 +1,62 @@
-"""The client port's streams, and the one place that reaches into trio-websocket.
+"""The client port's front door, and each connection's sans-I/O WebSocket engine.
 
 The gateway's client port serves both WebSocket clients and plain HTTP (the browser
 client and demo pages), so the gateway accepts TCP connections itself, reads the
-request head, and then hands the stream either to its HTTP app or to trio-websocket
-with the head put back in front (:class:`ClientStream`).
+request head, and then either hands the stream to its HTTP app (:class:`ClientStream`
+puts the head back in front) or runs the WebSocket protocol itself (:class:`WsConn`).
 
-trio-websocket serializes every write under a per-connection lock and awaits the
-socket for each message; fanning one delivery out that way costs an await and a
-wsproto encode per subscriber. The gateway instead writes frames it has already
-built straight to the socket (``gateway.outbox``) while holding that same lock, so its
-writes never interleave with the pongs and close frames trio-websocket sends itself.
-The lock, the per-connection entry point and the partial-message buffer are
-private to trio-websocket;
-``pyproject.toml`` pins its minor version and ``tests/integration/test_wsconn.py`` guards both.
+The protocol engine is the ``websockets`` package's sans-I/O layer: its
+``ServerProtocol`` checks the handshake and builds the 101 response, and a plain
+``Protocol`` parses the client's frames after it (frame parsing and unmasking in C
+where ``websockets.speedups`` is built; about 3.5x faster than wsproto per frame, see
+``ops/bench/wsengine.py``). Nothing here does I/O: the gateway's connection task feeds
+the bytes it read and gets back the complete messages, and control frames the
+protocol must send (pongs, the echo of a close) are taken out and written by the
+connection's outbox, the only writer of its socket, so they never land inside a
+frame that is partly written.
+
+Per connection the engine keeps only the lean ``Protocol`` (about 1 KB); the
+handshake parser is dropped once the handshake is answered, and fragments are held
+only while a fragmented message is arriving.
 """
 
 from __future__ import annotations
 
+import logging
+from http import HTTPStatus
+
 import trio
-from trio_websocket import WebSocketConnection, WebSocketServer
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHandshake
+from websockets.frames import Close, Opcode
+from websockets.headers import parse_subprotocol
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, OPEN, SERVER, Protocol
+from websockets.server import ServerProtocol
+
+from fanroute.codes import CloseCode
 
 _MAX_HEAD = 16 * 1024
 
+# websockets logs every open and close at INFO: on a gateway with 50 000 connections
+# that is noise at best and a cost per reconnect storm. Warnings and errors still show.
+_log = logging.getLogger("fanroute.gateway.websocket")
+_log.setLevel(logging.WARNING)
+
+_TEXT, _BINARY, _CONT, _CLOSE = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.CLOSE
+_ABNORMAL = 1006  # no close frame: the connection just ended
+_SEND_EOF = b""  # websockets' marker for "half-close the TCP stream now"
+
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
 
 class ClientStream(trio.abc.HalfCloseableStream):
-    """A client's TCP stream: replays bytes already read, records when bytes arrive.
-
-    ``last_rx`` feeds the heartbeat sweep: any bytes count as life, WebSocket pongs
-    included, which trio-websocket would otherwise consume unseen.
-    """
+    """A client's TCP stream that replays the request head already read (plain HTTP)."""
 
     def __init__(self, inner: trio.SocketStream, prefix: bytes = b"") -> None:
         self.inner = inner
         self.socket = inner.socket
         self._prefix = prefix
-        self.last_rx = trio.current_time()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -42,9 +64,7 @@ class ClientStream(trio.abc.HalfCloseableStream):
             data, self._prefix = self._prefix[:n], self._prefix[n:]
             await trio.lowlevel.checkpoint()
             return data
-        data = await self.inner.receive_some(max_bytes)
-        self.last_rx = trio.current_time()
-        return data
+        return await self.inner.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -80,32 +100,176 @@ def is_websocket_upgrade(head: bytes) -> bool:
     return False
 
 
-async def serve_connection(server: WebSocketServer, stream: ClientStream) -> None:
-    """Run trio-websocket's handshake and our handler on an accepted stream."""
-    await server._handle_connection(stream)  # noqa: SLF001 - see module docstring
+class Handshake:
+    """A WebSocket upgrade request, parsed; answered once with :meth:`accept` or :meth:`reject`."""
+
+    __slots__ = ("_proto", "request", "rest")
+
+    def __init__(self, head: bytes) -> None:
+        # Bytes after the head are the client's first frames (it need not wait for
+        # the 101): they are kept for the connection's engine, not the handshake's.
+        head, sep, self.rest = head.partition(b"\r\n\r\n")
+        proto = ServerProtocol(logger=_log)
+        proto.receive_data(head + sep)
+        events = proto.events_received()
+        self._proto = proto
+        self.request: Request | None = events[0] if events and isinstance(events[0], Request) else None
+
+    @property
+    def origin(self) -> str | None:
+        return self.request.headers.get("Origin") if self.request is not None else None
+
+    @property
+    def path(self) -> str:
+        return self.request.path if self.request is not None else "/"
+
+    def offered_subprotocols(self) -> list[str]:
+        """The subprotocols the client offered, in its order (none for a malformed header)."""
+        if self.request is None:
+            return []
+        offered: list[str] = []
+        try:
+            for value in self.request.headers.get_all("Sec-WebSocket-Protocol"):
+                offered.extend(parse_subprotocol(value))
+        except InvalidHandshake:
+            return []
+        return offered
+
+    def accept(self, subprotocol: str | None) -> tuple[bytes, bool]:
+        """The response to send and whether it opens the connection (a 101).
+
+        The gateway has chosen the subprotocol already (``Encoding.for_subprotocols``);
+        websockets checks the rest of the request (key, version, upgrade headers) and
+        answers 400 or the like when it is not a valid upgrade.
+        """
+        proto, request = self._proto, self.request
+        if request is None:
+            return BAD_REQUEST, False
+        response = proto.accept(request)
+        if subprotocol is not None and response.status_code == 101:
+            response.headers["Sec-WebSocket-Protocol"] = subprotocol
+        proto.send_response(response)
+        return _joined(proto.data_to_send()), response.status_code == 101
+
+    def reject(self, status: int, body: bytes) -> bytes:
+        response = Response(
+            status,
+            _reason(status),
+            Headers([("Content-Length", str(len(body))), ("Connection", "close"), ("Content-Type", "text/plain")]),
+            body,
+        )
+        return response.serialize()
 
 
-def write_lock(conn: WebSocketConnection) -> trio.StrictFIFOLock:
-    """The lock trio-websocket holds while it writes to the connection's stream."""
-    lock = conn._stream_lock  # noqa: SLF001 - see module docstring
-    if not isinstance(lock, trio.StrictFIFOLock):
-        raise RuntimeError("unsupported trio-websocket version: its write lock changed")
-    return lock
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
-def message_in_progress(conn: WebSocketConnection) -> bool:
-    """Whether part of a client message has arrived and the rest has not yet.
+def _joined(chunks: list[bytes]) -> bytes:
+    return b"".join(c for c in chunks if c is not _SEND_EOF)
 
-    trio-websocket assembles fragments (and frames that arrive in pieces) into
-    ``_message_parts``; the gateway's sweep closes a connection whose message stays
-    unfinished past ``--message-timeout``, since pongs between fragments would
-    otherwise keep its buffer alive for ever.
+
+class WsConn:
+    """One open connection's WebSocket state: frames in, messages out.
+
+    :meth:`receive` returns the complete messages in the bytes given (``str`` for
+    text, ``bytes`` for binary); :meth:`replies` the control frames the protocol
+    owes the peer. A text message that is not UTF-8 fails the connection with 1007,
+    a message larger than ``max_size`` (all fragments together) with 1009, a protocol
+    violation with 1002; :attr:`done` is then true and :meth:`replies` holds the close.
     """
-    return bool(conn._message_parts)  # noqa: SLF001 - see module docstring
 
+    __slots__ = ("_proto", "_parts", "_text")
 
-def stream_of(conn: WebSocketConnection) -> ClientStream:
-    stream = conn._stream  # noqa: SLF001 - see module docstring
-    if not isinstance(stream, ClientStream):
-        raise RuntimeError("connection was not accepted through the gateway's front door")
-    return stream
+    def __init__(self, max_size: int) -> None:
+        self._proto = Protocol(SERVER, state=OPEN, max_size=max_size, logger=_log)
+        self._parts: list[bytes] | None = None  # fragments of the message arriving now
+        self._text = False
+
+    def receive(self, data: bytes) -> list[str | bytes]:
+        proto = self._proto
+        proto.receive_data(data)
+        messages: list[str | bytes] = []
+        for frame in proto.events_received():
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if frame.fin:
+                    payload: str | bytes = frame.data
+                    if opcode is _TEXT:
+                        try:
+                            payload = payload.decode()  # type: ignore[union-attr]
+                        except UnicodeDecodeError:
+                            proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
+                            return messages
+                    messages.append(payload)
+                else:
+                    self._parts, self._text = [frame.data], opcode is _TEXT
+            elif opcode is _CONT:
+                parts = self._parts
+                if parts is None:  # the protocol fails the connection first
+                    continue
+                parts.append(frame.data)
+                if frame.fin:
+                    self._parts = None
+                    whole = b"".join(parts)
+                    if self._text:
+                        try:
+                            messages.append(whole.decode())
+                        except UnicodeDecodeError:
+                            proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+                            return messages
+                    else:
+                        messages.append(whole)
+            elif opcode is _CLOSE:
+                break
+        return messages
+
+    def receive_eof(self) -> None:
+        self._proto.receive_eof()
+
+    def replies(self) -> list[bytes]:
+        """Frames the protocol owes the peer (pongs, close): for the outbox to write."""
+        proto = self._proto
+        if not proto.writes:
+            return []
+        return [c for c in proto.data_to_send() if c is not _SEND_EOF]
+
+    def close_frame(self, code: int, reason: str = "") -> bytes:
+        """Start the closing handshake with ``code``; the frame to write (none if it is under way)."""
+        proto = self._proto
+        if proto.state is OPEN:
+            proto.send_close(code, reason)
+        return _joined(proto.data_to_send())
+
+    @property
+    def done(self) -> bool:
+        """The peer closed, or the protocol failed: nothing more is read."""
+        return self._proto.state is not OPEN
+
+    @property
+    def close_received(self) -> bool:
+        """The peer's close frame has arrived (or the stream ended)."""
+        proto = self._proto
+        return proto.close_rcvd is not None or proto.state is CLOSED
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether part of a message has arrived and the rest has not yet (for ``--message-timeout``)."""
+        return self._parts is not None or bool(self._proto.reader.buffer)
+
+    @property
+    def close_code(self) -> int:
+        """The code the connection closed with: the peer's, or the one this side sent; 1006 if none."""
+        proto = self._proto
+        close: Close | None = proto.close_rcvd or proto.close_sent
+        return close.code if close is not None else _ABNORMAL
+
+    @property
+    def failed(self) -> bool:
+        """This side closed for a protocol reason (1002, 1007, 1009), not the peer."""
+        proto = self._proto
+        return proto.close_rcvd is None and proto.close_sent is not None
+

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.support import ROOT
 
 PACKAGES = {"cluster": "fanroute", "gateway": "fanroute.gateway", "router": "fanroute.router", "ops/bench": "fanroute.bench"}
-BENCH_ONLY = {"rich", "hdrh", "websockets"}
+BENCH_ONLY = {"rich", "hdrh"}
 
 
 def modules() -> dict[str, Path]:
