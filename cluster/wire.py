@@ -63,6 +63,17 @@ Shard → gateway frames:
                                                                    pushed to watching gateways
     COUNTA [26, topic, req, total, yours]                          answer to COUNTQ
 
+Replication (``router/REPLICATION.md``):
+    ROUTERS [8, [[name, url], ...]]                                gateway → shard, after HELLO: the
+                                                                   whole router list, so routers
+                                                                   find each other with no flag
+    VIEW   [27, number, [name, ...]]                               shard → gateway: the routers of
+                                                                   the installed view; a topic's
+                                                                   shard is the first of them in
+                                                                   its rendezvous order
+    Router → router frames (sender: the router's name) are those of
+    ``fanroute.router.replication`` (kinds 60-70), checked by :func:`check_peer_frame`.
+
 ``yours`` is the count of the receiving gateway inside ``total``, as the shard knows
 it: the gateway replaces it with its own current count, so its own changes show at
 once (see ``fanroute.gateway.presence``).
@@ -97,6 +108,15 @@ RELAY, INFO = 50, 51
 CONTROL_KINDS = ("disconnect", "unsubscribe")
 GATEWAY_KINDS |= {CTRL, REPORT, INFOQ}
 SHARD_KINDS |= {RELAY, INFO}
+
+# Replication: the router list from gateways, the view to gateways, router ↔ router.
+ROUTERS, VIEW = 8, 27
+GATEWAY_KINDS |= {ROUTERS}
+SHARD_KINDS |= {VIEW}
+(PEER_BEAT, PEER_BEATOK, PEER_PROPOSE, PEER_PROMISE, PEER_REFUSE, PEER_INSTALL, PEER_SYNC, PEER_SYNCDONE,
+ PEER_APPEND, PEER_APPENDED, PEER_LEAVE) = range(60, 71)
+PEER_KINDS = frozenset(range(60, 71))
+_MAX_ROUTERS = 1024
 
 MAC_SIZE = 16
 _NONCE_SIZE = 12
@@ -317,6 +337,10 @@ def check_gateway_frame(frame: Any) -> int:
         _check(n == 5 and _is_str(frame[1]) and all(_is_count(v) for v in frame[2:]), frame)
     elif kind == INFOQ:
         _check(n == 2 and _is_int(frame[1]), frame)
+    elif kind == ROUTERS:
+        _check(n == 2 and isinstance(frame[1], list) and 0 < len(frame[1]) <= _MAX_ROUTERS, frame)
+        for item in frame[1]:
+            _check(isinstance(item, list) and len(item) == 2 and _is_str(item[0]) and _is_str(item[1]), item)
     elif kind == HELLO:
         _check(n == 4 and _is_str(frame[1]) and _is_str(frame[2]) and isinstance(frame[3], list), frame)
         for item in frame[3]:
@@ -411,4 +435,49 @@ def check_shard_frame(frame: Any) -> int:
         _check(
             n == 5 and _is_str(frame[1]) and _is_int(frame[2]) and _is_int(frame[3]) and _is_int(frame[4]), frame
         )
+    elif kind == VIEW:
+        _check(n == 3 and _is_int(frame[1]) and _is_names(frame[2]), frame)
+    return kind
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= _MAX_ROUTERS and all(_is_str(x) for x in v)
+
+
+def check_peer_frame(frame: Any) -> int:
+    """Validate a frame a router received from another router; return its kind.
+
+    The kinds and their meaning are ``fanroute.router.replication``'s.
+    """
+    _check(isinstance(frame, list) and frame and type(frame[0]) is int and frame[0] in PEER_KINDS, frame)
+    kind, n, f = frame[0], len(frame), frame
+    if kind == PEER_BEAT:
+        ok = n == 5 and _is_int(f[1]) and _is_int(f[2]) and _is_str(f[3]) and _is_int(f[4])
+    elif kind in (PEER_BEATOK, PEER_REFUSE, PEER_SYNCDONE):
+        ok = n == 3 and _is_int(f[1]) and _is_int(f[2])
+    elif kind == PEER_PROPOSE:
+        ok = n == 3 and _is_int(f[1]) and _is_names(f[2])
+    elif kind == PEER_PROMISE:
+        ok = n == 4 and _is_int(f[1]) and _is_int(f[2]) and _is_names(f[3])
+    elif kind == PEER_INSTALL:
+        ok = n == 6 and _is_int(f[1]) and _is_names(f[2]) and _is_int(f[3]) and _is_names(f[4]) and _is_names(f[5])
+    elif kind == PEER_SYNC:
+        ok = (
+            n == 6 and _is_int(f[1]) and _is_str(f[2]) and _is_str(f[3]) and _is_int(f[4]) and isinstance(f[5], list)
+            and all(
+                isinstance(e, list) and len(e) == 4 and _is_int(e[0]) and _is_payload(e[1]) and _is_num(e[2])
+                and (e[3] is None or _is_str(e[3]))
+                for e in f[5]
+            )
+        )
+    elif kind == PEER_APPEND:
+        ok = (
+            n == 8 and _is_int(f[1]) and _is_str(f[2]) and _is_str(f[3]) and _is_int(f[4]) and _is_payload(f[5])
+            and _is_num(f[6]) and (f[7] is None or _is_str(f[7]))
+        )
+    elif kind == PEER_APPENDED:
+        ok = n == 4 and _is_int(f[1]) and _is_str(f[2]) and _is_int(f[3])
+    else:  # PEER_LEAVE
+        ok = n == 1
+    _check(ok, frame)
     return kind

@@ -14,23 +14,23 @@ ready view (its *source*) before anyone serves it.
 (:meth:`Replica.receive`), publications (:meth:`Replica.publish`) and the time
 (:meth:`Replica.tick`), and drains two lists: :attr:`Replica.out` — messages for
 other routers, ``(name, message)``, each message a short list whose first item is
-its kind (the inter-node frames of ``fanroute.wire``) — and :attr:`Replica.events`
+its kind (``fanroute.wire``'s ``PEER_*`` frames, checked there) — and :attr:`Replica.events`
 — what happened to publications (:class:`Committed`, :class:`Refused`) and to the
 router (:class:`Ready`, :class:`StreamDropped`).
 
 Messages between routers, all numbered by view (``n``):
 
-    BEAT     [40, n, beat_id, incarnation, promised]   heartbeat; renews the sender's lease
-    BEATOK   [41, n, beat_id]                   the receiver has not promised anything above n
-    PROPOSE  [42, n, members]
-    PROMISE  [43, n, ready_n, ready_members]    the last view the sender was ready in
-    REFUSE   [44, n, promised]                  n is too low; propose above ``promised``
-    INSTALL  [45, n, members, q, q_members, sources]
-    SYNC     [46, n, topic, epoch, seq, [[seq, payload, ts, idem], ...]]
-    SYNCDONE [47, n, count]                     ``count`` syncs were sent to the receiver
-    APPEND   [48, n, topic, epoch, seq, payload, ts, idem]
-    APPENDED [49, n, topic, seq]
-    LEAVE    [50]                               the sender stopped serving and is going
+    BEAT     [60, n, beat_id, incarnation, promised]   heartbeat; renews the sender's lease
+    BEATOK   [61, n, beat_id]                   the receiver has not promised anything above n
+    PROPOSE  [62, n, members]
+    PROMISE  [63, n, ready_n, ready_members]    the last view the sender was ready in
+    REFUSE   [64, n, promised]                  n is too low; propose above ``promised``
+    INSTALL  [65, n, members, q, q_members, sources]
+    SYNC     [66, n, topic, epoch, seq, [[seq, payload, ts, idem], ...]]
+    SYNCDONE [67, n, count]                     ``count`` syncs were sent to the receiver
+    APPEND   [68, n, topic, epoch, seq, payload, ts, idem]
+    APPENDED [69, n, topic, seq]
+    LEAVE    [70]                               the sender stopped serving and is going
 """
 
 from __future__ import annotations
@@ -42,8 +42,19 @@ from typing import Any
 
 from fanroute.history import Entry, History
 
-BEAT, BEATOK, PROPOSE, PROMISE, REFUSE, INSTALL, SYNC, SYNCDONE, APPEND, APPENDED, LEAVE = range(40, 51)
-PEER_KINDS = frozenset(range(40, 51))
+from fanroute.wire import (  # the frame kinds live with the other inter-node frames
+    PEER_APPEND as APPEND,
+    PEER_APPENDED as APPENDED,
+    PEER_BEAT as BEAT,
+    PEER_BEATOK as BEATOK,
+    PEER_INSTALL as INSTALL,
+    PEER_LEAVE as LEAVE,
+    PEER_PROMISE as PROMISE,
+    PEER_PROPOSE as PROPOSE,
+    PEER_REFUSE as REFUSE,
+    PEER_SYNC as SYNC,
+    PEER_SYNCDONE as SYNCDONE,
+)
 
 _RANK_SPACE = 4096  # view numbers are round * _RANK_SPACE + rank + 1: unique per proposer
 LOSS_GRACE = 10  # timeouts to wait for a missing copy before a view can lose every copy of a topic
@@ -61,9 +72,43 @@ class Stream:
     """A topic's stream on one router: what moves when its copies change."""
 
     epoch: str
-    history: History
+    history: History  # on the leader: committed entries only, what subscribers may see
     seq: int = 0  # the last seq assigned (leader) or held (copy)
     committed: int = 0  # the last seq every copy holds (on the leader)
+    # On the leader: entries assigned a seq but not yet held by every copy.
+    pending: dict[int, Entry] = field(default_factory=dict)
+    pending_idem: dict[str, int] = field(default_factory=dict)
+
+    def entry(self, seq: int, now: float) -> Entry | None:
+        """Entry ``seq``, pending or still in history."""
+        pending = self.pending.get(seq)
+        if pending is not None:
+            return pending
+        last = self.seq - len(self.pending)  # pending entries are the newest seqs
+        if not 1 <= seq <= last:
+            return None
+        entries = self.history.after(seq - 1, last, now)
+        return entries[0] if entries else None
+
+    def commit(self, seq: int) -> Entry | None:
+        """Move pending entry ``seq`` into history (every copy holds it now)."""
+        self.committed = max(self.committed, seq)
+        entry = self.pending.pop(seq, None)
+        if entry is not None:
+            if entry.idem is not None:
+                self.pending_idem.pop(entry.idem, None)
+            self.history.append(entry)
+        return entry
+
+    def seq_of(self, idem: str) -> int | None:
+        seq = self.pending_idem.get(idem)
+        return seq if seq is not None else self.history.seq_of(idem)
+
+    def everything(self, now: float) -> list[list[Any]]:
+        """History and pending entries, as a sync carries them."""
+        entries = [[e.seq, e.payload, e.ts, e.idem] for e in self.history.newest(len(self.history), now)]
+        entries.extend([e.seq, e.payload, e.ts, e.idem] for _, e in sorted(self.pending.items()))
+        return entries
 
 
 @dataclass(slots=True)
@@ -120,6 +165,7 @@ class ReplicaStats:
     resync_bytes: int = 0  # payload bytes sent in syncs
     syncs_sent: int = 0
     refused_unsafe: int = 0  # publications refused: no view, no lease
+    duplicates: int = 0  # publications recognised by their idem key
     stale_rejected: int = 0  # messages of an older view or from a non-leader
 
 
@@ -280,7 +326,7 @@ class Replica:
             if stream is None:
                 continue
             for seq in sorted(waiting):
-                entry = _entry(stream, seq, now)
+                entry = stream.pending.get(seq)
                 if entry is None:
                     continue
                 for r in waiting[seq]:
@@ -503,7 +549,7 @@ class Replica:
                 self._unknown(topic, topic_tokens)
                 continue
             self._fresh.add(topic)
-            entries = [[e.seq, e.payload, e.ts, e.idem] for e in stream.history.newest(len(stream.history), now)]
+            entries = stream.everything(now)
             for r in new_copies:
                 if r != self.name:
                     self._send(r, [SYNC, number, topic, stream.epoch, stream.seq, entries])
@@ -576,7 +622,7 @@ class Replica:
             deliver = was_leader and self.leader_of(topic) == self.name
             waiting = dict(tokens)
             for seq in range(stream.committed + 1, stream.seq + 1):
-                entry = _entry(stream, seq, now)
+                entry = stream.commit(seq) or stream.entry(seq, now)
                 ts = waiting.pop(seq, [])
                 if entry is None:
                     for token in ts:
@@ -584,7 +630,7 @@ class Replica:
                 elif ts or deliver:
                     self.events.append(Committed(topic, stream.epoch, seq, entry.payload, entry.ts, ts, deliver))
             for seq, ts in waiting.items():  # duplicates of entries committed before
-                entry = _entry(stream, seq, now)
+                entry = stream.entry(seq, now)
                 for token in ts:
                     if entry is None:
                         self.events.append(Refused(token, topic, "outcome_unknown"))
@@ -596,14 +642,27 @@ class Replica:
 
     # --- publications --------------------------------------------------------------
 
+    def stream(self, topic: str) -> Stream | None:
+        """The stream of a topic this router leads and serves (a new one if it has none)."""
+        if self.leader_of(topic) != self.name or not self.ready:
+            return None
+        stream = self.streams.get(topic)
+        if stream is None:
+            stream = self.streams[topic] = Stream(self.new_epoch(), self.new_history(topic))
+        return stream
+
     def publish(self, topic: str, payload: bytes, ts: float, idem: str | None, token: Any, now: float) -> None:
         """Apply a publication; its fate comes back in :attr:`events`.
 
         While a view is being installed the publication is held (up to ``hold``
         seconds) rather than refused, so a failover looks like a short delay.
         """
+        if self.leaving:
+            # Nothing was applied, and the next view has another leader for it.
+            self.events.append(Refused(token, topic, "moved"))
+            return
         if not self.serving(now):
-            if self.leaving or self.hold <= 0:
+            if self.hold <= 0:
                 self._refuse_unsafe(token, topic)
                 return
             self._held.append((now + self.hold, topic, payload, ts, idem, token))
@@ -612,21 +671,22 @@ class Replica:
         if leader != self.name:
             self.events.append(Refused(token, topic, "moved", leader))
             return
-        stream = self.streams.get(topic)
-        if stream is None:
-            stream = self.streams[topic] = Stream(self.new_epoch(), self.new_history(topic))
+        stream = self.stream(topic)
         if idem is not None:
-            seq = stream.history.seq_of(idem)
+            seq = stream.seq_of(idem)
             if seq is not None:
+                self.stats.duplicates += 1
                 if seq <= stream.committed:
-                    entry = _entry(stream, seq, now)
+                    entry = stream.entry(seq, now)
                     self.events.append(Committed(topic, stream.epoch, seq, entry.payload, entry.ts, [token], False))
                 else:
                     self._tokens.setdefault(topic, {}).setdefault(seq, []).append(token)
                 return
         stream.seq += 1
         seq = stream.seq
-        stream.history.append(Entry(seq, payload, ts, now, idem))
+        stream.pending[seq] = Entry(seq, payload, ts, now, idem)
+        if idem is not None:
+            stream.pending_idem[idem] = seq
         self._tokens.setdefault(topic, {}).setdefault(seq, []).append(token)
         others = [r for r in self.copies_of(topic) if r != self.name]
         self._waiting.setdefault(topic, {})[seq] = set(others)
@@ -643,9 +703,9 @@ class Replica:
             return
         held, self._held = self._held, []
         for deadline, topic, payload, ts, idem, token in held:
-            if self.serving(now):
+            if self.serving(now) or self.leaving:
                 self.publish(topic, payload, ts, idem, token, now)
-            elif now >= deadline or self.leaving:
+            elif now >= deadline:
                 self._refuse_unsafe(token, topic)
             else:
                 self._held.append((deadline, topic, payload, ts, idem, token))
@@ -705,8 +765,7 @@ class Replica:
             if waiting.get(seq):
                 break
             waiting.pop(seq, None)
-            stream.committed = seq
-            entry = _entry(stream, seq, now)
+            entry = stream.commit(seq)
             if entry is not None:
                 self.events.append(Committed(topic, stream.epoch, seq, entry.payload, entry.ts, tokens.pop(seq, []), True))
 
@@ -740,11 +799,3 @@ class Replica:
             return False
         mine = self.view.number if self.view is not None else 0
         return self._highest_seen > max(mine, self.promised) or not (self.alive(now) - {self.name})
-
-
-def _entry(stream: Stream, seq: int, now: float) -> Entry | None:
-    """Entry ``seq`` of ``stream`` if it is still in history."""
-    if seq < 1 or seq > stream.seq:
-        return None
-    entries = stream.history.after(seq - 1, stream.seq, now)
-    return entries[0] if entries else None

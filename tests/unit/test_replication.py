@@ -21,6 +21,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fanroute import wire
+from fanroute.errors import WireError
 from fanroute.history import History
 from fanroute.ring import Ring
 from fanroute.router.replication import Committed, Ready, Refused, Replica
@@ -82,6 +84,7 @@ class Sim:
         node = self.nodes[name]
         out, node.out = node.out, []
         for to, msg in out:
+            wire.check_peer_frame(msg)  # every message is one the receiver's checks let in
             if self.linked(name, to):
                 self.queues[(name, to)].append(msg)
         events, node.events = node.events, []
@@ -456,3 +459,12 @@ def test_a_returning_router_is_ready_only_after_it_caught_up():
     for topic in TOPICS:
         if "r1" in r1.copies_of(topic):
             assert r1.streams[topic].seq == 1
+
+
+def test_malformed_router_frames_are_refused_before_the_replica_sees_them():
+    for frame in ([60, 1, 2, "x"], [62, 1, "r0"], [66, 1, "t", "e", 1, [[1, "not bytes", 0.0, None]]], [70, 1], [59], "x", []):
+        try:
+            wire.check_peer_frame(frame)
+        except WireError:
+            continue
+        raise AssertionError(f"{frame!r} was let in")
