@@ -8,7 +8,14 @@ loopback ports:
 - ``cluster``: two ``fanroute gateway`` and three ``fanroute router`` processes, the
   subscribers spread over both gateways, the publisher on the first;
 - ``reference``: ``ops/bench/reference_server.py``, the minimal ``websockets``
-  broadcast server, the yardstick every fanroute figure is divided by.
+  broadcast server, the yardstick every fanroute figure is divided by;
+- ``seed``: ``ops/bench/seed/seed_server.js``, the source design's Node ``ws``
+  server adapted to explicit subscribes (``ops/setup-bench.sh`` installs ``ws``),
+  the second yardstick (``×seed``).
+
+``--server-cpus 0`` pins every server process to CPU 0 (``sched_setaffinity``) and
+the load generator to the other CPUs, so that a server's figure is what one core
+gives, whatever the machine has.
 
 Each cell (target × fan-out) has two phases, both bounded in time and count:
 
@@ -43,6 +50,7 @@ import json
 import multiprocessing
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +66,10 @@ from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expec
 from fanroute.localcluster import LocalCluster, LocalClusterError, free_port
 
 REFERENCE_SERVER = Path(__file__).resolve().with_name("reference_server.py")
-TARGETS = ("standalone", "cluster", "reference")
+SEED_DIR = Path(__file__).resolve().with_name("seed")
+SEED_SERVER = SEED_DIR / "seed_server.js"
+TARGETS = ("standalone", "cluster", "reference", "seed")
+BASELINES = ("reference", "seed")  # not fanroute: what fanroute's figures are divided by
 CLOSE_SLOW_CONSUMER = 4008
 _READY_TIMEOUT = 30.0
 # The benchmark measures the data path, not the abuse limits: per-connection and
@@ -528,7 +539,42 @@ def _wait_ready(target: Target, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def start_target(name: str, logdir: Path) -> Target:
+def baseline_command(name: str, port: int) -> list[str]:
+    """The command line of a baseline server: the websockets reference or the Node seed."""
+    if name == "reference":
+        return [sys.executable, str(REFERENCE_SERVER), "--port", str(port)]
+    node = shutil.which("node")
+    if node is None or not (SEED_DIR / "node_modules" / "ws" / "package.json").is_file():
+        raise BenchError("the seed target needs Node and the ws package: run ops/setup-bench.sh")
+    return [node, str(SEED_SERVER), "--port", str(port)]
+
+
+def server_pids(target: Target) -> list[int]:
+    pids = [node.pid for node in target.cluster.nodes] if target.cluster else []
+    return pids + [proc.pid for _, proc in target.procs]
+
+
+def pin(pids: list[int], cpus: set[int] | None) -> None:
+    """Pin processes (and every thread of each) to ``cpus``; ``None`` leaves them alone."""
+    if not cpus:
+        return
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), cpus)
+        except (OSError, ValueError):
+            pass  # a process that just exited has nothing to pin
+
+
+def load_cpus(server_cpus: set[int] | None) -> set[int] | None:
+    """The CPUs left for the load generator when the servers are pinned."""
+    if not server_cpus:
+        return None
+    rest = set(range(os.cpu_count() or 1)) - server_cpus
+    return rest or None
+
+
+def start_target(name: str, logdir: Path, server_cpus: set[int] | None = None) -> Target:
     target = Target(name)
     deadline = time.monotonic() + _READY_TIMEOUT
     try:
@@ -542,19 +588,20 @@ def start_target(name: str, logdir: Path) -> Target:
             except LocalClusterError as exc:
                 raise BenchError(f"{name}: {exc}") from None
             target.endpoints = target.cluster.endpoints
-        elif name == "reference":
+        elif name in BASELINES:
             port = free_port()
-            log = logdir / "reference.log"
+            log = logdir / f"{name}.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, str(REFERENCE_SERVER), "--port", str(port)],
+                    baseline_command(name, port),
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                 )
-            target.procs.append(("reference", proc))
+            target.procs.append((name, proc))
             target.logs.append(log)
             target.endpoints = [("127.0.0.1", port)]
         else:
             raise BenchError(f"unknown target {name!r} (known: {', '.join(TARGETS)})")
+        pin(server_pids(target), server_cpus)
         _wait_ready(target, deadline)
     except BaseException:
         target.stop()
@@ -580,6 +627,7 @@ class Settings:
     client_procs: int
     payload: int
     repeat: int = 1
+    server_cpus: set[int] | None = None
 
 
 class _Workers:
@@ -665,6 +713,7 @@ def run_cell(target: Target, subscribers: int, s: Settings, progress: Any) -> di
             pool.start(publisher_worker, (p, workers, s.publishers, host, port, topic, s.payload, shared), pool.pubs)
         for pipe in pool.pubs:
             pool.expect(pipe, "ready", 30)
+        pin([proc.pid for proc in pool.procs], load_cpus(s.server_cpus))
 
         def alive() -> None:
             target.check_alive()
@@ -818,14 +867,14 @@ def _merge_closes(reports: list[dict[str, Any]], publisher: list[int]) -> dict[s
 # --- the whole run -----------------------------------------------------------------
 
 
-def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fanroute ÷ reference for every cell that has both: throughput (higher is
+def ratios(results: list[dict[str, Any]], baseline: str = "reference") -> list[dict[str, Any]]:
+    """fanroute ÷ ``baseline`` for every cell that has both: throughput (higher is
     better) and latency percentiles (lower is better)."""
-    ref = {r["subscribers"]: r for r in results if r["target"] == "reference"}
+    ref = {r["subscribers"]: r for r in results if r["target"] == baseline}
     out = []
     for r in results:
         base = ref.get(r["subscribers"])
-        if r["target"] == "reference" or base is None:
+        if r["target"] in BASELINES or base is None:
             continue
 
         def div(a: float, b: float) -> float | None:
@@ -847,6 +896,7 @@ def render(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     ratio = {(r["target"], r["subscribers"]): r for r in report["ratios"]}
+    seed = {(r["target"], r["subscribers"]): r for r in report.get("ratios_seed", [])}
     m, c = report["machine"], report["config"]
     table = Table(
         title=f"fanroute bench fanout — {c['payload']}-byte payloads, {m['nproc']} × {m['cpu']}",
@@ -854,17 +904,20 @@ def render(report: dict[str, Any], console: Any) -> None:
             f"saturation: at most {c['window']} publications and {c['window_deliveries']:,} deliveries in flight, "
             f"{c['duration']:g} s after {c['warmup']:g} s warm-up; latency: {c['rate']:g} publications/s "
             f"(at most {c['rate_deliveries']:,} deliveries/s: column 'pub/s') for {c['duration']:g} s. "
-            "×ref = fanroute ÷ reference (throughput: higher is better; latency: lower is better). "
-            "CPU in cores, server and load generator share the machine."
+            "×ref = fanroute ÷ reference, ×seed = fanroute ÷ the Node seed (throughput: higher is better; latency: lower is better). "
+            + (f"Servers pinned to CPU {','.join(map(str, c['server_cpus']))}. " if c.get("server_cpus") else "")
+            + "CPU in cores, server and load generator share the machine; 'µs CPU each' is server CPU per delivery, "
+            "the figure least moved by other work on the machine."
             + (f" Median of {c['repeat']} interleaved runs; lost and closes summed over them." if c.get("repeat", 1) > 1 else "")
             + f" Load average at start: {', '.join(map(str, m.get('loadavg_at_start', [])))}."
         ),
     )
-    for col in ("target", "subs", "deliveries/s", "×ref", "server CPU", "load CPU", "pub/s", "p50 ms", "p99 ms", "×ref p99", "lost", "closes"):
+    for col in ("target", "subs", "deliveries/s", "×ref", "×seed", "server CPU", "µs CPU each", "load CPU", "pub/s", "p50 ms", "p99 ms", "×ref p99", "×seed p99", "lost", "closes"):
         table.add_column(col, justify="left" if col in ("target", "closes") else "right")
     for r in sorted(report["results"], key=lambda r: (r["subscribers"], TARGETS.index(r["target"]))):
         sat, lat = r["saturation"], r["latency"]
         x = ratio.get((r["target"], r["subscribers"]), {})
+        y = seed.get((r["target"], r["subscribers"]), {})
         closes = {**sat["close_codes"]}
         for k, v in lat["close_codes"].items():
             closes[k] = closes.get(k, 0) + v
@@ -874,12 +927,15 @@ def render(report: dict[str, Any], console: Any) -> None:
             str(r["subscribers"]),
             f"{sat['deliveries_per_s']:,}",
             "" if x.get("throughput") is None else f"{x['throughput']:.2f}",
+            "" if y.get("throughput") is None else f"{y['throughput']:.2f}",
             f"{sat['server_cpu']:.2f}",
+            "" if not sat["deliveries_per_s"] else f"{sat['server_cpu'] * 1e6 / sat['deliveries_per_s']:.1f}",
             f"{sat['loadgen_cpu']:.2f}",
             f"{lat['rate']:g}",
             f"{lat['p50_ms']:.2f}",
             f"{lat['p99_ms']:.2f}",
             "" if x.get("p99") is None else f"{x['p99']:.2f}",
+            "" if y.get("p99") is None else f"{y['p99']:.2f}",
             f"{lost:,}" + ("" if sat["drained"] else " (not drained)") + (f", {lat['gaps']} gaps" if lat["gaps"] else ""),
             ", ".join(f"{k}×{v}" for k, v in sorted(closes.items())) or "-",
         )
@@ -894,6 +950,20 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give at least one subscriber count, each at least 1")
     return values
+
+
+def cpu_set(text: str) -> set[int] | None:
+    """A comma-separated list of CPU numbers this process may use; empty for none."""
+    if not text.strip():
+        return None
+    try:
+        cpus = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CPU numbers") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(f"{text!r}: CPUs must be among {', '.join(map(str, sorted(allowed)))}")
+    return cpus
 
 
 def _targets(text: str) -> list[str]:
@@ -922,6 +992,7 @@ def fanout_main(args: argparse.Namespace) -> int:
         client_procs=args.client_procs,
         payload=args.payload,
         repeat=args.repeat,
+        server_cpus=args.server_cpus,
     )
     for name, value in (("--duration", s.duration), ("--rate", s.rate), ("--window", s.window), ("--publishers", s.publishers), ("--client-procs", s.client_procs), ("--repeat", s.repeat)):
         if value <= 0:
@@ -957,7 +1028,7 @@ def fanout_main(args: argparse.Namespace) -> int:
             try:
                 for name in s.targets:
                     say(f"{name}: starting")
-                    running[name] = start_target(name, logdir)
+                    running[name] = start_target(name, logdir, s.server_cpus)
                 for _ in range(s.repeat):
                     for n in s.subscribers:
                         for name in s.targets:
@@ -988,9 +1059,11 @@ def fanout_main(args: argparse.Namespace) -> int:
             "client_procs": s.client_procs,
             "payload": s.payload,
             "repeat": s.repeat,
+            "server_cpus": sorted(s.server_cpus) if s.server_cpus else None,
         },
         "results": results,
         "ratios": ratios(results),
+        "ratios_seed": ratios(results, "seed"),
     }
     emit_report(report, args.save, args.json, lambda: render(report, out))
     return 0
@@ -1001,10 +1074,10 @@ def add_fanout_command(sub: Any, flag: Any) -> None:
         "fanout",
         help="deliveries/s and latency vs a reference server",
         description="Fan-out of small publications to many subscribers of one topic, through "
-        "fanroute standalone, a local cluster and a minimal websockets broadcast server, side by side.",
+        "fanroute standalone, a local cluster, a minimal websockets broadcast server and the source design's Node ws server, side by side.",
     )
     flag(p, "--subscribers", _int_list, [1, 100, 1000], "comma-separated subscriber counts, one cell each")
-    flag(p, "--targets", _targets, list(TARGETS), "comma-separated targets: standalone, cluster, reference")
+    flag(p, "--targets", _targets, list(TARGETS), "comma-separated targets: standalone, cluster, reference, seed")
     flag(p, "--duration", float, 5.0, "seconds measured per phase (saturation, then latency) per cell")
     flag(p, "--warmup", float, 1.0, "seconds of saturation before the measurement starts")
     flag(p, "--rate", float, 100.0, "publications per second in the latency phase")
@@ -1016,6 +1089,7 @@ def add_fanout_command(sub: Any, flag: Any) -> None:
     flag(p, "--client-procs", int, 2, "subscriber processes of the load generator")
     flag(p, "--payload", int, 64, "payload size in bytes")
     flag(p, "--repeat", int, 1, "runs of every cell (interleaved); the median is reported")
+    flag(p, "--server-cpus", cpu_set, None, "pin the servers to these CPUs (e.g. 0) and the load generator to the rest")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(bench_main=fanout_main)
