@@ -2,6 +2,8 @@
 // connection indicator. Query parameters (all optional):
 //   gateways=ws://h1:p/ws,ws://h2:p/ws   (default: the gateway that served the page)
 //   token=...  minDelay=ms  maxDelay=ms  pingInterval=ms  pingTimeout=ms
+//   tokenUrl=https://app.example/token   (short-lived tokens: fetched before every
+//     connection and again before each one expires, as a signed-in app would)
 import { FanrouteClient } from "./fanroute.js";
 
 export const params = new URLSearchParams(location.search);
@@ -28,6 +30,16 @@ export function makeClient() {
   }
   const token = params.get("token");
   if (token) options.token = token;
+  const tokenUrl = params.get("tokenUrl");
+  if (tokenUrl) {
+    // The app's own endpoint signs a token for the signed-in user (credentials: its cookie).
+    options.getToken = async () => {
+      const response = await fetch(tokenUrl, { credentials: "include", cache: "no-store" });
+      if (response.status === 401 || response.status === 403) return null; // signed out: stop
+      if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
+      return (await response.text()).trim();
+    };
+  }
   return new FanrouteClient(gatewayUrls(), options);
 }
 
@@ -62,5 +74,11 @@ export function bindIndicator(client, element, log = []) {
   client.on("subscribed", (detail) => log.push({ event: "subscribed", ...detail, at: Date.now() }));
   client.on("unrecovered", (detail) => log.push({ event: "unrecovered", ...detail, at: Date.now() }));
   client.on("error", (detail) => log.push({ event: "error", ...detail, at: Date.now() }));
+  client.on("refreshed", (detail) => log.push({ event: "refreshed", ...detail, at: Date.now() }));
   return log;
+}
+
+/** Record a subscription's states in `log` (the tests read them). */
+export function logStates(sub, log) {
+  sub.on("state", ({ state, previous }) => log.push({ event: "sub-state", topic: sub.topic, state, previous, at: Date.now() }));
 }

@@ -419,7 +419,8 @@ def test_page_survives_sigkill_of_its_gateway_and_recovers_every_message(page: A
 
 
 def test_page_is_told_when_history_cannot_cover_the_outage(page: Any) -> None:
-    """Recovery has limits: with a history of 3, missing 10 is shown, not hidden."""
+    """Recovery has limits: with a history of 3, missing 10 is shown, not hidden; the
+    page's ``last: 20`` then brings what the history still holds (13 to 15)."""
     topic = "comments.short"
     with processes() as procs:
         gateways = start_cluster(procs, gateways=2, routers=1, router_args=("--history-size", "3"))
@@ -441,11 +442,12 @@ def test_page_is_told_when_history_cannot_cover_the_outage(page: Any) -> None:
             page.clock.resume()
             wait_demo(page, "d.log.some(e => e.event === 'unrecovered')")
             lost = demo(page, "d.log.find(e => e.event === 'unrecovered')")
-            assert lost["topic"] == topic and lost["seq"] == 15 and lost["previous"]["seq"] == 5
-            assert "6…15 could not be recovered" in page.text_content("#recent li.lost")
+            assert lost["topic"] == topic and lost["seq"] == 12 and lost["previous"]["seq"] == 5
+            assert "6…12 could not be recovered" in page.text_content("#recent li.lost")
+            wait_demo(page, "d.seqs.length === 8")
             assert other.publish(topic, {"text": "after"}) == 16
-            wait_demo(page, "d.seqs.length === 6")
-        assert demo(page, "d.seqs") == [1, 2, 3, 4, 5, 16]
+            wait_demo(page, "d.seqs.length === 9")
+        assert demo(page, "d.seqs") == [1, 2, 3, 4, 5, 13, 14, 15, 16]
         assert demo(page, "d.client.stats.unrecovered") == 1
 
 
