@@ -16,7 +16,11 @@ subscribe shows in the count it is sent at once, not a report later.
 Watchers (subscribers that asked for ``presence: true``) are each sent a count once
 when they start watching and then only when it differs from the last one they were
 sent, never sooner than :attr:`GatewayPresence.interval` after it: a topic that
-churns costs each watcher one event a second at most.
+churns costs each watcher one event a second at most. Counts go out when a total
+arrives from the shard, so watchers follow the shard's pace (one total a second at
+most) and a change reaches them within that second plus a tick or two; holding one
+back here happens only right after its first count, or when two totals arrive
+closer together than they were sent.
 """
 
 from __future__ import annotations
@@ -67,10 +71,16 @@ class GatewayPresence:
     # --- what the hub tells it -------------------------------------------------------
 
     def joined(self, topic: str) -> None:
-        """A local connection became a subscriber of ``topic``."""
+        """A local connection became a subscriber of ``topic``.
+
+        Watchers are not pushed a count for it here: the change reaches them with
+        the shard's next total (which comes within about a second), so that every
+        watcher's counts follow the shard's pace. A push of its own here would spend
+        the watcher's one-a-second budget and hold back the next total by up to
+        another second.
+        """
         self._topic(topic).local += 1
         self._changed.add(topic)
-        self._pending.add(topic)
 
     def left(self, topic: str) -> None:
         entry = self.topics.get(topic)
@@ -78,7 +88,6 @@ class GatewayPresence:
             return
         entry.local -= 1
         self._changed.add(topic)
-        self._pending.add(topic)
 
     def watch(self, topic: str, watcher: Hashable, now: float) -> int | None:
         """Start pushing counts to ``watcher``; returns the first one to send now, if known.

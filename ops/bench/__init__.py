@@ -8,6 +8,8 @@ one without them stops with one sentence saying what to install.
 
 * ``fanout`` — deliveries/s and latency against a reference broadcast server;
 * ``reconnect``, ``heartbeat`` — recovery after a SIGKILL and dead-peer detection;
+* ``conflation``, ``presence`` — a stalled subscriber of a conflated price feed, and
+  presence counts under join/leave churn (``live``);
 * ``python -m fanroute.bench.hostile`` — router memory under a history flood and
   metric series under hostile close codes;
 * ``loadgen`` — the pieces the load generators share; ``reference_server`` — the
@@ -28,6 +30,7 @@ EXTRAS = ("hdrh", "rich", "websockets")
 
 def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None]) -> None:
     from fanroute.bench.fanout import add_fanout_command
+    from fanroute.bench.live import add_live_commands
     from fanroute.bench.profile import add_profile_command
     from fanroute.bench.reconnect import add_reconnect_commands
 
@@ -35,6 +38,7 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None
     add_fanout_command(sub, flag)
     add_reconnect_commands(sub, flag)
     add_profile_command(sub, flag)
+    add_live_commands(sub, flag)
 
 
 def run(args: argparse.Namespace) -> Any:
