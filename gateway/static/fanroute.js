@@ -32,7 +32,17 @@
  *   the subscription, ends it: an `error` event with `final: true`, and its handlers
  *   are removed;
  * - close codes: 4001, 4003 and 1008 stop reconnecting; 1012 comes back within a
- *   second, with jitter; 4029 waits the longest backoff; anything else backs off.
+ *   second, with jitter; 4029 waits the longest backoff; anything else backs off;
+ * - live feeds: `subscribe(topic, handler, { last, presence })` (or
+ *   `newSubscription(topic, options)`, a Subscription with the states "unsubscribed",
+ *   "subscribing" and "subscribed" and their events): `last` starts with the newest
+ *   messages and asks for them again with `since` on every resubscribe; presence
+ *   counts arrive as `presence` events; a message with `skipped` (conflation) is a gap
+ *   the gateway announced, delivered as it is;
+ * - tokens: `getToken()` (sync or async) is asked before every attempt and again a
+ *   third of the token's life before its exp; the new one goes out with `refresh` on
+ *   the open connection. A 4001 whose reason is "token expired" reconnects with a new
+ *   token; any other 4001, or getToken() returning null, stops the client.
  *
  * Every one of those rules is in `ClientCore` below: a sans-I/O state machine (events
  * in, actions out, no socket, no timer, no clock of its own) that is the twin of the
