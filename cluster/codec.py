@@ -113,6 +113,8 @@ def check_json_compatible(value: Any) -> None:
     """
     if type(value) in _SCALARS and type(value) is not int and value == value:
         return  # the common case of a plain string or number: nothing to walk
+    if type(value) is dict and _flat_json_object(value):
+        return  # the next most common: an object of plain strings and numbers
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -133,6 +135,25 @@ def check_json_compatible(value: Any) -> None:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "NaN is not a JSON value")
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{type(item).__name__} values cannot be published")
+
+
+def _flat_json_object(value: dict[Any, Any]) -> bool:
+    """True if ``value`` is an object whose keys are strings and whose values are all
+    plain scalars a JSON subscriber can be sent (exact types only); False means
+    "walk it", not "refuse it"."""
+    for k, v in value.items():
+        if type(k) is not str:
+            return False
+        t = type(v)
+        if t is str or t is bool or v is None:
+            continue
+        if t is int:
+            if -(2**63) <= v < 2**64:
+                continue
+            return False
+        if t is not float or v != v:
+            return False
+    return True
 
 
 def pack_payload(value: Any, limit: int) -> bytes:

@@ -7,6 +7,7 @@ in-process tests both use these, so a test runs exactly what a user runs.
 
 from __future__ import annotations
 
+import gc
 import secrets
 from dataclasses import dataclass, replace
 
@@ -41,9 +42,25 @@ async def _serve_admin(
         raise ConfigError(f"--admin-port {port} on {host} cannot be listened on: {exc.strerror}") from None
 
 
+def tune_gc() -> None:
+    """Fewer, larger collections of the young generation, for a server process.
+
+    A server allocates short-lived dicts, lists and frames by the million and keeps
+    a large, long-lived history. At CPython's default (a young collection every 700
+    allocations, and full ones that walk every history entry) the collector took
+    about a sixth of the batch publish path. What is alive once the process is set
+    up is frozen out of collections, and the young generation is collected every
+    50,000 allocations: a few MB of cyclic garbage at most waits for it (most
+    garbage here is freed by reference counting at once).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
+
+
 async def serve_router(
     config: RouterConfig, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    tune_gc()
     router = RouterServer(config)
     router.listen()
     admin = AdminServer(router.registry, router.ready)
@@ -56,6 +73,7 @@ async def serve_router(
 async def serve_gateway(
     config: GatewayConfig, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    tune_gc()
     gateway = GatewayServer(config)
     admin = AdminServer(gateway.registry, gateway.ready)
     api = PublishApi(gateway)
@@ -83,6 +101,7 @@ async def serve_standalone(
     addresses below are never listened on; they only name the parts, the way a
     cluster's addresses do.
     """
+    tune_gc()
     if shards < 1:
         raise ConfigError("--shards must be at least 1")
     tag = secrets.token_hex(4)

@@ -28,6 +28,8 @@ MAX_LAST = 100
 # (spaces, control characters, quotes) is refused so topics stay safe to log,
 # to put in URLs and to use as namespace keys.
 _TOPIC_EXTRA = frozenset("._:-/@=+,#~")
+# Every character a topic may hold: ASCII letters and digits, and the extras.
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") | _TOPIC_EXTRA
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,7 +98,7 @@ def check_topic(topic: Any, id: int | None = None) -> str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "topic must be a non-empty string", id)
     if len(topic) > MAX_TOPIC_LENGTH:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"topic is longer than {MAX_TOPIC_LENGTH} characters", id)
-    if not topic.isascii() or not all(c.isalnum() or c in _TOPIC_EXTRA for c in topic):
+    if not _TOPIC_CHARS.issuperset(topic):  # one pass in C, not a generator per character
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, "topic may hold only letters, digits and . _ : - / @ = + , # ~", id
         )

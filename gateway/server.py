@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from functools import partial
 import resource
 import secrets
 import time
@@ -330,7 +331,7 @@ class GatewayServer:
                 name,
                 shard,
                 beat_interval=cfg.shard_beat,
-                deliver=self._on_shard_batch,
+                deliver=partial(self._on_shard_batch, checked=False),
                 flush=self.flush,
                 on_state=self._link_state,
             )
@@ -371,10 +372,10 @@ class GatewayServer:
             return
         self._on_shard_batch(env.sender, env.frames)
 
-    def _on_shard_batch(self, shard: str, frames: list[Any]) -> None:
+    def _on_shard_batch(self, shard: str, frames: list[Any], checked: bool = True) -> None:
         """Hand one batch from ``shard`` to the hub (from the nng inbox or a local link)."""
         try:
-            self.hub.on_shard_frames(shard, frames)
+            self.hub.on_shard_frames(shard, frames, checked=checked)
         except Exception:
             log.exception("a message from shard %s could not be handled", shard)
             self.metrics.internal_errors.labels("inbox").inc()

@@ -23,11 +23,14 @@ import secrets
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from fanroute import wire
 from fanroute.config import is_nng_url
 from fanroute.history import Entry, History
+
+_kind = itemgetter(0)  # a frame's kind, for frames that need no check (see ``checked``)
 from fanroute.router.presence import ShardPresence
 
 
@@ -104,13 +107,16 @@ class Shard:
 
     # --- entry point ---------------------------------------------------------------
 
-    def receive(self, sender: str, frames: list[Any], now: float, reply_as: str = "") -> None:
+    def receive(self, sender: str, frames: list[Any], now: float, reply_as: str = "", *, checked: bool = True) -> None:
         """Apply one batch of frames from the gateway whose inbox is ``sender``.
 
         ``now`` is monotonic time. Malformed frames are counted and skipped; the
         sender has been authenticated (``fanroute.wire.ReplayGuard``), but its inbox is
-        still checked before the shard would ever dial it.
+        still checked before the shard would ever dial it. ``checked=False`` is for
+        frames that crossed no wire (a gateway in this process,
+        :mod:`fanroute.gateway.locallink`): the hub built them, nobody else could.
         """
+        check = wire.check_gateway_frame if checked else _kind
         gw = self.gateways.get(sender)
         if gw is None:
             if not is_nng_url(sender):
@@ -123,7 +129,7 @@ class Shard:
         gw.reply_as = reply_as or self.name
         for frame in frames:
             try:
-                kind = wire.check_gateway_frame(frame)
+                kind = check(frame)
             except wire.WireError:
                 self.stats.frames_rejected += 1
                 continue

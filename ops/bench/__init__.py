@@ -7,6 +7,8 @@ imports none of them, so ``fanroute --help`` works without the extras, and runni
 one without them stops with one sentence saying what to install.
 
 * ``fanout`` — deliveries/s and latency against a reference broadcast server;
+* ``http-publish`` — publications/s through the batch HTTP publish API, in
+  standalone and through one nng link and one router;
 * ``reconnect``, ``heartbeat`` — recovery after a SIGKILL and dead-peer detection;
 * ``conflation``, ``presence`` — a stalled subscriber of a conflated price feed, and
   presence counts under join/leave churn (``live``);
@@ -32,12 +34,14 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None
     from fanroute.bench.fanout import add_fanout_command
     from fanroute.bench.live import add_live_commands
     from fanroute.bench.profile import add_profile_command
+    from fanroute.bench.publish import add_publish_command
     from fanroute.bench.reconnect import add_reconnect_commands
 
     sub = parser.add_subparsers(dest="bench", required=True)
     add_fanout_command(sub, flag)
     add_reconnect_commands(sub, flag)
     add_profile_command(sub, flag)
+    add_publish_command(sub, flag)
     add_live_commands(sub, flag)
 
 
