@@ -11,7 +11,11 @@ send waits; nothing is dropped on the way. The link's life:
   than delivered after the new HELLO.
 
 nng calls pipe callbacks on its own threads; they only schedule work on the trio
-thread through the trio token.
+thread through the trio token. Messages are sent by a thread of the link's own
+(:class:`fanroute.nngio.Sender`), so nng's flow control never blocks the event loop:
+each turn the link packs everything the hub queued into as few messages as hold it,
+and while its messages in flight are at the bound it takes nothing more, so the
+hub's backlog grows and the admission rules hold publishers back.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import pynng
 import trio
 
 from fanroute import wire
-from fanroute.nngio import send
+from fanroute.nngio import Sender, pack_all
 from fanroute.gateway.hub import Hub
 
 log = logging.getLogger("fanroute.gateway.link")
 
-_FRAMES_PER_MESSAGE = 256
+_IN_FLIGHT = 4  # messages handed to the sending thread and not yet taken by nng
 
 
 class ShardLink:
@@ -56,6 +60,7 @@ class ShardLink:
         self.room = trio.Event()  # set when the hub's backlog for this shard drained
         self._broken = trio.Event()
         self._sock: pynng.Push0 | None = None
+        self._out: Sender | None = None
         self._generation = 0
         self._was_up = False
 
@@ -87,6 +92,7 @@ class ShardLink:
                     lambda _pipe, g=gen: token.run_sync_soon(self._pipe_event, g, False)
                 )
                 self._sock = sock
+                self._out = Sender(sock, f"shard-{self.name}", limit=_IN_FLIGHT)
                 self._broken = trio.Event()
                 sock.dial(self.url, block=False)
                 try:
@@ -94,6 +100,8 @@ class ShardLink:
                 finally:
                     self._sock = None
                     self.connected = False
+                    self._out.close()
+                    self._out = None
                     sock.close()
                 self.hub.link_down(self.name)
                 if self._was_up:
@@ -129,17 +137,20 @@ class ShardLink:
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
+            out = self._out
+            if out is None or not self.connected:
+                continue
+            if out.pending >= out.limit:
+                await out.room()  # nng is behind: frames wait in the hub meanwhile
+                if out is not self._out or out.closed:
+                    continue
             frames = hub.to_shards[name]
-            sock = self._sock
-            if not frames or sock is None or not self.connected:
+            if not frames:
                 continue
             hub.to_shards[name] = []
             hub.handed_off(name)
-            try:
-                for i in range(0, len(frames), _FRAMES_PER_MESSAGE):
-                    await send(sock, self.sealer.pack(hub.inbox, frames[i : i + _FRAMES_PER_MESSAGE], name))
-            except pynng.Closed:
-                continue
+            for data in pack_all(lambda chunk: self.sealer.pack(hub.inbox, chunk, name), frames):
+                out.send(data)
             self.room.set()
             self.room = trio.Event()
             if hub.to_shards[name]:

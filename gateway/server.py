@@ -66,6 +66,7 @@ from fanroute.gateway.admission import (
 )
 from fanroute.gateway.hub import Hub, Session
 from fanroute.gateway.links import ShardLink
+from fanroute.nngio import Receiver
 from fanroute.gateway.locallink import LocalShardLink
 from fanroute.router.shard import Shard
 from fanroute.gateway.outbox import SocketOutbox
@@ -346,20 +347,14 @@ class GatewayServer:
         )
 
     async def _receive_from_shards(self) -> None:
-        sock = self._inbox_sock
+        # A thread of its own receives (fanroute.nngio.Receiver); each turn takes
+        # every message that has arrived before flushing, so a burst becomes one
+        # write per socket instead of one per delivery.
+        receiver = Receiver(self._inbox_sock, "inbox")
         while True:
-            self._on_inbox(await sock.arecv())
-            # Take whatever else is already queued before flushing, so a burst
-            # becomes one write per socket instead of one per delivery.
-            for _ in range(63):
-                try:
-                    data = sock.recv(block=False)
-                except pynng.TryAgain:
-                    break
+            for data in await receiver.batch():
                 self._on_inbox(data)
             self.flush()
-            # arecv returns a queued message without checkpointing.
-            await trio.lowlevel.checkpoint()
 
     def _on_inbox(self, data: bytes) -> None:
         try:

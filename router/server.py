@@ -1,8 +1,9 @@
 """The router shard process: an nng inbox in, one nng link out per gateway.
 
 The I/O shell around :class:`router.shard.Shard`. The inbox is a Pull0 listener that
-every gateway pushes to. Each receive turn takes every message already queued (up to
-a bound), applies them all, then sends each gateway one batched message. Each
+every gateway pushes to, received by a thread of its own
+(:class:`fanroute.nngio.Receiver`). Each turn takes every message that has arrived,
+applies them all, then sends each gateway one batched message. Each
 gateway has its own Push0 link with a bounded queue and its own sender task, so a
 slow or dead gateway never holds up the others: when its queue overflows the shard
 forgets it, and the gateway, finding itself unknown at its next heartbeat, introduces
@@ -17,6 +18,7 @@ survives any single message: a failure is counted and the loop goes on.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pynng
 import trio
@@ -25,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from fanroute import logs, wire
 from fanroute.config import ConfigError, RouterConfig
 from fanroute.metrics import RouterMetrics
-from fanroute.nngio import send
+from fanroute.nngio import Receiver, Sender, pack_all
 from fanroute.permissions import load_policy
 from fanroute.router.shard import Shard
 
@@ -36,7 +38,28 @@ _SWEEP_INTERVAL = 1.0
 _PRESENCE_TICK = 0.1
 
 
+class _LinkQueue:
+    """A link's bounded queue, as the shard's code uses it: ``send_nowait`` raises
+    :class:`trio.WouldBlock` when ``_QUEUE_MESSAGES`` messages already wait."""
+
+    def __init__(self, sender: Sender) -> None:
+        self._sender = sender
+
+    def send_nowait(self, data: bytes) -> None:
+        sender = self._sender
+        if sender.pending >= _QUEUE_MESSAGES or sender.closed:
+            raise trio.WouldBlock
+        sender.send(data)
+
+    def statistics(self) -> SimpleNamespace:
+        """What is waiting, as ``current_buffer_used`` (a memory channel's name for it)."""
+        return SimpleNamespace(current_buffer_used=self._sender.pending, max_buffer_size=_QUEUE_MESSAGES)
+
+
 class GatewayLink:
+    """One Push0 link out, sent from a thread of its own (:class:`fanroute.nngio.Sender`):
+    a slow peer blocks that thread, never the receive loop or the other links."""
+
     def __init__(self, inbox: str) -> None:
         self.inbox = inbox
         self.sock = pynng.Push0(send_buffer_size=64, reconnect_time_min=50, reconnect_time_max=1000)
@@ -45,16 +68,14 @@ class GatewayLink:
         except BaseException:
             self.sock.close()
             raise
-        self.send_q, self._recv_q = trio.open_memory_channel[bytes](_QUEUE_MESSAGES)
-        self.cancel = trio.CancelScope()
+        self.sender = Sender(self.sock, inbox[-40:], limit=_QUEUE_MESSAGES)
+        self.send_q = _LinkQueue(self.sender)
 
     async def run(self) -> None:
-        with self.cancel:
-            async for data in self._recv_q:
-                await send(self.sock, data)
+        """Nothing to run: the sending thread does the work (kept for callers)."""
 
     def close(self) -> None:
-        self.cancel.cancel()
+        self.sender.close()
         self.sock.close()
 
 
@@ -112,16 +133,12 @@ class RouterServer:
                 nursery.start_soon(self._presence)
                 log.info("shard %s (epoch %s) listening on %s", self.shard.name, self.shard.epoch, self.config.listen)
                 task_status.started(self)
+                # Every message that has arrived, then one batch out per gateway.
+                receiver = Receiver(sock, f"router-{self.shard.name}")
                 while True:
-                    self._on_message(await sock.arecv())
-                    for _ in range(63):
-                        try:
-                            data = sock.recv(block=False)
-                        except pynng.TryAgain:
-                            break
+                    for data in await receiver.batch():
                         self._on_message(data)
                     self._flush()
-                    await trio.lowlevel.checkpoint()
         finally:
             for link in self.links.values():
                 link.close()
@@ -184,12 +201,11 @@ class RouterServer:
                 logs.event(
                     log, logging.INFO, "gateway_joined", f"gateway {inbox} joined", shard=shard.name, gateway=inbox
                 )
-            step = 256
-            for i in range(0, len(frames), step):
-                chunk = frames[i : i + step]
-                batch_size.observe(len(chunk))
+            messages = pack_all(lambda chunk: self.sealer.pack(gw.reply_as, chunk), frames)
+            for data in messages:
+                batch_size.observe(len(frames) // len(messages))
                 try:
-                    link.send_q.send_nowait(self.sealer.pack(gw.reply_as, chunk))
+                    link.send_q.send_nowait(data)
                 except trio.WouldBlock:
                     logs.event(
                         log, logging.WARNING, "gateway_forgotten", f"gateway {inbox} is not keeping up; forgetting it",
