@@ -462,8 +462,9 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
 
     lo = max(1, load.copies, 1 + spare)
     need_mean = _smallest(lambda r: total / (r - spare) <= budget, lo)
-    need_busiest = _smallest(lambda r: busiest_topics(load.topics, r - spare) <= allowed, lo)
-    need_cpu = min(need_busiest, max(need_mean, UNEVEN_LIMIT * need_mean))
+    need_cpu = _smallest(
+        lambda r: r >= need_mean and (busiest_topics(load.topics, r - spare) <= allowed or r >= UNEVEN_LIMIT * need_mean), lo
+    )
     need = {"cpu": need_cpu, "copies": load.copies}
     r = max(need.values())
     if need["cpu"] > lo:
@@ -535,10 +536,10 @@ UNEVEN_LIMIT = 3  # at most this many times the routers the mean load needs, for
 
 def busiest_topics(items: int, bins: int) -> int:
     """Topics the busiest of ``bins`` routers holds when ``items`` topics hash onto
-    them at random: the smallest k with bins × P(Binomial(items, 1/bins) ≥ k) ≤ ½
-    (a union bound on the median of the maximum, a little above it when topics are
-    few), exact below a mean of 1000 topics per router and from the normal
-    approximation above; at least 1, at most ``items``."""
+    them at random: the smallest k with bins × P(Binomial(items, 1/bins) > k) ≤ ½
+    (by the union bound, the maximum is at most k at least half the time), exact
+    below a mean of 1000 topics per router and from the normal approximation above;
+    at least 1, at most ``items``."""
     if bins <= 1 or items <= 1:
         return max(1, items)
     mean = items / bins
@@ -559,7 +560,7 @@ def busiest_topics(items: int, bins: int) -> int:
         return total
 
     k = max(1, math.floor(mean))
-    while k < items and bins * tail(k) > 0.5:
+    while k < items and bins * tail(k + 1) > 0.5:
         k += 1
     return k
 

@@ -82,6 +82,7 @@ CELLS: tuple[tuple[int, int, str], ...] = (
     (1000, 64, "loaded"),
 )
 LOADED = 0.75
+ROUTER_CELLS_UP_TO = 2  # fan-outs whose cells give the routers' constants (see fit_cells)
 HISTORY_PAYLOAD = 1024
 _STOP_TIMEOUT = 5.0
 
@@ -357,6 +358,12 @@ def least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[
 def fit_cells(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The CPU constants from the saturation phases of the cluster cells.
 
+    The routers' constants come from the cells that load them, fan-out 1 and 2
+    (publications at the highest rates, the owning router at half a core or more): in
+    the wide cells the gateways run out first and the router idles at a few percent,
+    where each publication also carries the receive loop's wake-ups that a busy
+    router shares over a batch; a plan keeps routers busy, near its CPU target.
+
     In each cell the publisher is on gateway-0 and subscriber i on gateway (i+1) mod 2:
     gateway-0 takes every publication in, and sends it out (and delivers F//2) when
     F > 1; gateway-1 sends every publication out and delivers the other ceil(F/2).
@@ -374,9 +381,10 @@ def fit_cells(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
             rows.append([pub_in, pub_out, deliveries, deliveries * kib])
             ys.append(by[name] * 1e6)
             residual_of.append((c["subscribers"], c["payload"], name))
-        interested = 2 if f > 1 else 1
-        router_rows.append([p, p * (interested - 1)])
-        router_ys.append(sum(v for k, v in by.items() if k.startswith("router")) * 1e6)
+        if f <= ROUTER_CELLS_UP_TO:
+            interested = 2 if f > 1 else 1
+            router_rows.append([p, p * (interested - 1)])
+            router_ys.append(sum(v for k, v in by.items() if k.startswith("router")) * 1e6)
     a_in, a_out, a_del, a_kib = least_squares(rows, ys)
     r_pub, r_gw = least_squares(router_rows, router_ys)
     fitted = [sum(x * k for x, k in zip(r, (a_in, a_out, a_del, a_kib))) for r in rows]
