@@ -131,5 +131,9 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    # ``debug`` is fanroute's own: the libraries under it (pynng logs every pipe
+    # event at debug) stay at info.
+    wanted = logging.getLevelName(level.upper())
+    root.setLevel(max(wanted, logging.INFO))
+    logging.getLogger("fanroute").setLevel(wanted)
     return chosen

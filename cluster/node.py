@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from fanroute.admin import AdminServer
 from fanroute.config import ConfigError, GatewayConfig, RouterConfig
-from fanroute.gateway.api import PublishApi
+from fanroute.gateway.api import PublishApi, install_server_api
 from fanroute.gateway.server import GatewayServer
 from fanroute.router.server import RouterServer
 
@@ -88,6 +88,7 @@ async def serve_gateway(
     api = PublishApi(gateway)
     admin.route("POST", "/api/publish", api.handle)
     admin.route("GET", "/api/presence", api.presence)
+    install_server_api(admin, gateway)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run)
         admin_port = await _serve_admin(nursery, admin, config.admin_host, config.admin_port)
@@ -137,6 +138,7 @@ async def serve_standalone(
     api = PublishApi(gateway)
     admin.route("POST", "/api/publish", api.handle)
     admin.route("GET", "/api/presence", api.presence)
+    install_server_api(admin, gateway)
     async with trio.open_nursery() as nursery:
         for router in routers:
             await nursery.start(router.run_in_process)

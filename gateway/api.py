@@ -1,4 +1,8 @@
-"""The HTTP publish API for back-end feeds: ``POST /api/publish`` on the admin port.
+"""The server API on the admin port: ``POST /api/publish`` for back-end feeds, and
+``POST /api/disconnect``, ``POST /api/unsubscribe`` and ``GET /api/info`` for operators.
+Every call needs the API key (``X-API-Key``, or ``Authorization: Bearer``; one
+wrong-key budget per client address for all of them) and is counted in
+``fanroute_gateway_api_calls_total{endpoint, outcome}``, both from fixed sets.
 
 A market-data handler or a moderation tool publishes without holding a WebSocket:
 
@@ -28,23 +32,42 @@ An item the shard did not answer in time fails with ``outcome_unknown`` (HTTP 50
 the publication may have been sequenced and delivered even though no answer came.
 An item may carry an ``idem`` key (1 to 64 characters), as a WebSocket publish may,
 so that retrying it after such an answer does not publish it twice.
+
+Disconnect, unsubscribe and info act on the whole cluster through the shard links
+(:mod:`fanroute.gateway.control`):
+
+    POST /api/disconnect   {"user": "alice"}                  → 200 {"disconnected": 2}
+    POST /api/disconnect   {"user": "alice", "reconnect": true}
+    POST /api/unsubscribe  {"user": "alice", "topic": "chat.room1"}  → 200 {"unsubscribed": 1}
+    GET  /api/info         → 200 {"gateways": [...], "routers": [...]}
+
+The counts in the answers are this gateway's: the command is carried out here at
+once and reaches the others through every shard that is up, each carrying it out
+within a link's delay (well inside 2 seconds), unanswered. With no shard up it could
+reach no other gateway: the answer is then 503 ``unavailable`` (what it did here
+stands; calling again is harmless).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import Any
+from weakref import WeakKeyDictionary
 from urllib.parse import parse_qs
 
 import orjson
 import trio
 
+from fanroute import logs
 from fanroute import protocol as p
 from fanroute.codes import ErrorCode
 from fanroute.admin import Request, Response
 from fanroute.attempts import AttemptThrottle
 from fanroute.codec import Encoding, ws_payload
+from fanroute.errors import ProtocolError
+from fanroute.gateway import control
 from fanroute.gateway.admission import Answer, no_room
 from fanroute.gateway.hub import Session
 
@@ -54,6 +77,9 @@ _TIMEOUT = 10.0  # the request's deadline: room in the shards' backlogs, then th
 KEY_ATTEMPT_BURST = 10
 KEY_ATTEMPT_RATE = 1.0
 KEY_ATTEMPT_ADDRESSES = 10_000  # addresses remembered at most; the least recent goes
+INFO_TIMEOUT = 2.0  # seconds GET /api/info waits for the shards' answers
+log = logging.getLogger("fanroute.gateway.api")
+_THROTTLES: WeakKeyDictionary[Any, AttemptThrottle] = WeakKeyDictionary()
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.UNAUTHORIZED: 401,
@@ -114,17 +140,76 @@ def _presented_key(request: Request) -> str | None:
     return key
 
 
+def key_throttle(gateway: Any) -> AttemptThrottle:
+    """The gateway's wrong-key budget per client address, one for all its endpoints.
+
+    Kept per gateway (not per endpoint), so that trying keys on two endpoints does
+    not double the guessing rate.
+    """
+    throttle = _THROTTLES.get(gateway)
+    if throttle is None:
+        throttle = _THROTTLES[gateway] = AttemptThrottle(KEY_ATTEMPT_BURST, KEY_ATTEMPT_RATE, KEY_ATTEMPT_ADDRESSES)
+    return throttle
+
+
+def install_server_api(app: Any, gateway: Any) -> None:
+    """``POST /api/disconnect``, ``POST /api/unsubscribe`` and ``GET /api/info`` on ``app``, the gateway's admin port."""
+    server = ServerApi(gateway)
+    app.route("POST", "/api/disconnect", server.disconnect)
+    app.route("POST", "/api/unsubscribe", server.unsubscribe)
+    app.route("GET", "/api/info", server.info)
+
+
+# What an answer's HTTP status says, as the `outcome` label: a fixed set.
+OUTCOMES = {
+    200: "ok", 400: "bad_request", 401: "unauthorized", 403: "forbidden", 413: "too_large",
+    429: "rate_limited", 503: "unavailable", 504: "outcome_unknown",
+}
+
+
+def count_call(gateway: Any, endpoint: str, status: int) -> None:
+    """One call in ``fanroute_gateway_api_calls_total{endpoint, outcome}`` (and the older ``api_requests{status}``)."""
+    metrics = gateway.metrics
+    metrics.api_calls.labels(endpoint, OUTCOMES.get(status, "error")).inc()
+    metrics.api_requests.labels(str(status)).inc()
+
+
+def authenticate(gw: Any, attempts: AttemptThrottle, request: Request) -> Response | None:
+    """``None`` if the request carries the API key, else the answer refusing it (401, or 429 when throttled)."""
+    key = _presented_key(request)
+    now = trio.current_time()
+    if key is not None:
+        wait = attempts.retry_after(request.client, now)
+        if wait is not None:
+            gw.metrics.limit_hits.labels("api_key_attempts").inc()
+            message = "too many wrong API keys from this address; try again after Retry-After seconds"
+            response = _error(429, ErrorCode.RATE_LIMITED, message)
+            response.headers.append(("retry-after", str(max(1, math.ceil(wait)))))
+            return response
+    # Header values reach us decoded as latin-1, and a key is ASCII: anything
+    # else is wrong without comparing (the comparison accepts only ASCII text).
+    if key is not None and key.isascii() and gw.auth.check_api_key(key):
+        return None
+    gw.metrics.auth_failures.labels("api_key").inc()
+    if key is not None:
+        attempts.failed(request.client, now)
+        # Wrong keys are few per address (the budget above); requests with no key at
+        # all are not limited, so they are logged only at debug.
+        logs.event(log, logging.INFO, "auth_failed", "API request with a wrong key", reason="api_key")
+    else:
+        logs.event(log, logging.DEBUG, "auth_failed", "API request without a key", reason="api_key")
+    return _error(401, ErrorCode.UNAUTHORIZED, "a valid X-API-Key header is required")
+
+
 class PublishApi:
     def __init__(self, gateway: Any, attempts: AttemptThrottle | None = None) -> None:
         self.gateway = gateway
         self._ids = itertools.count(1)
-        if attempts is None:
-            attempts = AttemptThrottle(KEY_ATTEMPT_BURST, KEY_ATTEMPT_RATE, KEY_ATTEMPT_ADDRESSES)
-        self.attempts = attempts
+        self.attempts = key_throttle(gateway) if attempts is None else attempts
 
     async def handle(self, request: Request) -> Response:
         response = await self._handle(request)
-        self.gateway.metrics.api_requests.labels(str(response.status)).inc()
+        count_call(self.gateway, "publish", response.status)
         return response
 
     async def _handle(self, request: Request) -> Response:
@@ -150,26 +235,7 @@ class PublishApi:
         return _json(200, result)
 
     def _authenticate(self, request: Request) -> Response | None:
-        """``None`` if the request carries the API key, else the answer refusing it."""
-        gw = self.gateway
-        key = _presented_key(request)
-        now = trio.current_time()
-        if key is not None:
-            wait = self.attempts.retry_after(request.client, now)
-            if wait is not None:
-                gw.metrics.limit_hits.labels("api_key_attempts").inc()
-                message = "too many wrong API keys from this address; try again after Retry-After seconds"
-                response = _error(429, ErrorCode.RATE_LIMITED, message)
-                response.headers.append(("retry-after", str(max(1, math.ceil(wait)))))
-                return response
-        # Header values reach us decoded as latin-1, and a key is ASCII: anything
-        # else is wrong without comparing (the comparison accepts only ASCII text).
-        if key is not None and key.isascii() and gw.auth.check_api_key(key):
-            return None
-        gw.metrics.auth_failures.labels("api_key").inc()
-        if key is not None:
-            self.attempts.failed(request.client, now)
-        return _error(401, ErrorCode.UNAUTHORIZED, "a valid X-API-Key header is required")
+        return authenticate(self.gateway, self.attempts, request)
 
     async def _publish_all(self, items: list[Any]) -> list[dict[str, Any]]:
         """Every item judged and queued in one pass, then every answer awaited at once.
@@ -230,7 +296,7 @@ class PublishApi:
         invalid topic, ``503`` when the topic's shard cannot be reached.
         """
         response = await self._presence(request)
-        self.gateway.metrics.api_requests.labels(str(response.status)).inc()
+        count_call(self.gateway, "presence", response.status)
         return response
 
     async def _presence(self, request: Request) -> Response:
@@ -284,3 +350,78 @@ async def query_presence(gateway: Any, topic: str, id: int = 1, timeout: float =
     session.closed = True
     return replies.events.get(id, {"type": "error", "code": ErrorCode.UNAVAILABLE, "message": "no answer from the shard in time"})
 
+
+class ServerApi:
+    """``POST /api/disconnect``, ``POST /api/unsubscribe`` and ``GET /api/info`` (see the module docstring).
+
+    The rules are :mod:`fanroute.gateway.control`'s; the gateway carries a command
+    out on its own connections (:meth:`GatewayServer.carry_out`) and its links take
+    the frames to the shards.
+    """
+
+    def __init__(self, gateway: Any, attempts: AttemptThrottle | None = None) -> None:
+        self.gateway = gateway
+        self.attempts = key_throttle(gateway) if attempts is None else attempts
+
+    async def disconnect(self, request: Request) -> Response:
+        return await self._authenticated(control.DISCONNECT, request, self._command)
+
+    async def unsubscribe(self, request: Request) -> Response:
+        return await self._authenticated(control.UNSUBSCRIBE, request, self._command)
+
+    async def info(self, request: Request) -> Response:
+        return await self._authenticated("info", request, self._info)
+
+    async def _authenticated(self, endpoint: str, request: Request, serve: Any) -> Response:
+        response = authenticate(self.gateway, self.attempts, request)
+        if response is None:
+            response = await serve(endpoint, request)
+        count_call(self.gateway, endpoint, response.status)
+        return response
+
+    async def _command(self, kind: str, request: Request) -> Response:
+        gw = self.gateway
+        if (refused := gw.admission.api_body(len(request.body))) is not None:
+            return _error(_STATUS[refused.code], refused.code, refused.reason)
+        try:
+            call = control.parse_request(kind, orjson.loads(request.body))
+        except orjson.JSONDecodeError as exc:
+            return _error(400, ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}")
+        except ProtocolError as exc:
+            return _error(400, exc.code, exc.message)
+        hub = gw.hub
+        if hub is None:
+            return _error(503, ErrorCode.UNAVAILABLE, "the gateway is starting")
+        cmd = gw.control.command(call)
+        up = [name for name, is_up in hub.shard_up.items() if is_up]
+        frame = cmd.frame()
+        for name in up:
+            hub.to_shards[name].append(frame)
+        done = gw.carry_out(cmd)
+        gw.flush()
+        if not up:
+            message = f"no shard is reachable: carried out on this gateway only ({done} here)"
+            return _error(503, ErrorCode.UNAVAILABLE, message)
+        return _json(200, {"disconnected" if kind == control.DISCONNECT else "unsubscribed": done})
+
+    async def _info(self, _: str, request: Request) -> Response:
+        gw = self.gateway
+        hub = gw.hub
+        if hub is None:
+            return _error(503, ErrorCode.UNAVAILABLE, "the gateway is starting")
+        up = [name for name, is_up in hub.shard_up.items() if is_up]
+        asked, frame = gw.control.ask_info(up)
+        answered = trio.Event()
+        asked.on_done = answered.set
+        for name in up:
+            hub.to_shards[name].append(frame)
+        gw.flush()
+        try:
+            with trio.move_on_after(INFO_TIMEOUT):
+                if not asked.done:
+                    await answered.wait()
+        finally:
+            gw.control.end_info(asked)
+        own = control.own_counts(gw.conns, len(hub.topics))
+        body = control.merge_info(gw.instance, hub.inbox, own, hub.ring.shards, asked.answers)
+        return _json(200, body)

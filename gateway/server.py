@@ -38,6 +38,7 @@ import pynng
 import trio
 from prometheus_client import CollectorRegistry
 
+from fanroute import logs
 from fanroute import protocol as p
 from fanroute.codes import CloseCode, ErrorCode, close_code_label
 from fanroute.admin import HttpApp
@@ -64,6 +65,7 @@ from fanroute.gateway.admission import (
     Decision,
     Refuse,
 )
+from fanroute.gateway.control import DISCONNECT, Command, Control, own_counts
 from fanroute.gateway.hub import Hub, Session
 from fanroute.gateway.links import ShardLink
 from fanroute.nngio import Receiver
@@ -141,6 +143,8 @@ class GatewayServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.instance = secrets.token_hex(6)
+        # The server API's side here: connections by user, relayed commands (gateway.control).
+        self.control = Control(self.instance)
         self.conns: dict[Session, Conn] = {}
         self.client_sockets = 0  # TCP connections open on the client port, of any kind
         self.port: int | None = None
@@ -237,6 +241,7 @@ class GatewayServer:
             conflate_threshold=cfg.conflate_threshold,
         )
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
+        hub.on_control = self._on_control
         for name, url in cfg.routers:
             self.metrics.shard_link_up.labels(name).set(0)
             self.links[name] = self._link(hub, name, url)
@@ -247,6 +252,7 @@ class GatewayServer:
                 if self._inbox_sock is not None:
                     nursery.start_soon(self._receive_from_shards)
                 nursery.start_soon(self._sweep)
+                nursery.start_soon(self._report)
                 nursery.start_soon(self._presence_ticks)
                 try:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
@@ -293,6 +299,64 @@ class GatewayServer:
     def _link_state(self, shard: str, up: bool) -> None:
         self.metrics.shard_link_up.labels(shard).set(1 if up else 0)
         self.metrics.shard_link_changes.labels(shard, "up" if up else "down").inc()
+        if up:
+            logs.event(log, logging.INFO, "shard_link_up", f"shard {shard} is up", shard=shard)
+        else:
+            logs.event(log, logging.WARNING, "shard_link_down", f"shard {shard} is down", shard=shard)
+
+    # --- the server API (gateway.control; the HTTP side is gateway.api) ---------------
+
+    def carry_out(self, cmd: Command) -> int:
+        """A server API command on this gateway's connections; how many it acted on.
+
+        ``disconnect`` closes each of the user's connections (4003, or 1012 to
+        reconnect); ``unsubscribe`` ends the user's subscriptions to the topic with
+        an unsolicited ``unsubscribed``, after which no message of it is sent.
+        """
+        targets = self.control.targets(cmd)
+        self.metrics.api_commands.labels(cmd.kind).inc()
+        if cmd.kind == DISCONNECT:
+            close = self.admission.disconnect(cmd.reconnect)
+            for session in targets:
+                conn = self.conns.get(session)
+                if conn is not None:
+                    conn.kill(close)
+                logs.event(
+                    log, logging.INFO, "api_disconnect", "connection closed by the server API",
+                    connection=session.id, user=cmd.user, code=int(close.code), reason=close.reason,
+                )
+        else:
+            for session in targets:
+                self.hub.revoke(session, cmd.topic)
+                logs.event(
+                    log, logging.INFO, "api_unsubscribe", "subscription ended by the server API",
+                    connection=session.id, user=cmd.user, topic=cmd.topic,
+                )
+            self.flush()
+        self.metrics.api_command_targets.labels(cmd.kind).inc(len(targets))
+        return len(targets)
+
+    def _on_control(self, shard: str, frame: list[Any]) -> None:
+        """A server API frame from a shard (see :attr:`Hub.on_control`)."""
+        if frame[0] == wire.RELAY:
+            cmd = self.control.relayed(frame)
+            if cmd is not None:
+                self.carry_out(cmd)
+        else:
+            request = self.control.info_answer(shard, frame)
+            if request is not None and request.done:
+                request.on_done()
+
+    async def _report(self) -> None:
+        """Tell every shard this gateway's counts, once a heartbeat, for ``GET /api/info``."""
+        while True:
+            await trio.sleep(self.config.shard_beat)
+            hub = self.hub
+            frame = self.control.report_frame(own_counts(self.conns, len(hub.topics)))
+            for name, up in hub.shard_up.items():
+                if up:
+                    hub.to_shards[name].append(frame)
+            self.flush()
 
     def ready(self) -> tuple[bool, str]:
         if self.hub is None:
@@ -515,11 +579,17 @@ class GatewayServer:
         self.conns[session] = conn
         self.metrics.connections.inc()
         self.metrics.connections_opened.inc()
+        logs.event(
+            log, logging.DEBUG, "connection_opened", "connection opened",
+            connection=session.id, user=self.control.users.user_of(session),
+        )
         try:
             with conn.cancel:
                 await self._read_loop(conn, first)
         finally:
             self.hub.close_session(session)
+            user = self.control.users.user_of(session)
+            self.control.users.remove(session)
             del self.conns[session]
             self.flush()
             code = conn.close_code
@@ -543,6 +613,10 @@ class GatewayServer:
             self.metrics.connections.dec()
             self.metrics.connections_closed.labels(conn.why, close_code_label(code)).inc()
             self.metrics.connection_lifetime.observe(trio.current_time() - conn.opened)
+            logs.event(
+                log, logging.DEBUG, "connection_closed", "connection closed",
+                connection=session.id, user=user, code=code, reason=conn.why,
+            )
 
     @staticmethod
     async def _linger(stream: trio.SocketStream, ws: wsconn.WsConn, outbox: SocketOutbox) -> None:
@@ -578,8 +652,19 @@ class GatewayServer:
     def _authenticated(self, conn: Conn, decision: Authenticated | Close, id: int | None) -> bool:
         """A token was judged (:meth:`Admission.authenticate`): end what it revoked, or refuse."""
         if type(decision) is not Authenticated:
+            if decision.code == CloseCode.UNAUTHORIZED:
+                why = decision.answer.reason if decision.answer is not None else decision.reason
+                logs.event(log, logging.INFO, "auth_failed", "token refused", connection=conn.session.id, code=int(decision.code), reason=why)
             self._refuse(conn, decision, id)
             return False
+        subject, users = decision.identity.subject, self.control.users
+        if subject is not None and users.user_of(conn.session) is None:
+            # The connection's first identity (a subject never changes afterwards).
+            refused = self.admission.user_connection(decision.identity, users.count(subject))
+            if refused is not None:
+                self._refuse(conn, refused, id)
+                return False
+            users.add(subject, conn.session)
         for topic in decision.revoked:
             self.count((decision.count_each,))
             self.hub.revoke(conn.session, topic)

@@ -18,6 +18,7 @@ def logger():
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+    logging.getLogger("fanroute").setLevel(logging.NOTSET)
 
 
 def lines(stream: io.StringIO) -> list[str]:
@@ -88,3 +89,12 @@ def test_setup_replaces_its_handler_instead_of_doubling_lines(logger):
     logs.setup("info", "json", out)
     logger.info("once")
     assert len(lines(out)) == 1
+
+
+def test_debug_is_fanroutes_own_and_libraries_stay_at_info(logger):
+    out = io.StringIO()
+    logs.setup("debug", "json", out)
+    logging.getLogger("pynng.nng").debug("Pipe callback event 1")
+    logging.getLogger("pynng.nng").info("shown")
+    logger.debug("mine")
+    assert [orjson.loads(line)["message"] for line in lines(out)] == ["shown", "mine"]
