@@ -62,6 +62,7 @@ class GatewayConfig:
     max_connections: int = _gateway("max-connections")
     max_connections_per_user: int = _gateway("max-connections-per-user")  # per gateway; 0: no limit
     connection_rate: float = _gateway("connection-rate")  # new connections per second (burst: the same)
+    backlog: int = _gateway("backlog")  # a reconnect storm waits here, in the kernel, not in timeouts
     command_rate: float = _gateway("command-rate")  # per connection, all commands
     publish_rate: float = _gateway("publish-rate")  # per connection
     abuse_limit: int = 100  # tuning: rate-limited commands within 10 s before closing with 4029
@@ -94,7 +95,7 @@ class GatewayConfig:
             raise ConfigError("--conflate-threshold must be at least 0 and below --outbox-limit")
         if self.anonymous not in ("allow", "deny", "auto"):
             raise ConfigError("--anonymous must be allow, deny or auto")
-        for flag, value in (("--max-subscriptions", self.max_subscriptions), ("--max-connections", self.max_connections)):
+        for flag, value in (("--max-subscriptions", self.max_subscriptions), ("--max-connections", self.max_connections), ("--backlog", self.backlog)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1")
         if self.max_connections_per_user < 0:

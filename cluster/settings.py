@@ -312,6 +312,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "connection-rate", NUMBER, 5000.0, "new connections per second (beyond: close 1013); 0 for no limit", GATEWAYS
     ),
+    Setting(
+        "backlog", INT, 4096,
+        "listen backlog of the client port: connections the kernel queues before accept (capped by net.core.somaxconn)",
+        GATEWAYS,
+    ),
     Setting("command-rate", NUMBER, 0.0, "commands per second per connection; 0 for no limit", GATEWAYS),
     Setting("publish-rate", NUMBER, 0.0, "publishes per second per connection; 0 for no limit", GATEWAYS),
     # -- standalone only

@@ -255,7 +255,7 @@ class GatewayServer:
                 nursery.start_soon(self._report)
                 nursery.start_soon(self._presence_ticks)
                 try:
-                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host, backlog=cfg.backlog)
                 except OSError as exc:
                     raise ConfigError(f"--port {cfg.port} on {cfg.host} cannot be listened on: {exc.strerror}") from None
                 self._nursery = nursery

@@ -6,7 +6,10 @@ server), which gateways and routers never import. Registering the subcommands
 imports none of them, so ``fanroute --help`` works without the extras, and running
 one without them stops with one sentence saying what to install.
 
-* ``fanout`` — deliveries/s and latency against a reference broadcast server;
+* ``fanout`` — deliveries/s and latency against a reference broadcast server and
+  the Node seed;
+* ``memory``, ``accept`` — RSS per connection, and new connections/s in a
+  reconnect storm, against the same two (``connections``);
 * ``http-publish`` — publications/s through the batch HTTP publish API, in
   standalone and through one nng link and one router;
 * ``reconnect``, ``heartbeat`` — recovery after a SIGKILL and dead-peer detection;
@@ -31,6 +34,7 @@ EXTRAS = ("hdrh", "rich", "websockets")
 
 
 def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None]) -> None:
+    from fanroute.bench.connections import add_connection_commands
     from fanroute.bench.fanout import add_fanout_command
     from fanroute.bench.live import add_live_commands
     from fanroute.bench.profile import add_profile_command
@@ -39,6 +43,7 @@ def add_bench_commands(parser: argparse.ArgumentParser, flag: Callable[..., None
 
     sub = parser.add_subparsers(dest="bench", required=True)
     add_fanout_command(sub, flag)
+    add_connection_commands(sub, flag)
     add_reconnect_commands(sub, flag)
     add_profile_command(sub, flag)
     add_publish_command(sub, flag)

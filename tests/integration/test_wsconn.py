@@ -179,7 +179,7 @@ async def test_an_idle_connection_holds_no_buffer_and_no_writer(nursery):
 
 
 async def test_a_client_that_stops_reading_is_closed_4008_with_a_whole_close_frame(nursery):
-    bound = await start_standalone(nursery, outbox_limit=64 * 1024)
+    bound = await start_standalone(nursery, outbox_limit=256 * 1024)
     url, _ = urls(bound)
     stream, response = await raw_connect(bound.gateway.port, upgrade())
     sub = client_frame(Opcode.TEXT, orjson.dumps({"type": "subscribe", "topic": "f.x", "id": 1}))
