@@ -10,13 +10,14 @@ or a user.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary, WeakSet
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -89,13 +90,6 @@ class GatewayMetrics:
             "fanroute_gateway_commands_total",
             "Client commands received, by type.",
             ["type"],
-            registry=registry,
-        )
-        self.command_seconds = Histogram(
-            "fanroute_gateway_command_seconds",
-            "Time to handle one client command in the gateway (admission and routing; not the shard's answer), by type.",
-            ["command"],
-            buckets=COMMAND_BUCKETS,
             registry=registry,
         )
         self.bytes_in = Counter(
@@ -192,8 +186,47 @@ class GatewayMetrics:
             self.api_commands.labels(kind)
             self.api_command_targets.labels(kind)
 
+    def watch_commands(self, names: Iterable[str]) -> CommandTimes:
+        """``fanroute_gateway_command_seconds``, by command type: observed on the read path."""
+        times = CommandTimes(names)
+        self.registry.register(times)
+        return times
+
     def watch(self, hub: Hub, outbox_bytes: Callable[[], int], bytes_out: Callable[[], int]) -> None:
         self.registry.register(_HubCollector(hub, outbox_bytes, bytes_out))
+
+
+class CommandTimes(Collector):
+    """Time to handle each client command, by type: a histogram kept as plain integers.
+
+    It is observed once per command on the read path. A prometheus-client Histogram
+    takes a lock and walks its buckets per observation (about 1 µs, an eighth of what
+    a fan-out-1 publication costs in all); these lists take no lock and are read only
+    when Prometheus scrapes.
+    """
+
+    def __init__(self, names: Iterable[str], bounds: tuple[float, ...] = COMMAND_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = {name: [0] * (len(bounds) + 1) for name in names}
+        self.sums = dict.fromkeys(self.buckets, 0.0)
+
+    def observe(self, name: str, seconds: float) -> None:
+        self.buckets[name][bisect_left(self.bounds, seconds)] += 1  # le: value <= bound
+        self.sums[name] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        h = HistogramMetricFamily(
+            "fanroute_gateway_command_seconds",
+            "Time to handle one client command in the gateway (admission and routing; not the shard's answer), by type.",
+            labels=["command"],
+        )
+        for name, counts in self.buckets.items():
+            cumulative, running = [], 0
+            for bound, n in zip((*map(str, self.bounds), "+Inf"), counts):
+                running += n
+                cumulative.append((bound, running))
+            h.add_metric([name], cumulative, self.sums[name])
+        yield h
 
 
 class _HubCollector(Collector):
