@@ -851,7 +851,7 @@ def add_profile_command(sub: Any, flag: Any) -> None:
         "subscription and topic, and router publications/s per core, measured against real processes "
         "on 127.0.0.1; --save-profile writes the file fanroute capacity reads.",
     )
-    flag(p, "--connections", int, 2000, "idle connections of the connections part")
+    flag(p, "--connections", int, 8000, "idle connections of the connections part (enough that allocator start-up does not dominate the slope)")
     flag(p, "--steps", int, 4, "steps the connections are opened in (points of the RSS slope)")
     flag(p, "--holders", int, 2, "processes holding the connections")
     flag(p, "--subscriptions", int, 10, "subscriptions per connection (two rounds)")
@@ -862,8 +862,8 @@ def add_profile_command(sub: Any, flag: Any) -> None:
     flag(p, "--duration", float, 4.0, "seconds of each cell's saturation and latency phases")
     flag(p, "--repeat", int, 1, "rounds of the cells (constants: the median); with --check, runs at fan-out 100")
     flag(p, "--timeout", float, 60.0, "bound on waiting for the router to sequence the history publications")
-    flag(p, "--check-memory", float, 256.0, "with --check: the gateway pod memory (MiB of RSS) the connections fill")
-    flag(p, "--check-bound", int, 30000, "with --check: most connections opened in all")
+    flag(p, "--check-memory", float, 200.0, "with --check: the gateway pod memory (MiB of RSS) the connections fill")
+    flag(p, "--check-bound", int, 40000, "with --check: most connections opened in all")
     p.add_argument("--profile", metavar="FILE", help="with --check: the profile the planner uses (default ops/capacity-profile.json)")
     p.add_argument("--check", action="store_true", help="measure the 2-gateway, 3-router ceiling and compare it with the planner's")
     p.add_argument("--save-profile", metavar="FILE", help="write the profile (JSON) to FILE")
