@@ -121,7 +121,7 @@ class ShardPresence:
                     self._silent.add(inbox)
                 else:
                     self._silent.discard(inbox)
-                self._dirty.update(t for t in topics if inbox in self.topics[t].by_gateway)
+                self._dirty.update(t for t in topics if (e := self.topics.get(t)) is not None and inbox in e.by_gateway)
 
     def due(self, now: float) -> dict[str, list[list[object]]]:
         """The pushes to send now, per gateway inbox: ``[topic, total, yours]`` items."""

@@ -179,7 +179,7 @@ async def test_admin_port_and_pages(standalone):
 
 
 async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(nursery):
-    bound = await start_standalone(nursery, outbox_limit=64 * 1024)
+    bound = await start_standalone(nursery, outbox_limit=64 * 1024, conflate_threshold=32 * 1024)
     url, admin = urls(bound)
     blob = "x" * 16000
     async with ws_connect(url) as healthy, ws_connect(url) as slow, ws_connect(url) as pub:

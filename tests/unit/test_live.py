@@ -294,3 +294,15 @@ def test_hub_conflates_a_subscriber_behind_and_releases_the_newest_with_skipped(
     assert a.outbox.events() == [{"topic": "px.A", "payload": 5, "seq": 5, "skipped": 4}]
     hub.on_shard_frames("s0", [[wire.MSG, "px.A", 6, P(6), 0.0]])
     assert a.outbox.events() == [{"topic": "px.A", "payload": 6, "seq": 6}]
+
+
+def test_a_gateway_going_silent_after_its_topic_ended_elsewhere_does_not_stop_the_shard():
+    # Gateway a's count went to 0 while b still watched; then b left too and the
+    # topic was dropped. a falling silent afterwards must not find a stale topic.
+    pr = ShardPresence(timeout=1.5)
+    pr.report("a", "live.1", 1, False)
+    pr.report("b", "live.1", 0, True)
+    pr.report("a", "live.1", 0, False)
+    pr.report("b", "live.1", 0, False)
+    pr.liveness({"b": 10.0}, 10.0)
+    assert pr.total("live.1") == (0, 0)
