@@ -18,6 +18,9 @@ the server cannot tell the two apart:
   each other's frames, and no one else can reach them;
 * ``room`` is set each time the backlog was taken, for publishers held back by
   :meth:`fanroute.gateway.admission.Admission.room`;
+* the shard's own pushes (presence totals, which a router's ``_presence`` task
+  paces over nng) are looked for every :data:`fanroute.router.presence.TICK` here,
+  since this link is the only one that can carry them;
 * heartbeats go on as over nng: the shard forgets a gateway it has not heard from,
   and its WELCOME tells the hub when it must introduce itself again.
 
@@ -35,6 +38,7 @@ import trio
 
 from fanroute import wire
 from fanroute.gateway.hub import Hub
+from fanroute.router import presence
 from fanroute.router.shard import Shard
 
 log = logging.getLogger("fanroute.gateway.link")
@@ -84,6 +88,7 @@ class LocalShardLink:
         self.wake.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._beater)
+            nursery.start_soon(self._pushes)
             await self._carry()
 
     async def _beater(self) -> None:
@@ -92,6 +97,14 @@ class LocalShardLink:
             await trio.sleep(self.beat_interval)
             queue[self.name].append([wire.BEAT])
             self.wake.set()
+
+    async def _pushes(self) -> None:
+        shard, inbox = self.shard, self.hub.inbox
+        while True:
+            await trio.sleep(presence.TICK)
+            shard.presence_tick(trio.current_time())
+            if shard.outbound.get(inbox):
+                self.wake.set()
 
     async def _carry(self) -> None:
         hub, shard, name = self.hub, self.shard, self.name

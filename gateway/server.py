@@ -757,6 +757,9 @@ class GatewayServer:
     def _on_ping(self, conn: Conn, cmd: p.Ping) -> None:
         self.hub.ping(conn.session, cmd)
 
+    def _on_presence(self, conn: Conn, cmd: p.Presence) -> None:
+        self.hub.presence(conn.session, cmd)
+
     def _on_connect(self, conn: Conn, cmd: p.Connect) -> None:
         self._connected(conn, cmd.id)
 

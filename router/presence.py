@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 INTERVAL = 1.0  # seconds between pushes of one topic's total
 TIMEOUT = 1.5  # seconds of gateway silence after which its counts are left out
+TICK = 0.1  # seconds between two looks for totals that are due (Shard.presence_tick)
 
 
 @dataclass(slots=True)

@@ -29,13 +29,13 @@ from fanroute.config import ConfigError, RouterConfig
 from fanroute.metrics import RouterMetrics
 from fanroute.nngio import Receiver, Sender, pack_all
 from fanroute.permissions import load_policy
+from fanroute.router import presence
 from fanroute.router.shard import Shard
 
 log = logging.getLogger("fanroute.router")
 
 _QUEUE_MESSAGES = 1024
 _SWEEP_INTERVAL = 1.0
-_PRESENCE_TICK = 0.1
 
 
 class _LinkQueue:
@@ -150,8 +150,9 @@ class RouterServer:
         """The shard without an inbox, for a gateway in this process (standalone).
 
         The gateway's :class:`fanroute.gateway.locallink.LocalShardLink` calls
-        :attr:`shard` directly; only the housekeeping (forgetting silent gateways
-        and idle topics) runs here. No nng socket is opened.
+        :attr:`shard` directly, and drives its presence pushes too (they go to that
+        link alone); only forgetting silent gateways and idle topics runs here. No
+        nng socket is opened.
         """
         self._in_process = True
         log.info("shard %s (epoch %s) in process", self.shard.name, self.shard.epoch)
@@ -224,7 +225,7 @@ class RouterServer:
     async def _presence(self) -> None:
         """Push the subscriber totals that are due (``router.presence`` paces them)."""
         while True:
-            await trio.sleep(_PRESENCE_TICK)
+            await trio.sleep(presence.TICK)
             self.shard.presence_tick(trio.current_time())
             self._flush()
 
