@@ -85,7 +85,7 @@ def read_files(args: argparse.Namespace) -> None:
 
 
 async def _run_until_signal(serve: Callable[..., Any], describe: Callable[[Any], str]) -> None:
-    """Run a process until SIGTERM or SIGINT; a gateway drains first, a second signal stops at once."""
+    """Run a process until SIGTERM or SIGINT; a gateway drains first, a router hands its topics over, a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(serve)
@@ -105,6 +105,19 @@ async def _run_until_signal(serve: Callable[..., Any], describe: Callable[[Any],
                         draining.start_soon(second_signal)
                         await bound.gateway.drain()
                         draining.cancel_scope.cancel()
+            elif bound.routers and not bound.routers[0]._in_process:
+                # A router hands the topics it leads to their other copies first.
+                with trio.CancelScope() as leave_scope:
+                    async with trio.open_nursery() as leaving:
+
+                        async def second_signal_leave() -> None:
+                            async for _ in signals:
+                                log.info("second signal: stopping now")
+                                leave_scope.cancel()
+
+                        leaving.start_soon(second_signal_leave)
+                        await bound.routers[0].leave()
+                        leaving.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
 

@@ -125,6 +125,9 @@ class RouterConfig:
     history_bytes: int = _router("history-bytes")  # all topics' history together, payloads and overhead
     cluster_secret: str | None = _router("cluster-secret")
     cluster_encrypt: bool = _router("cluster-encrypt")
+    copies: int = _router("copies")
+    peers: tuple[tuple[str, str], ...] = _router("peers")
+    peer_timeout: float = _router("peer-timeout")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> RouterConfig:
@@ -143,6 +146,15 @@ class RouterConfig:
             raise ConfigError("--gateway-timeout must be a positive number of seconds")
         if self.history_bytes < 1 << 20:
             raise ConfigError("--history-bytes must be at least 1048576 (1 MiB)")
+        if self.copies < 1:
+            raise ConfigError("--copies must be at least 1")
+        if self.peer_timeout <= 0:
+            raise ConfigError("--peer-timeout must be a positive number of seconds")
+        if self.peers:
+            for name, url in self.peers:
+                _check_nng_url("--peers", url)
+            if self.name not in {name for name, _ in self.peers}:
+                raise ConfigError(f"--peers must list this router's --name {self.name!r}")
         _check_secret(self.cluster_secret)
 
 

@@ -406,7 +406,12 @@ class LocalCluster:
         admin = ["--admin-host", host, "--admin-port", str(node.admin_port)]
         if node.kind == "router":
             node.url = f"tcp://{host}:{node.port}"
-            node.argv = [*FANROUTE, "router", "--listen", node.url, "--name", node.name, *admin, *self.router_args, *node.extra]
+            # Every router is told the others (--peers), so they form their first
+            # view and report ready before any gateway starts.
+            peers = [] if _flag_value([*self.router_args, *node.extra], "--peers") else ["--peers", self.router_list]
+            node.argv = [
+                *FANROUTE, "router", "--listen", node.url, "--name", node.name, *peers, *admin, *self.router_args, *node.extra
+            ]
             return
         node.url = f"ws://{host}:{node.port}/"
         client = ["--host", host, "--port", str(node.port)]
@@ -434,6 +439,9 @@ class LocalCluster:
         group.append(node)
         self._ports(node)
         self._command(node)
+        if kind == "router":
+            for other in [*self.routers, *self.gateways]:
+                self._command(other)  # every router and gateway names every router
         return node
 
     def _replan(self, node: Node) -> None:
@@ -442,8 +450,8 @@ class LocalCluster:
         self._ports(node)
         self._command(node)
         if node.kind == "router":
-            for gw in self.gateways:
-                self._command(gw)
+            for other in [*self.routers, *self.gateways]:
+                self._command(other)
 
     def _logs_for(self, nodes: Iterable[Node]) -> None:
         if self.inherit_output:

@@ -330,8 +330,19 @@ class RouterMetrics:
             registry=registry,
         )
 
+        self.peer_overflows = Counter(
+            "fanroute_router_peer_overflows_total",
+            "Messages to another router dropped because its link's queue was full (re-sent or re-synced).",
+            ["shard"],
+            registry=registry,
+        )
+
     def watch(self, shard: Shard) -> None:
         self.collector.shards.append(shard)
+
+    def watch_replica(self, shard: Shard) -> None:
+        """Replication's series exist from when the shard has a replica (router/REPLICATION.md)."""
+        self.peer_overflows.labels(shard.name)
 
 
 class _ShardCollector(Collector):
@@ -381,4 +392,35 @@ class _ShardCollector(Collector):
             ("gateways", "Gateways the shard knows.", len(sh.gateways)),
         ]
         for name, doc, value in gauges:
+            family(GaugeMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)
+        refused = family(
+            CounterMetricFamily, "fanroute_router_publications_refused",
+            "Publications the shard refused (no stream here may take them now), by whether anyone was told.",
+            ["shard", "answered"],
+        )
+        refused.add_metric([sh.name, "yes"], s.refused - s.refused_silently)
+        refused.add_metric([sh.name, "no"], s.refused_silently)
+        replica = sh.replica
+        if replica is None:
+            return
+        r = replica.stats
+        for name, doc, value in (
+            ("failovers", "Views installed without a router that vanished (its topics moved on).", r.failovers),
+            ("handoffs", "Views installed after a router left on its own (SIGTERM).", r.handoffs),
+            ("resync_bytes", "Payload bytes of streams sent to other copies when views changed.", r.resync_bytes),
+            ("refused_unsafe", "Publications refused because no view or lease made them safe.", r.refused_unsafe),
+            ("views_installed", "Views this router installed.", r.views_installed),
+            ("replica_duplicates", "Publications recognised by their idem key in replicated streams.", r.duplicates),
+            ("peer_messages_stale", "Router messages of an older view or from a router that does not lead (dropped).", r.stale_rejected),
+        ):
+            family(CounterMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)
+        view = replica.view
+        for name, doc, value in (
+            ("view", "The view this router is a member of (0: none yet).", view.number if view is not None else 0),
+            ("ready", "1 when this router is caught up and serving in its view.", int(replica.ready and not replica.leaving)),
+            ("view_members", "Routers in this router's view.", len(view.members) if view is not None else 0),
+            ("topics_single_copy", "Topics led here that have one copy in the view (one more loss loses them).", replica.single_copy_topics()),
+            ("copies_behind", "Appends sent to copies and not yet confirmed.", replica.behind()),
+            ("streams", "Topic streams this router holds (as leader or copy).", len(replica.streams)),
+        ):
             family(GaugeMetricFamily, f"fanroute_router_{name}", doc, ["shard"]).add_metric([sh.name], value)

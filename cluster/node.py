@@ -120,7 +120,9 @@ async def serve_standalone(
     registry = CollectorRegistry()
     names = [(f"shard-{i}", f"inproc://fanroute-{tag}-shard-{i}") for i in range(shards)]
     routers = [
-        RouterServer(replace(router_config, name=name, listen=url, admin_port=None, cluster_secret=secret), registry)
+        RouterServer(
+            replace(router_config, name=name, listen=url, admin_port=None, cluster_secret=secret, copies=1), registry
+        )
         for name, url in names
     ]
     gateway = GatewayServer(

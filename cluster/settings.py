@@ -334,6 +334,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", ADDRESS, "tcp://127.0.0.1:7101", "nng address gateways send to", ("router",)),
     Setting("name", TEXT, "router-0", "shard name (the same on every gateway's --routers)", ("router",)),
     Setting("gateway-timeout", SECONDS, 10.0, "seconds of gateway silence before it is forgotten", ("router",)),
+    Setting(
+        "copies", INT, 2, "routers holding each topic's stream (1: no replication; see router/REPLICATION.md)",
+        ("router",), minimum=1,
+    ),
+    Setting(
+        "peers", ROUTERS, (),
+        "every router of the cluster, name=url,... as the gateways' --routers (default: learned from the gateways)",
+        ("router",),
+    ),
+    Setting(
+        "peer-timeout", SECONDS, 0.3,
+        "seconds of silence after which routers count a peer gone; also the length of a leader's lease", ("router",),
+    ),
     # -- a gateway's links to the shards
     Setting(
         "routers", ROUTERS, (("tcp://127.0.0.1:7101", "tcp://127.0.0.1:7101"),),

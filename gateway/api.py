@@ -251,7 +251,7 @@ class PublishApi:
         session = _ApiSession(f"api-{next(self._ids)}", Encoding.JSON, replies)
         results: list[dict[str, Any] | None] = [None] * len(items)
         waiting: dict[int, int] = {}
-        judge, room, backlog, owner, publish = admission.api_publication, admission.room, hub.backlog, hub.ring.owner, hub.publish
+        judge, room, backlog, owner, publish = admission.api_publication, admission.room, hub.backlog, hub.owner, hub.publish
         for i, item in enumerate(items):
             decision = judge(item, i + 1, now)
             if type(decision) is Answer:

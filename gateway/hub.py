@@ -155,6 +155,29 @@ class Hub:
         # link (request ids only grow): what a lost link leaves unknown, see link_down.
         self._queued_pub: dict[str, int] = {name: 0 for name in ring.shards}
         self._sent_pub: dict[str, int] = {name: 0 for name in ring.shards}
+        # Replicated streams (router/REPLICATION.md): the routers of the newest view
+        # any router announced. A topic's shard is the first of them in its rendezvous
+        # order; with no view yet, the ring's owner.
+        self.view_number = 0
+        self.view_members: frozenset[str] | None = None
+        self._view_synced: set[str] = set()  # routers whose VIEW of view_number was acted on
+        self._owners: dict[str, str] = {}
+        # The ROUTERS frame sent after HELLO, so routers learn each other (set by the server).
+        self.routers_frame: list[Any] | None = None
+
+    def owner(self, topic: str) -> str:
+        """The shard that serves ``topic`` now."""
+        members = self.view_members
+        if members is None:
+            return self.ring.owner(topic)
+        shard = self._owners.get(topic)
+        if shard is None:
+            order = self.ring.order(topic)
+            shard = next((r for r in order if r in members), order[0])
+            if len(self._owners) > 65536:
+                self._owners.clear()
+            self._owners[topic] = shard
+        return shard
 
     # --- helpers -------------------------------------------------------------------
 
@@ -172,7 +195,7 @@ class Hub:
         self._error(session, err.code, err.message, err.id)
 
     def _shard_for(self, session: Session, topic: str, id: int | None) -> str | None:
-        shard = self.ring.owner(topic)
+        shard = self.owner(topic)
         if not self.shard_up[shard]:
             self._error(session, ErrorCode.UNAVAILABLE, f"the shard for {topic!r} is unreachable", id)
             return None
@@ -255,7 +278,7 @@ class Hub:
 
     def _ask_count(self, topic: str) -> None:
         """Ask the shard for a watched topic's total (the answer feeds every watcher)."""
-        shard = self.ring.owner(topic)
+        shard = self.owner(topic)
         if self.shard_up[shard]:
             self.to_shards[shard].append([wire.COUNTQ, topic, 0])
 
@@ -268,7 +291,7 @@ class Hub:
         """Report changed counts to the shards and push counts to watchers (a few times a second)."""
         counts = self.presence_counts
         by_shard: dict[str, list[list[Any]]] = {}
-        owner = self.ring.owner
+        owner = self.owner
         for topic, local, watching in counts.reports():
             by_shard.setdefault(owner(topic), []).append([topic, local, watching])
         for shard, items in by_shard.items():
@@ -337,7 +360,7 @@ class Hub:
         if not entry.subscribers and not entry.pending:
             # Last local subscriber out: the shard stops sending this topic here.
             del self.topics[topic]
-            shard = self.ring.owner(topic)
+            shard = self.owner(topic)
             if self.shard_up[shard]:
                 self.to_shards[shard].append([wire.UNSUB, topic])
 
@@ -352,10 +375,12 @@ class Hub:
         """
         interest = []
         for topic, entry in self.topics.items():
-            if entry.subscribers and self.ring.owner(topic) == shard:
+            if entry.subscribers and self.owner(topic) == shard:
                 interest.append([topic, entry.epoch, entry.seq])
         self._fail_publications(shard)
         frames: list[list[Any]] = [[wire.HELLO, self.inbox, self.instance, interest]]
+        if self.routers_frame is not None:
+            frames.append(self.routers_frame)
         for req, r in self.requests.items():
             if r.kind == wire.SUB and r.shard == shard:
                 frames.append(_sub_frame(r.topic, req, r.since, r.last))
@@ -364,20 +389,20 @@ class Hub:
         self.to_shards[shard] = frames
         self._hello_pending.add(shard)
         # After the HELLO the shard knows none of this gateway's counts: report them all.
-        self.presence_counts.lost(lambda topic: self.ring.owner(topic) == shard)
+        self.presence_counts.lost(lambda topic: self.owner(topic) == shard)
 
     def link_down(self, shard: str) -> None:
         """A shard became unreachable: fail what cannot be answered any more."""
         self.shard_up[shard] = False
         self._fail_publications(shard)
         self.to_shards[shard] = []
-        self.presence_counts.lost(lambda topic: self.ring.owner(topic) == shard)
+        self.presence_counts.lost(lambda topic: self.owner(topic) == shard)
         for req in [req for req, r in self.requests.items() if r.kind == wire.COUNTQ and r.shard == shard]:
             r = self.requests.pop(req)
             if not r.session.closed:
                 self._error(r.session, ErrorCode.UNAVAILABLE, f"lost the shard for {r.topic!r}", r.client_id)
         for topic, entry in self.topics.items():
-            if self.ring.owner(topic) == shard:
+            if self.owner(topic) == shard:
                 entry.synced = False
 
     def _fail_publications(self, shard: str) -> None:
@@ -446,9 +471,17 @@ class Hub:
                 self.shard_up[shard] = False
                 self.link_up(shard)
         elif kind == wire.NACK:
-            r = self.requests.pop(frame[1], None)
-            if r is not None and not r.session.closed:
-                self._error(r.session, frame[2], frame[3], r.client_id)
+            r = self.requests.get(frame[1])
+            if r is None or r.shard != shard:
+                return  # the request moved to another shard meanwhile
+            del self.requests[frame[1]]
+            if r.session.closed:
+                return
+            if r.kind == wire.SUB and r.session.topics.get(r.topic) == PENDING:
+                self._leave(r.session, r.topic)
+            self._error(r.session, frame[2], frame[3], r.client_id)
+        elif kind == wire.VIEW:
+            self._view(shard, frame[1], frame[2])
         elif kind == wire.RELAY or kind == wire.INFO:
             self.on_control(shard, frame)
         elif kind == wire.TOTALS:
@@ -465,6 +498,48 @@ class Hub:
                 count = max(0, total - yours + (local.local if local is not None else 0))
                 self._reply(r.session, p.presence_event(topic, count, r.client_id))
             self._push_counts()
+
+    def _view(self, shard: str, number: int, members: list[str]) -> None:
+        """A router is ready in view ``number``: move topics to their new shards.
+
+        Interest in a topic whose shard changed is sent to the new one with this
+        gateway's position (``since``), so whatever the gateway missed in flight
+        arrives by the ordinary recovery path; subscribes and count queries still
+        waiting move with it. The router that announced the view is sent the
+        position of every topic it serves: it may have taken over streams, or held
+        interest it could not serve before it was ready.
+        """
+        if number < self.view_number:
+            return
+        if number > self.view_number:
+            before = {topic: self.owner(topic) for topic in self.topics}
+            known = frozenset(m for m in members if m in self.to_shards)
+            self.view_number, self.view_members = number, known or None
+            self._owners.clear()
+            self._view_synced = set()
+            moved = set()
+            for topic, old in before.items():
+                if self.owner(topic) != old:
+                    moved.add(topic)
+                    self.topics[topic].synced = False
+                    if self.shard_up.get(old):
+                        self.to_shards[old].append([wire.UNSUB, topic])
+            for req, r in self.requests.items():
+                if r.kind == wire.SUB and self.owner(r.topic) != r.shard:
+                    r.shard = self.owner(r.topic)
+                    self.to_shards[r.shard].append(_sub_frame(r.topic, req, r.since, r.last))
+                elif r.kind == wire.COUNTQ and self.owner(r.topic) != r.shard:
+                    r.shard = self.owner(r.topic)
+                    self.to_shards[r.shard].append([wire.COUNTQ, r.topic, req])
+            if moved:
+                self.presence_counts.lost(moved.__contains__)
+        if shard in self._view_synced or shard not in self.to_shards:
+            return
+        self._view_synced.add(shard)
+        queue = self.to_shards[shard]
+        for topic, entry in self.topics.items():
+            if entry.subscribers and entry.epoch is not None and self.owner(topic) == shard:
+                queue.append([wire.SUB, topic, 0, entry.epoch, entry.seq])
 
     def _deliver(self, topic: str, seq: int, payload: Any, ts: float) -> None:
         self.stats.deliveries_received += 1
@@ -604,7 +679,17 @@ class Hub:
                     else:
                         self._fan_out(entry.subscribers, FrameCache(event))
         elif entry.subscribers:
-            self._epoch_changed(topic, entry, epoch, seq)
+            # A new epoch. When the shard could send it whole (``missed`` from seq
+            # 1), subscribers are told where it starts and get every message of it.
+            start = missed[0][0] - 1 if missed else seq
+            self._epoch_changed(topic, entry, epoch, start)
+            for m_seq, payload, _ts in missed:
+                if (event := self._message(topic, payload, m_seq)) is None:
+                    continue
+                if entry.conflate:
+                    self._fan_out_conflated(topic, m_seq, entry.subscribers, FrameCache(event))
+                else:
+                    self._fan_out(entry.subscribers, FrameCache(event))
         entry.epoch, entry.seq, entry.synced = epoch, seq, True
 
     def _epoch_changed(self, topic: str, entry: TopicEntry, epoch: str, seq: int) -> None:

@@ -242,6 +242,9 @@ class GatewayServer:
         )
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
         hub.on_control = self._on_control
+        if not self.local_shards:
+            # Routers find each other through the gateways' list (router/REPLICATION.md).
+            hub.routers_frame = [wire.ROUTERS, [[name, url] for name, url in cfg.routers]]
         for name, url in cfg.routers:
             self.metrics.shard_link_up.labels(name).set(0)
             self.links[name] = self._link(hub, name, url)
@@ -746,7 +749,7 @@ class GatewayServer:
     def _on_publish(self, conn: Conn, cmd: p.Publish) -> str:
         hub = self.hub
         hub.publish(conn.session, cmd)
-        return hub.ring.owner(cmd.topic)
+        return hub.owner(cmd.topic)
 
     def _on_subscribe(self, conn: Conn, cmd: p.Subscribe) -> None:
         self.hub.subscribe(conn.session, cmd)

@@ -9,6 +9,13 @@ slow or dead gateway never holds up the others: when its queue overflows the sha
 forgets it, and the gateway, finding itself unknown at its next heartbeat, introduces
 itself again and recovers from history.
 
+With replicated streams (``--copies``, default 2; ``router/REPLICATION.md``) the
+router also dials every other router (the list comes from ``--peers`` or from the
+gateways' ROUTERS frame) and feeds what they say to its
+:class:`fanroute.router.replication.Replica`, which is ticked every beat; a router is
+ready only once it is caught up in an installed view, and on SIGTERM it hands its
+topics over (:meth:`RouterServer.leave`) before it exits.
+
 Every message in is opened with the cluster secret (``fanroute.wire.ReplayGuard``)
 before anything in it is acted on, and the shard dials only inboxes that
 authenticated gateways named: an outsider can make it do nothing. The receive loop
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+from typing import Any
 
 import pynng
 import trio
@@ -26,16 +34,20 @@ from prometheus_client import CollectorRegistry
 
 from fanroute import logs, wire
 from fanroute.config import ConfigError, RouterConfig
+from fanroute.history import History
 from fanroute.metrics import RouterMetrics
 from fanroute.nngio import Receiver, Sender, pack_all
 from fanroute.permissions import load_policy
+from fanroute.ring import Ring
 from fanroute.router import presence
+from fanroute.router.replication import Replica
 from fanroute.router.shard import Shard
 
 log = logging.getLogger("fanroute.router")
 
 _QUEUE_MESSAGES = 1024
 _SWEEP_INTERVAL = 1.0
+_LEAVE_TIMEOUT = 5.0  # seconds a stopping router waits for the others to take its topics
 
 
 class _LinkQueue:
@@ -92,6 +104,7 @@ class RouterServer:
             history_bytes=config.history_bytes,
             gateway_timeout=config.gateway_timeout,
             history_for=load_policy(config.config_file).history_for,
+            replicated=config.copies > 1,
         )
         key = wire.LinkKey(config.cluster_secret, encrypt=config.cluster_encrypt)
         self.sealer = wire.Sealer(key)
@@ -104,6 +117,7 @@ class RouterServer:
         self.metrics.internal_errors.labels(config.name)
         self.metrics.dial_failures.labels(config.name)
         self.links: dict[str, GatewayLink] = {}
+        self.peer_links: dict[str, GatewayLink] = {}  # other routers, by name
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None
         self._in_process = False
@@ -120,7 +134,113 @@ class RouterServer:
 
     def ready(self) -> tuple[bool, str]:
         ok = self._sock is not None or self._in_process
-        return ok, f"shard {self.shard.name} epoch {self.shard.epoch}" if ok else "starting"
+        if not ok:
+            return False, "starting"
+        if self.shard.replicated:
+            replica = self.shard.replica
+            if replica is None:
+                return False, f"shard {self.shard.name}: waiting for the router list (--peers, or a gateway)"
+            if replica.leaving:
+                return False, f"shard {self.shard.name}: handing its topics over"
+            if not replica.ready or replica.view is None:
+                return False, f"shard {self.shard.name}: catching up (view {replica.promised})"
+            return True, f"shard {self.shard.name} view {replica.view.number} of {len(replica.view.members)} routers"
+        return True, f"shard {self.shard.name} epoch {self.shard.epoch}"
+
+    # --- replication ----------------------------------------------------------------
+
+    def _start_replica(self, routers: list[tuple[str, str]], name: str) -> None:
+        """Join the other routers: a replica of our streams, and a link to each peer."""
+        cfg, shard = self.config, self.shard
+        names = [n for n, _ in routers]
+        if name not in names or len(set(names)) != len(names):
+            log.warning("router list %s does not name this router (%s) once; not replicating yet", names, name)
+            shard.router_list = None
+            return
+        ring = Ring(names)
+        policy = shard.history_for
+
+        def new_history(topic: str) -> History:
+            size, ttl = policy(topic)
+            return History(cfg.history_size if size is None else size, cfg.history_ttl if ttl is None else ttl)
+
+        shard.replica = Replica(
+            name, names, ring.order, copies=cfg.copies, timeout=cfg.peer_timeout,
+            beat_interval=cfg.peer_timeout / 6, history=new_history,
+        )
+        self.metrics.watch_replica(shard)
+        for peer, url in routers:
+            if peer == name:
+                continue
+            try:
+                self.peer_links[peer] = GatewayLink(url)
+            except pynng.NNGException as exc:
+                log.warning("cannot dial router %s at %s: %s", peer, url, exc)
+        logs.event(log, logging.INFO, "replication_started", f"router {name} replicating with {names}", shard=shard.name)
+
+    def _send_peers(self) -> None:
+        replica = self.shard.replica
+        if replica is None or not replica.out:
+            return
+        out, replica.out = replica.out, []
+        by_peer: dict[str, list[list[Any]]] = {}
+        for to, msg in out:
+            by_peer.setdefault(to, []).append(msg)
+        for peer, frames in by_peer.items():
+            link = self.peer_links.get(peer)
+            if link is None:
+                continue
+            for data in pack_all(lambda chunk: self.sealer.pack(replica.name, chunk), frames):
+                try:
+                    link.send_q.send_nowait(data)
+                except trio.WouldBlock:
+                    self.metrics.peer_overflows.labels(self.shard.name).inc()  # lost, as on a cut link
+
+    def _on_peer(self, sender: str, frames: list[Any]) -> None:
+        replica, now = self.shard.replica, trio.current_time()
+        for frame in frames:
+            try:
+                wire.check_peer_frame(frame)
+            except wire.WireError:
+                self.shard.stats.frames_rejected += 1
+                continue
+            replica.receive(sender, frame, now)
+
+    async def _replicate(self) -> None:
+        """Tick the replica (beats, views, leases, re-sends) and carry out what it says."""
+        while True:
+            replica = self.shard.replica
+            if replica is None:
+                if self.shard.router_list is not None:
+                    self._start_replica(self.shard.router_list, self.shard.own_name)
+                await trio.sleep(0.02)
+                continue
+            await trio.sleep(replica.beat_interval)
+            replica.tick(trio.current_time())
+            self.shard.pump(trio.current_time())
+            self._flush()
+
+    async def leave(self) -> None:
+        """Hand the topics this router leads to their other copies, then return (SIGTERM).
+
+        Bounded by ``_LEAVE_TIMEOUT``: a router whose peers are all gone stops anyway.
+        """
+        replica = self.shard.replica
+        if replica is None:
+            return
+        replica.leave(trio.current_time())
+        self.shard.pump(trio.current_time())
+        self._flush()
+        logs.event(log, logging.INFO, "router_leaving", f"router {replica.name} is handing its topics over", shard=self.shard.name)
+        with trio.move_on_after(_LEAVE_TIMEOUT):
+            while not replica.handed_off(trio.current_time()):
+                await trio.sleep(0.02)
+                replica.tick(trio.current_time())
+                self._flush()
+        # What was queued for the peers and gateways gets out before the process ends.
+        with trio.move_on_after(1.0):
+            while any(link.sender.pending for link in [*self.links.values(), *self.peer_links.values()]):
+                await trio.sleep(0.01)
 
     async def run(self, *, task_status: trio.TaskStatus[RouterServer] = trio.TASK_STATUS_IGNORED) -> None:
         if self._sock is None:
@@ -131,6 +251,11 @@ class RouterServer:
                 self._nursery = nursery
                 nursery.start_soon(self._sweep)
                 nursery.start_soon(self._presence)
+                if self.shard.replicated:
+                    if self.config.peers:
+                        self.shard.router_list = list(self.config.peers)
+                        self.shard.own_name = self.config.name
+                    nursery.start_soon(self._replicate)
                 log.info("shard %s (epoch %s) listening on %s", self.shard.name, self.shard.epoch, self.config.listen)
                 task_status.started(self)
                 # Every message that has arrived, then one batch out per gateway.
@@ -140,7 +265,7 @@ class RouterServer:
                         self._on_message(data)
                     self._flush()
         finally:
-            for link in self.links.values():
+            for link in [*self.links.values(), *self.peer_links.values()]:
                 link.close()
             sock.close()
 
@@ -166,7 +291,12 @@ class RouterServer:
             self.metrics.wire_rejected.labels(self.shard.name, exc.reason).inc()
             return
         try:
-            self.shard.receive(env.sender, env.frames, trio.current_time(), env.reply_as)
+            replica = self.shard.replica
+            if replica is not None and env.sender in replica.rank:
+                self._on_peer(env.sender, env.frames)
+            else:
+                self.shard.receive(env.sender, env.frames, trio.current_time(), env.reply_as)
+            self.shard.pump(trio.current_time())
         except Exception:
             log.exception("a message from %s could not be handled", env.sender[:80])
             self.metrics.internal_errors.labels(self.shard.name).inc()
@@ -174,6 +304,7 @@ class RouterServer:
     def _flush(self) -> None:
         try:
             self._send_outbound()
+            self._send_peers()
         except Exception:
             log.exception("sending to gateways failed")
             self.metrics.internal_errors.labels(self.shard.name).inc()

@@ -15,6 +15,14 @@ past the byte cap the oldest entries of any topic go first, in publication order
 and are counted; a client whose ``since`` falls into what was evicted gets
 ``recovered: false``. A publication whose ``idem`` key is still in its topic's
 history is answered with its original seq and not applied again.
+
+With replicated streams (``router/REPLICATION.md``) a topic's epoch, seq and history
+live in :class:`fanroute.router.replication.Replica` instead, on every copy; the
+shard keeps the gateways' interest and presence, hands publications to the replica,
+serves subscribes only for topics it leads while it serves, and turns the replica's
+events into frames (:meth:`Shard.pump`): acknowledgements and deliveries once every
+copy holds an entry, refusals, and ``VIEW`` to every gateway when it is ready in a
+new view.
 """
 
 from __future__ import annotations
@@ -32,6 +40,13 @@ from fanroute.history import Entry, History
 
 _kind = itemgetter(0)  # a frame's kind, for frames that need no check (see ``checked``)
 from fanroute.router.presence import ShardPresence
+from fanroute.router.replication import Committed, Ready, Refused, Replica
+
+_REFUSALS = {  # the replica's reasons, as the error codes gateways pass on
+    "moved": "unavailable",
+    "unavailable": "unavailable",
+    "outcome_unknown": "outcome_unknown",
+}
 
 
 @dataclass(slots=True)
@@ -70,6 +85,8 @@ class ShardStats:
     duplicates: int = 0  # publications recognised by their idem key
     history_evicted: int = 0  # entries evicted by the shard-wide byte cap
     history_evicted_bytes: int = 0
+    refused: int = 0  # publications refused (no stream here that may take them), answered NACK
+    refused_silently: int = 0  # of those, publications with no ack wanted (nobody to tell)
 
 
 class Shard:
@@ -83,6 +100,7 @@ class Shard:
         epoch: str | None = None,
         history_bytes: int = 256 << 20,
         history_for: Callable[[str], tuple[int | None, float | None]] = lambda topic: (None, None),
+        replicated: bool = False,
     ) -> None:
         self.name = name
         # The shard epoch changes on every start: a restarted shard has lost its
@@ -104,6 +122,13 @@ class Shard:
         self._generation = 0
         # Subscriber counts per topic and gateway, summed (``router.presence``).
         self.presence = ShardPresence()
+        # Replicated streams: ``replicated`` says the streams live in a replica;
+        # until the router list is known (``--peers``, or ROUTERS from a gateway)
+        # there is none, and nothing is served.
+        self.replicated = replicated
+        self.replica: Replica | None = None
+        self.router_list: list[tuple[str, str]] | None = None  # as a gateway sent it
+        self.own_name = ""  # this router's name in that list (the gateway's reply_as)
 
     # --- entry point ---------------------------------------------------------------
 
@@ -158,6 +183,10 @@ class Shard:
                 elif kind == wire.COUNTQ:
                     total, yours = self.presence.total(frame[1], gw.inbox)
                     self.outbound[gw.inbox].append([wire.COUNTA, frame[1], frame[2], total, yours])
+                elif kind == wire.ROUTERS:
+                    if self.router_list is None:
+                        self.router_list = [(str(n), str(u)) for n, u in frame[1]]
+                        self.own_name = gw.reply_as
             except Exception:
                 # One frame that trips a bug must not take the others (or the
                 # process) with it: it is counted, and the batch goes on.
@@ -207,6 +236,13 @@ class Shard:
     def publish(
         self, gw: Gateway, name: str, payload: bytes, req: int, ts: float, now: float, idem: str | None = None
     ) -> None:
+        if self.replicated:
+            if self.replica is None:
+                self._refuse(gw.inbox, req, "unavailable", f"router {self.name} does not know its peers yet")
+                return
+            self.replica.publish(name, payload, ts, idem, (gw.inbox, req), now)
+            self.pump(now)
+            return
         topic = self._topic(name)
         if idem is not None:
             seq = topic.history.seq_of(idem)
@@ -239,12 +275,19 @@ class Shard:
         topic.gateways.add(gw.inbox)
         gw.topics.add(name)
         self.stats.subscribes += 1
-        recovered, missed = self._recover(topic, since_epoch, since_seq, now)
+        epoch, head, history = self._stream(name, topic, now)
+        if history is None:
+            # Not served here now (another router leads it, or this one is not
+            # ready): the interest is kept, and the gateway learns where to go from
+            # the VIEW it is sent; a request is refused so the client can retry.
+            if req:
+                self.outbound[gw.inbox].append([wire.NACK, req, "unavailable", f"router {self.name} does not serve {name!r} now"])
+            self._send_view(gw.inbox)
+            return
+        recovered, missed = self._recover(epoch, head, history, since_epoch, since_seq, now, whole_new_epoch=not req)
         if not recovered and last > 0:
-            missed = [[e.seq, e.payload, e.ts] for e in topic.history.newest(last, now)]
-        self.outbound[gw.inbox].append(
-            [wire.SUBOK, name, req, topic.epoch, topic.seq, recovered, missed]
-        )
+            missed = [[e.seq, e.payload, e.ts] for e in history.newest(last, now)]
+        self.outbound[gw.inbox].append([wire.SUBOK, name, req, epoch, head, recovered, missed])
 
     def unsubscribe(self, gw: Gateway, name: str) -> None:
         gw.topics.discard(name)
@@ -270,20 +313,97 @@ class Shard:
             topic.gateways.add(gw.inbox)
             gw.topics.add(name)
             if epoch is not None:
-                recovered, missed = self._recover(topic, epoch, seq, now)
-                out.append([wire.SUBOK, name, 0, topic.epoch, topic.seq, recovered, missed])
+                t_epoch, head, history = self._stream(name, topic, now)
+                if history is None:
+                    continue  # not served here now: the VIEW below sends the gateway on
+                recovered, missed = self._recover(t_epoch, head, history, epoch, seq, now, whole_new_epoch=True)
+                out.append([wire.SUBOK, name, 0, t_epoch, head, recovered, missed])
+        self._send_view(gw.inbox)
+
+    def _stream(self, name: str, topic: Topic, now: float) -> tuple[str, int, History | None]:
+        """``(epoch, last seq delivered, history)`` of the stream this shard serves for ``name``.
+
+        History is ``None`` when the topic is not served here now (replicated: this
+        router does not lead it, or is not ready in its view).
+        """
+        if not self.replicated:
+            return topic.epoch, topic.seq, topic.history
+        replica = self.replica
+        stream = replica.stream(name) if replica is not None and replica.serving(now) else None
+        if stream is None:
+            return "", 0, None
+        return stream.epoch, stream.committed, stream.history
 
     def _recover(
-        self, topic: Topic, epoch: str | None, seq: int, now: float
+        self,
+        epoch: str,
+        head: int,
+        history: History,
+        since_epoch: str | None,
+        since_seq: int,
+        now: float,
+        *,
+        whole_new_epoch: bool = False,
     ) -> tuple[bool, list[list[Any]]]:
-        if epoch is None:
+        """Whether ``since`` can be recovered, and the entries after it.
+
+        ``whole_new_epoch`` is for a gateway's own resynchronisation (HELLO, and
+        interest it moves): when its epoch is gone but history still holds the new
+        epoch from seq 1, every entry is sent, so its subscribers get the new epoch
+        whole rather than from wherever it stood when the gateway came back.
+        """
+        if since_epoch is None:
             return False, []
-        entries = topic.history.after(seq, topic.seq, now) if epoch == topic.epoch else None
+        entries = history.after(since_seq, head, now) if since_epoch == epoch else None
         if entries is None:
             self.stats.not_recovered += 1
+            if whole_new_epoch and since_epoch != epoch and head and history.first_seq == 1:
+                return False, [[e.seq, e.payload, e.ts] for e in history.after(0, head, now) or ()]
             return False, []
         self.stats.recovered += 1
         return True, [[e.seq, e.payload, e.ts] for e in entries]
+
+    # --- replicated streams ---------------------------------------------------------
+
+    def _refuse(self, inbox: str, req: int, reason: str, message: str) -> None:
+        self.stats.refused += 1
+        if req:
+            self.outbound[inbox].append([wire.NACK, req, _REFUSALS.get(reason, "unavailable"), message])
+        else:
+            self.stats.refused_silently += 1
+
+    def _send_view(self, inbox: str) -> None:
+        replica = self.replica
+        if replica is not None and replica.ready and replica.view is not None:
+            self.outbound[inbox].append([wire.VIEW, replica.view.number, list(replica.view.members)])
+
+    def pump(self, now: float) -> None:
+        """Turn what the replica decided into frames for gateways."""
+        replica = self.replica
+        if replica is None or not replica.events:
+            return
+        events, replica.events = replica.events, []
+        outbound, topics = self.outbound, self.topics
+        for ev in events:
+            kind = type(ev)
+            if kind is Committed:
+                self.stats.publications += 1 if ev.deliver else 0
+                for inbox, req in ev.tokens:
+                    if req and inbox in self.gateways:
+                        outbound[inbox].append([wire.PUBOK, ev.topic, req, ev.seq])
+                topic = topics.get(ev.topic)
+                if ev.deliver and topic is not None and topic.gateways:
+                    frame = [wire.MSG, ev.topic, ev.seq, ev.payload, ev.ts]
+                    for inbox in topic.gateways:
+                        outbound[inbox].append(frame)
+                    self.stats.fanout_sends += len(topic.gateways)
+            elif kind is Refused:
+                inbox, req = ev.token
+                where = f"; {ev.leader} leads it now" if ev.leader else ""
+                self._refuse(inbox, req, ev.reason, f"router {self.name} could not apply a publication to {ev.topic!r} ({ev.reason}{where})")
+            elif kind is Ready:
+                for inbox in self.gateways:
+                    self._send_view(inbox)
 
     # --- the server API -------------------------------------------------------------
 
@@ -362,4 +482,6 @@ class Shard:
         return sum(len(t.gateways) for t in self.topics.values())
 
     def history_messages(self) -> int:
+        if self.replica is not None:
+            return sum(len(s.history) for s in self.replica.streams.values())
         return sum(len(t.history) for t in self.topics.values())
