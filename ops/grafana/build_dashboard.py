@@ -169,6 +169,40 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ]),
         Panel("Batch size (frames per nng message)", quantiles("fanroute_router_batch_frames", RT), "short"),
     ]),
+    # Each topic's stream lives on `copies` routers (router/REPLICATION.md). In a healthy
+    # cluster nothing is on a single copy, nothing is behind or refused, and every router
+    # shows the same view number and is ready.
+    ("Replication", [
+        Panel("Topics on a single copy", [
+            q(f"sum by (shard) (fanroute_router_topics_single_copy{{{RT}}})", "{{shard}}"),
+        ], stack=True, description="Topics whose current view has one copy: losing that router starts them "
+                                   "in a new epoch. Zero unless routers are missing or --copies is 1."),
+        Panel("Copies behind", [
+            q(f"sum by (shard) (fanroute_router_copies_behind{{{RT}}})", "{{shard}}"),
+        ], stack=True, description="Appends a leader is still waiting for a copy to hold; publications "
+                                   "are acknowledged only once every copy has them."),
+        Panel("Publications refused for safety", [
+            q(f"sum by (shard) (rate(fanroute_router_refused_unsafe_total{{{RT}}}[{RATE}]))", "{{shard}}"),
+        ], "ops", stack=True, description="Answered unavailable because the router had no lease or no view. "
+                                          "A blip during a failover; sustained, a majority of routers is missing."),
+        Panel("Failovers and hand-offs", [
+            q(f"sum by (shard) (rate(fanroute_router_failovers_total{{{RT}}}[{RATE}]))", "{{shard}} failovers"),
+            q(f"sum by (shard) (rate(fanroute_router_handoffs_total{{{RT}}}[{RATE}]))", "{{shard}} hand-offs"),
+        ], "ops", width=12, description="Failovers: views that moved topics away from a router that vanished "
+                                        "(crash, cut off). Hand-offs: views after a router left on SIGTERM "
+                                        "(rolling upgrade, drain)."),
+        Panel("Re-sync bytes", [
+            q(f"sum by (shard) (rate(fanroute_router_resync_bytes_total{{{RT}}}[{RATE}]))", "{{shard}}"),
+        ], "Bps", width=12, stack=True, description="Stream bytes sent to copies catching up after a view change."),
+        Panel("View number by router", [
+            q(f"max by (shard) (fanroute_router_view{{{RT}}})", "{{shard}}"),
+        ], width=12, description="The installed view; every router shows the same number once a view "
+                                 "change is over. A router lower than the others has not joined it."),
+        Panel("Ready by router", [
+            q(f"min by (shard) (fanroute_router_ready{{{RT}}})", "{{shard}}"),
+        ], width=12, description="1 once the router is a member of the installed view and caught up "
+                                 "(its /readyz); a rolling upgrade waits for it.", extra={"min": 0, "max": 1}),
+    ]),
     ("Slow consumers and drops", [
         Panel("Slow-consumer closes", [
             q(f"sum by (pod, instance) (rate(fanroute_gateway_slow_consumer_closes_total{{{GW}}}[{RATE}]))", "{{pod}} {{instance}}"),
@@ -285,7 +319,7 @@ def build() -> dict:
     return {
         "uid": "fanroute-overview",
         "title": "fanroute",
-        "description": "fanroute gateways and router shards: connections, messages, latency, shards, slow consumers.",
+        "description": "fanroute gateways and router shards: connections, messages, latency, shards, replication, slow consumers.",
         "tags": ["fanroute", "websocket", "pubsub"],
         "timezone": "browser",
         "editable": True,

@@ -205,6 +205,11 @@ def test_values_schema_rejects_values_that_cannot_work():
             {"gateway": {"extraVolumes": [{"name": "ca"}]}},  # no source
             {"router": {"extraVolumeMounts": [{"name": "ca"}]}},
             {"router": {"extraVolumeMounts": [{"name": "ca", "mountPath": "relative"}]}},
+            {"replication": {"copies": 0}},
+            {"replication": {"copies": "2"}},
+            {"replication": {"copies": 1.5}},
+            {"replication": {"copies": 2, "mode": "sync"}},
+            {"replication": {"copies": None}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -823,6 +828,90 @@ def test_rollouts_replace_one_pod_at_a_time_by_default():
     assert "maxUnavailable" not in sts["updateStrategy"]["rollingUpdate"]
 
 
+# -- Replication: rolling upgrades that keep every topic's stream ------------------------
+
+
+def router_container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_router_rolling_update_waits_for_readiness_one_router_at_a_time():
+    """RollingUpdate with no maxUnavailable replaces one router at a time and waits for
+    it to be ready; readiness is /readyz on the admin port (back in the view, caught
+    up); Parallel, since a router is ready only once a majority of routers has started."""
+    objs = objects(render())
+    sts = one(objs, "StatefulSet")["spec"]
+    assert sts["updateStrategy"]["type"] == "RollingUpdate"
+    assert "maxUnavailable" not in sts["updateStrategy"].get("rollingUpdate", {})
+    assert sts["podManagementPolicy"] == "Parallel"
+    c = router_container(objs)
+    admin = next(p["containerPort"] for p in c["ports"] if p["name"] == "admin")
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert env_of(c)["FANROUTE_ADMIN_PORT"] == str(admin)
+    [budget] = [b for b in find(objs, "PodDisruptionBudget") if b["metadata"]["name"] == "fanroute-router"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_router_pod_template_does_not_change_with_the_namespaces_config(variant):
+    """Routers reload the mounted namespaces file, so editing it must not roll them: no
+    checksum of the ConfigMap on their pod template. Gateways keep theirs."""
+    _, _, objs = variant
+    annotations = one(objs, "StatefulSet")["spec"]["template"]["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if k.startswith("checksum/")], annotations
+    assert "checksum/config" in one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_editing_the_namespaces_config_rolls_gateways_not_routers():
+    before, after = objects(render()), objects(render({"namespacesConfig": "[namespaces.chat]\npublish = \"api\"\n"}))
+    assert one(before, "StatefulSet")["spec"] == one(after, "StatefulSet")["spec"]
+    assert one(before, "Deployment")["spec"]["template"] != one(after, "Deployment")["spec"]["template"]
+    # The routers still mount the file (and reload it).
+    c = router_container(after)
+    path = Path(env_of(c)["FANROUTE_CONFIG"])
+    assert any(m["mountPath"] == str(path.parent) and m["name"] == "config" for m in c["volumeMounts"])
+    # Pod annotations from the values still reach the routers.
+    objs = objects(render({"router": {"podAnnotations": {"example.com/team": "live"}}}))
+    assert one(objs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"] == {"example.com/team": "live"}
+
+
+@pytest.mark.parametrize("copies", [None, 1, 3])
+def test_replication_copies_reach_the_routers(copies):
+    values = None if copies is None else {"replication": {"copies": copies}}
+    objs = objects(render(values))
+    assert env_of(router_container(objs))["FANROUTE_COPIES"] == str(copies or 2)
+    # Never more copies than routers: one router holds one copy.
+    few = objects(render({"router": {"replicas": 1}, "replication": {"copies": copies or 2}}))
+    assert env_of(router_container(few))["FANROUTE_COPIES"] == "1"
+    # A setting of the routers only.
+    assert "FANROUTE_COPIES" not in env_of(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+
+@pytest.mark.parametrize("values", [
+    {"router": {"pdb": {"maxUnavailable": 2}}},
+    {"router": {"pdb": {"maxUnavailable": "50%"}}},  # 2 of 3 routers, rounded up
+    {"router": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}}}},
+    {"router": {"replicas": 5, "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%"}}},
+     "replication": {"copies": 2}},
+    {"router": {"pdb": {"maxUnavailable": 3}}, "replication": {"copies": 3}},
+])
+def test_chart_refuses_budgets_that_could_take_every_copy_down(values):
+    with pytest.raises(helm.HelmRenderError, match="replication.copies"):
+        render(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"router": {"pdb": {"maxUnavailable": 2}}, "replication": {"copies": 3}},
+    {"router": {"pdb": {"maxUnavailable": "34%"}, "replicas": 3}, "replication": {"copies": 3}},
+    {"router": {"pdb": {"maxUnavailable": 2}}, "replication": {"copies": 1}},  # nothing to keep
+    {"router": {"pdb": {"enabled": False, "maxUnavailable": 2}}},
+    {"router": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": {"maxUnavailable": 2}}}},
+    {"router": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}}},
+])
+def test_chart_accepts_budgets_that_keep_a_copy(values):
+    objs = objects(render(values))
+    assert one(objs, "StatefulSet")
+
+
 def test_update_strategies_follow_the_values():
     objs = objects(render(data_values("exposure")))
     assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}}
@@ -891,6 +980,55 @@ def test_dashboard_configmap_carries_the_dashboard_for_the_sidecar():
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["fanroute.json"]) == json.loads(DASHBOARD.read_text())
     assert all(c["metadata"]["name"] != "fanroute-dashboard" for c in find(objects(render({"metrics": {"dashboard": {"enabled": False}}})), "ConfigMap"))
+
+
+# The replication row and what each panel must read (router/REPLICATION.md's metrics).
+REPLICATION_PANELS = {
+    "Topics on a single copy": {"fanroute_router_topics_single_copy"},
+    "Copies behind": {"fanroute_router_copies_behind"},
+    "Publications refused for safety": {"fanroute_router_refused_unsafe_total"},
+    "Failovers and hand-offs": {"fanroute_router_failovers_total", "fanroute_router_handoffs_total"},
+    "Re-sync bytes": {"fanroute_router_resync_bytes_total"},
+    "View number by router": {"fanroute_router_view"},
+    "Ready by router": {"fanroute_router_ready"},
+}
+
+
+def dashboard_rows(board: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current = None
+    for panel in sorted(board["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], [])
+        else:
+            current.append(panel)
+    return rows
+
+
+def test_dashboard_has_the_replication_panels():
+    """The chart's dashboard shows replication: one row with each panel on its metrics,
+    per router (by shard) so a lagging or refusing router stands out."""
+    cm = next(c for c in find(objects(render()), "ConfigMap") if c["metadata"]["name"] == "fanroute-dashboard")
+    row = {p["title"]: p for p in dashboard_rows(json.loads(cm["data"]["fanroute.json"]))["Replication"]}
+    assert set(row) == set(REPLICATION_PANELS)
+    for title, metrics in REPLICATION_PANELS.items():
+        exprs = [t["expr"] for t in row[title]["targets"]]
+        used = {m for e in exprs for m in re.findall(r"\b(fanroute_\w+)\{", e)}
+        assert used == metrics, (title, used)
+        for e in exprs:
+            assert 'job="fanroute-router"' in e and "by (shard)" in e, e
+            if "_total{" in e:
+                assert e.count("rate(") == 1, e  # counters as rates
+    assert row["Re-sync bytes"]["fieldConfig"]["defaults"]["unit"] == "Bps"
+    assert row["Ready by router"]["fieldConfig"]["defaults"]["max"] == 1
+
+
+def test_rules_alert_on_single_copy_and_refusals_for_safety():
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    single = rules["FanrouteTopicsOnSingleCopy"]
+    assert "fanroute_router_topics_single_copy" in single["expr"] and single["expr"].rstrip().endswith("> 0")
+    assert re.fullmatch(r"\d+m", single["for"]) and int(single["for"][:-1]) >= 2
+    assert "fanroute_router_refused_unsafe_total" in rules["FanroutePublicationsRefusedUnsafe"]["expr"]
 
 
 def service_monitor_selects(sm: dict[str, Any], svc: dict[str, Any]) -> bool:

@@ -27,6 +27,8 @@ EXPECTED_ALERTS = {
     "FanrouteShardLoadSkew",
     "FanrouteInterNodeMessagesRefused",
     "FanrouteHistoryEvicting",
+    "FanrouteTopicsOnSingleCopy",
+    "FanroutePublicationsRefusedUnsafe",
 }
 
 
