@@ -46,6 +46,13 @@ A subscribe refused for a transient reason (``unavailable``, ``rate_limited``,
 from ``subscribe()`` or, for a running subscription (a resubscribe refused, or the
 server withdrawing it), from the subscription's iteration once the items before it
 were read. A terminal close code ends every subscription the same way.
+
+:meth:`Client.publish` returns the seq once the publication is acknowledged, through
+retries: each publication carries an ``idem`` key (the caller's, or one the client
+makes), and one whose outcome is open — the connection lost before the answer, or
+answered ``unavailable``, ``outcome_unknown`` or ``internal`` — is sent again with the
+same key on the next connection or after a backoff delay, so it is applied exactly
+once. Within ``timeout`` and at most 10 sends; then it raises what was learnt last.
 """
 
 from __future__ import annotations
@@ -230,6 +237,7 @@ class Client:
         self._socket: WebSocketConnection | None = None  # the open socket, connected or not
         self._connected = trio.Event()
         self._pending: dict[int, tuple[str, _Pending]] = {}
+        self._publications: dict[cc.Outgoing, _Pending] = {}  # publish() calls waiting for their answer
         self._nursery: trio.Nursery | None = None
         self._terminal: ClientError | None = None
         self._kick: trio.CancelScope | None = None
@@ -313,29 +321,53 @@ class Client:
                 except ClientError:
                     pass
 
-    async def publish(self, topic: str, payload: Any, *, ack: bool = True, timeout: float = 10.0) -> int | None:
-        """Publish; with ``ack`` wait for the seq the cluster gave it.
+    async def publish(
+        self, topic: str, payload: Any, *, ack: bool = True, timeout: float = 10.0, idem: str | None = None
+    ) -> int | None:
+        """Publish; with ``ack`` wait for the seq the cluster gave it, through retries.
 
-        If the connection drops before the answer, :class:`ConnectionLost` is raised and
-        the publication may or may not have happened.
+        The publication carries ``idem`` (1 to 64 characters; by default a key unique
+        to this client) and is sent again with it — on the next connection when the
+        connection drops before the answer, after a backoff delay when the answer is
+        ``unavailable``, ``outcome_unknown`` or ``internal`` — so the cluster applies it
+        once and the seq returned is that one's. After ``timeout`` seconds, or 10 sends,
+        it raises what it learnt last: :class:`RequestFailed` with that code,
+        :class:`ConnectionLost` (sent, no answer came: it may have been applied), or
+        ``trio.TooSlowError`` (nothing learnt). Any other error answer raises
+        :class:`RequestFailed` at once, not sent again.
+
+        Without ``ack`` it is sent once, without an ``id``, as soon as a connection is up.
         """
-        with trio.fail_after(timeout):
-            while True:
-                if self._terminal is not None:
-                    raise self._terminal
-                await self._connected.wait()
-                ws = self._ws
-                if ws is None:
-                    continue
-                frame = {"type": "publish", "topic": topic, "payload": payload}
-                if not ack:
+        if not ack:
+            with trio.fail_after(timeout):
+                while True:
+                    if self._terminal is not None:
+                        raise self._terminal
+                    await self._connected.wait()
+                    ws = self._ws
+                    if ws is None:
+                        continue
+                    frame = {"type": "publish", "topic": topic, "payload": payload}
+                    if idem is not None:
+                        frame["idem"] = idem
                     try:
                         await ws.send_message(orjson.dumps(frame).decode())
                     except ConnectionClosed:
                         continue
                     return None
-                frame["id"] = self._core.next_id()
-                return await self._request(ws, frame, "publish")
+        if self._terminal is not None:
+            raise self._terminal
+        pub, actions = self._core.publish(topic, payload, trio.current_time(), idem, timeout)
+        pending = self._publications[pub] = _Pending()
+        try:
+            await self._apply(self._socket, actions)
+            with trio.move_on_at(pub.deadline):
+                return await pending.wait()
+            self._settle(self._core.abandon(pub))  # the deadline: fails it, unless it was just settled
+            return await pending.wait()
+        finally:
+            self._publications.pop(pub, None)
+            self._core.abandon(pub)  # a caller that went away: not sent again
 
     async def presence(self, topic: str, *, timeout: float = 10.0) -> int:
         """How many connections are subscribed to ``topic`` across the cluster (the
@@ -405,7 +437,9 @@ class Client:
                 error = _TERMINAL_ERRORS.get(action.code, "closed")  # type: ignore[call-overload]
                 self._terminal = RequestFailed(error, action.reason or f"closed with {action.code}")
                 self._fail_all(self._terminal)
+                self._settle(actions)  # the publications held fail with it
                 return False
+        for action in actions:
             if isinstance(action, cc.ReconnectAt):
                 await trio.sleep_until(action.at)
         return True
@@ -542,11 +576,37 @@ class Client:
                 self._tick_wait.cancel()  # the gateway's ping settings change the tick period
             elif isinstance(action, cc.Answer):
                 self._answer(action)
+            elif isinstance(action, (cc.Published, cc.PublishFailed)):
+                self._settle((action,))
+            elif isinstance(action, cc.PublishRetry):
+                log.info("publication %s to %s answered %s, again in %.2fs", action.publication.idem,
+                         action.publication.topic, action.code, action.retry_at - trio.current_time())
             elif isinstance(action, cc.Drop):
                 log.info("dropping the connection to %s: %s", self._core.url, action.reason)
                 self._dropped = action
                 self._session_scope.cancel()
                 return
+
+    def _settle(self, actions: Sequence[cc.Action]) -> None:
+        """Hand publications the core settled to the publish() calls waiting for them."""
+        for action in actions:
+            if isinstance(action, (cc.Published, cc.PublishFailed)):
+                pending = self._publications.pop(action.publication, None)
+                if pending is None:
+                    continue
+                if isinstance(action, cc.Published):
+                    pending.resolve(action.seq)
+                else:
+                    pending.fail(self._publish_error(action))
+
+    def _publish_error(self, action: cc.PublishFailed) -> Exception:
+        if action.code == cc.DISCONNECTED:
+            return ConnectionLost()
+        if action.code == cc.TIMEOUT:
+            return trio.TooSlowError(action.message)
+        if action.code == cc.CLOSED and self._terminal is not None:
+            return self._terminal
+        return RequestFailed(action.code, action.message)
 
     def _answer(self, action: cc.Answer) -> None:
         entry = self._pending.pop(action.id, None) if action.id is not None else None
@@ -556,8 +616,6 @@ class Client:
         msg = action.frame
         if msg.get("type") == "error":
             pending.fail(RequestFailed(msg.get("code", "error"), msg.get("message", "")))
-        elif kind == "publish":
-            pending.resolve(msg.get("seq"))
         elif kind == "presence":
             pending.resolve(msg.get("subscribers"))
         else:

@@ -34,6 +34,12 @@ event (method)                           typical actions
                                          subscribe retried), :class:`FetchToken` (refresh)
 ``subscribe(topic, last=, presence=)``   :class:`Send` when a connection is up
 ``unsubscribe(topic)``
+``publish(topic, payload, now, idem=)``  the held :class:`Outgoing` and its :class:`Send`
+                                         (when a connection is up); later
+                                         :class:`Published`, :class:`PublishRetry`,
+                                         :class:`PublishFailed` from ``received``,
+                                         ``tick`` and ``closed``
+``abandon(publication)``                 :class:`PublishFailed` (the host's deadline)
 =======================================  =================================================
 
 ``now`` is any monotonic clock in seconds; only differences matter. Frames are
@@ -88,6 +94,32 @@ The rules, each in one place:
     cannot succeed by repetition: the subscription ends, reported with
     ``retry_at=None``, and is not resubscribed. So does a subscription the server
     withdraws (an unsolicited ``unsubscribed``), with the code ``unsubscribed``.
+* **Publications** (:meth:`ClientCore.publish`): every publication the host wants
+  acknowledged carries an ``idem`` key — the caller's, or one the core makes:
+  ``<prefix>-<n>``, a random prefix of 16 URL-safe characters (96 bits) per client
+  and a counter, so that no two clients, nor one client started again, share a key.
+  The core holds it until it is answered for good, and sends it again, with the same
+  key and a new ``id``, whenever its outcome is open:
+
+  - on every new connection (one lost with the publication in flight, or before it
+    went out at all), right after the resubscribes;
+  - after an answer in :data:`PUBLISH_RETRY_ERRORS` — ``unavailable`` (not applied),
+    ``outcome_unknown`` (maybe applied), ``internal`` — after a full-jitter delay on
+    the backoff caps, growing per publication (:class:`PublishRetry`).
+
+  The gateway answers a retry of a publication it applied with the original ``seq``
+  (while that one is still in the topic's history), so what the host gets
+  (:class:`Published`) is applied exactly once. The budget: at most
+  ``publish_attempts`` sends, and no retry after the publication's deadline
+  (``publish_timeout`` after :meth:`~ClientCore.publish`, or the host's ``timeout``);
+  past it the publication fails (:class:`PublishFailed`) with the last code that left
+  its outcome open — ``disconnected`` when the connection was lost with it in flight.
+  The host keeps its own timer for the deadline and calls :meth:`~ClientCore.abandon`
+  (``timeout`` when nothing was learnt). Any other code (``bad_request``,
+  ``forbidden``, ``too_large``, ``rate_limited``: the caller must change something or
+  slow down) fails it at once. A client that stops fails what it holds: ``closed``
+  for what never went out, the open code for the rest. Retries may put a publication
+  after later ones of the same client; a host that needs its own order waits for each.
 * **Close codes** (:func:`reconnect_delay`): the rule of :func:`fanroute.codes.reconnect_rule`
   — ``never`` (4001 except an expired token with a token source, 4003, 1008) stops, ``prompt`` (1012) returns within
   ``restart_window`` with jitter, ``longest`` (4029) waits between ``max_delay`` and
@@ -111,12 +143,14 @@ import base64
 import binascii
 import json
 import random
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from fanroute.backoff import Backoff
 from fanroute.codes import TOKEN_EXPIRED_REASON, CloseCode, ErrorCode, Reconnect, reconnect_rule
+from fanroute.protocol import MAX_IDEM_LENGTH
 
 U = TypeVar("U")
 
@@ -128,6 +162,19 @@ REFRESH_LEAD: Final = 30.0  # a token is refreshed at most this long before its 
 #: Errors answering a subscribe that may pass by themselves: the subscribe is retried.
 TRANSIENT_ERRORS: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
 
+#: Errors answering a publish after which it is sent again with its ``idem`` key: the
+#: shard was away (not applied), the outcome is unknown, or the gateway failed. A
+#: retry is applied at most once, so each is safe. ``rate_limited`` is not among them:
+#: it is the publisher's own rate, and the caller is told at once.
+PUBLISH_RETRY_ERRORS: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.INTERNAL})
+
+# Codes of a PublishFailed that come from the client, not from the gateway.
+DISCONNECTED: Final = "disconnected"  # the connection was lost with it in flight: maybe applied
+TIMEOUT: Final = "timeout"  # the deadline passed with nothing learnt (not sent, or no answer)
+CLOSED: Final = "closed"  # the client stopped before it was sent: not applied
+
+IDEM_PREFIX_LENGTH: Final = 40  # longest idem_prefix: room for "-" and a counter within 64
+
 #: Close codes after which a client stops reconnecting (derived from fanroute.codes).
 TERMINAL_CLOSE_CODES: Final = frozenset(c for c in CloseCode if c.reconnect is Reconnect.NEVER)
 
@@ -138,11 +185,12 @@ OPEN: Final = "open"  # the WebSocket is up, `connect` sent, no `connected` yet
 READY: Final = "ready"  # `connected` received: subscribed topics are live
 STOPPED: Final = "stopped"  # a terminal close code, or the application stopped it
 
-# States of one subscription (Stream.state).
-WAITING: Final = "waiting"  # to be subscribed on the next ready connection
-PENDING: Final = "pending"  # a subscribe is in flight
+# States of one subscription (Stream.state); WAITING, PENDING and RETRY are also those
+# of a held publication (Outgoing.state).
+WAITING: Final = "waiting"  # to be subscribed (sent) on the next ready connection
+PENDING: Final = "pending"  # a subscribe (publish) is in flight
 ACTIVE: Final = "active"  # confirmed: messages are tracked
-RETRY: Final = "retry"  # refused for a transient reason: subscribed again at retry_at
+RETRY: Final = "retry"  # refused for a transient reason: sent again at retry_at
 
 _CONNECT_ID: Final = 0  # the id of the `connect` frame; commands count from 1
 
@@ -244,6 +292,38 @@ class Presence:
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """The gateway acknowledged ``publication`` with ``seq`` (for a retry of one it had
+    applied: the original's). The core no longer holds it."""
+
+    publication: Outgoing
+    seq: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRetry:
+    """``publication`` was answered ``code`` (one of :data:`PUBLISH_RETRY_ERRORS`): it
+    goes out again, with its key, on the first :meth:`ClientCore.tick` at or after
+    ``retry_at`` (or on the next connection)."""
+
+    publication: Outgoing
+    code: str
+    message: str
+    retry_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailed:
+    """``publication`` will not be acknowledged: refused (the gateway's ``code``), or its
+    budget ran out (the last open code, :data:`DISCONNECTED` or :data:`TIMEOUT`), or the
+    client stopped (:data:`CLOSED`). The core no longer holds it."""
+
+    publication: Outgoing
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class FetchToken:
     """Ask the token source for a token, then call :meth:`ClientCore.give_token` (or
     :meth:`ClientCore.token_failed`). ``reason`` is :data:`FOR_CONNECT` or :data:`FOR_REFRESH`."""
@@ -302,7 +382,7 @@ class Stop:
 
 Action = (
     Connect | Send | Ping | Deliver | Unrecovered | Subscribed | SubscribeError | Ready | Answer | Drop | ReconnectAt
-    | Stop | Presence | FetchToken | Refreshed
+    | Stop | Presence | FetchToken | Refreshed | Published | PublishRetry | PublishFailed
 )
 
 NOTHING: Final[tuple[()]] = ()
@@ -335,6 +415,9 @@ class Settings:
     # for anonymous gateways (the standalone default), which accept commands at once;
     # it saves a round trip per reconnect, which a benchmark of thousands feels.
     eager: bool = False
+    publish_timeout: float = 10.0  # a publication's deadline, unless publish() is given one
+    publish_attempts: int = 10  # sends of one publication at most, the first included
+    idem_prefix: str | None = None  # keys are "<prefix>-<n>"; None: 16 random characters
 
 
 @dataclass(slots=True, eq=False)
@@ -367,12 +450,30 @@ class Stream:
         return None if self.epoch is None else Position(self.epoch, self.seq)
 
 
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """One publication the core holds until it is acknowledged or fails."""
+
+    topic: str
+    payload: Any
+    idem: str  # the same on every send
+    deadline: float  # no retry at or after it
+    state: str = WAITING  # WAITING (for a connection), PENDING (in flight), RETRY (at retry_at)
+    request: int | None = None  # id of the send in flight
+    attempts: int = 0  # sends so far
+    tries: int = 0  # retryable answers so far (the backoff's attempt count)
+    retry_at: float | None = None
+    code: str | None = None  # what left the outcome open last (None: nothing yet)
+    message: str = ""
+
+
 @dataclass(slots=True)
 class Stats:
     connects: int = 0
     duplicates: int = 0
     gaps: int = 0
     unrecovered: int = 0
+    retries: int = 0  # publications sent again (same key)
 
 
 def reconnect_delay(
@@ -462,6 +563,14 @@ class ClientCore(Generic[U]):
         self._refresh_id: int | None = None  # the `refresh` command in flight
         self._token_tries = 0  # failed refresh fetches in a row
         self._lead = float("inf")  # how long before its exp the token is refreshed
+        prefix = s.idem_prefix if s.idem_prefix is not None else secrets.token_urlsafe(12)
+        if not 0 < len(prefix) <= IDEM_PREFIX_LENGTH:
+            raise ValueError(f"idem_prefix must be 1 to {IDEM_PREFIX_LENGTH} characters")
+        self.idem_prefix = prefix
+        self._idems = 0
+        #: Publications held until answered for good, in the order they were made.
+        self.publications: dict[Outgoing, None] = {}
+        self._publishing: dict[int, Outgoing] = {}  # id of a publish in flight -> its publication
 
     # --- what the host reads ------------------------------------------------------------
 
@@ -481,9 +590,14 @@ class ClientCore(Generic[U]):
         return None if s is None else s.since()
 
     def next_id(self) -> int:
-        """An id for a command of the host's own (a publish): never one the core uses."""
+        """An id for a command of the host's own (a presence query): never one the core uses."""
         self._ids += 1
         return self._ids
+
+    def next_idem(self) -> str:
+        """A fresh ``idem`` key: ``<prefix>-<n>``."""
+        self._idems += 1
+        return f"{self.idem_prefix}-{self._idems}"
 
     # --- the application's side ------------------------------------------------------------
 
@@ -505,6 +619,29 @@ class ClientCore(Generic[U]):
             return NOTHING
         return [Send({"type": "unsubscribe", "topic": topic, "id": self.next_id()})]
 
+    def publish(
+        self, topic: str, payload: Any, now: float, idem: str | None = None, timeout: float | None = None
+    ) -> tuple[Outgoing, Sequence[Action]]:
+        """Hold a publication until it is acknowledged; sent at once when a connection is
+        ready. ``idem``: the caller's key (1 to 64 characters), else a fresh one;
+        ``timeout``: seconds until its deadline (``publish_timeout``). Returns the held
+        :class:`Outgoing` (the host's handle: the actions about it carry it) and the actions."""
+        if idem is None:
+            idem = self.next_idem()
+        elif type(idem) is not str or not 0 < len(idem) <= MAX_IDEM_LENGTH:
+            raise ValueError(f"idem must be a string of 1 to {MAX_IDEM_LENGTH} characters")
+        pub = Outgoing(topic, payload, idem, now + (self.settings.publish_timeout if timeout is None else timeout))
+        self.publications[pub] = None
+        return pub, ([self._send_publication(pub, now)] if self._can_send() else NOTHING)
+
+    def abandon(self, publication: Outgoing) -> Sequence[Action]:
+        """The host gives up on ``publication`` (its deadline passed, or its caller went
+        away): it is not sent again. A :class:`PublishFailed` with what was learnt last
+        (:data:`TIMEOUT` if nothing), or nothing if it was already settled."""
+        if publication not in self.publications:
+            return NOTHING
+        return [self._fail_publication(publication, publication.code or TIMEOUT, publication.message or "no answer in time")]
+
     def start(self, now: float) -> Sequence[Action]:
         """Begin (or, after :meth:`stop` or a terminal code, begin again) with a fresh backoff."""
         if self.phase not in (IDLE, STOPPED):
@@ -513,11 +650,13 @@ class ClientCore(Generic[U]):
         self.phase = IDLE
         return self.connect(now)
 
-    def stop(self) -> None:
+    def stop(self) -> Sequence[Action]:
         """The application closes the client: no more reconnecting. Positions are kept,
-        so a later :meth:`start` resumes every subscription with ``since``."""
+        so a later :meth:`start` resumes every subscription with ``since``; the
+        publications held fail (:class:`PublishFailed`)."""
         self._lose_connection()
         self.phase = STOPPED
+        return self._fail_publications("the client was closed")
 
     # --- the connection ---------------------------------------------------------------------
 
@@ -550,7 +689,8 @@ class ClientCore(Generic[U]):
                 return [Drop(int(CloseCode.UNAUTHORIZED), "the token source gave no token")]
             self._lose_connection()
             self.phase = STOPPED
-            return [Stop(int(CloseCode.UNAUTHORIZED), "the token source gave no token")]
+            why = "the token source gave no token"
+            return [*self._fail_publications(why), Stop(int(CloseCode.UNAUTHORIZED), why)]
         self.token = token
         self._token_tries = 0
         self._refresh_at = None if ttl is None else now + refresh_delay(ttl)
@@ -591,6 +731,7 @@ class ClientCore(Generic[U]):
         out: list[Action] = [Send(hello)]
         if self.settings.eager:
             out += self._subscribe_all()
+            out += self._send_publications(now)
         return out
 
     def closed(self, code: int | None, now: float, reason: str = "") -> Sequence[Action]:
@@ -606,7 +747,7 @@ class ClientCore(Generic[U]):
             delay = reconnect_delay(code, self.backoff, self.rng, self.settings.restart_window)
         if delay is None:
             self.phase = STOPPED
-            return [Stop(code, reason)]
+            return [*self._fail_publications(reason or f"closed with {code}"), Stop(code, reason)]
         self.phase = IDLE
         return [ReconnectAt(now + delay, delay, code)]
 
@@ -663,6 +804,8 @@ class ClientCore(Generic[U]):
             return self._on_subscribed(frame, id)
         if kind == "unsubscribed":
             return self._on_unsubscribed(frame, id)
+        if kind == "published" and id is not None and id in self._publishing:
+            return self._on_published(frame, id)
         if kind == "error":
             return self._on_error(frame, id, now)
         if kind == "presence" and id is None:
@@ -706,6 +849,11 @@ class ClientCore(Generic[U]):
         self._requests.clear()
         for s in self.streams.values():
             s.state, s.request, s.resuming, s.retry_at = WAITING, None, False, None
+        self._publishing.clear()
+        for pub in self.publications:
+            if pub.state is PENDING:  # it may have been applied: the retry says
+                pub.code, pub.message = DISCONNECTED, "the connection was lost before the answer; it may have been applied"
+            pub.state, pub.request, pub.retry_at = WAITING, None, None
         self.session = None
         self._due = self._late = float("inf")
         self._fetching = self._refresh_at = self._refresh_id = None
@@ -725,6 +873,7 @@ class ClientCore(Generic[U]):
         out: list[Action] = [Ready(self.session)]
         if not s.eager:
             out += self._subscribe_all()
+            out += self._send_publications(now)
         self._reschedule()
         return out
 
@@ -823,6 +972,8 @@ class ClientCore(Generic[U]):
                 return [Drop(int(CloseCode.UNAUTHORIZED), f"token refused: {message}")]
             self._retry_refresh(now)  # a limit, say: ask again a little later
             return NOTHING
+        if id is not None and id in self._publishing:
+            return self._publish_refused(self._publishing.pop(id), id, code, message, now)
         if id is None or id not in self._requests:
             return [Answer(id, frame)]
         s = self._requests.pop(id)
@@ -841,6 +992,58 @@ class ClientCore(Generic[U]):
             return SubscribeError(s.topic, code, message, s.retry_at)
         del self.streams[s.topic]
         return SubscribeError(s.topic, code, message, None)
+
+    # --- publications ---------------------------------------------------------------------------
+
+    def _send_publication(self, pub: Outgoing, now: float) -> Action:
+        """Send ``pub`` (again, with its key and a new id), or fail it: out of budget."""
+        if pub.attempts >= self.settings.publish_attempts or now >= pub.deadline:
+            return self._fail_publication(pub, pub.code or TIMEOUT, pub.message or "no answer in time")
+        if pub.attempts:
+            self.stats.retries += 1
+        pub.attempts += 1
+        pub.request = id = self.next_id()
+        pub.state, pub.retry_at = PENDING, None
+        self._publishing[id] = pub
+        return Send({"type": "publish", "topic": pub.topic, "payload": pub.payload, "id": id, "idem": pub.idem})
+
+    def _send_publications(self, now: float) -> list[Action]:
+        """A new connection: every publication held goes out (again), oldest first."""
+        return [self._send_publication(pub, now) for pub in list(self.publications) if pub.state is WAITING]
+
+    def _fail_publication(self, pub: Outgoing, code: str, message: str) -> PublishFailed:
+        del self.publications[pub]
+        pub.state, pub.request, pub.retry_at = WAITING, None, None
+        return PublishFailed(pub, code, message)
+
+    def _fail_publications(self, why: str) -> list[Action]:
+        """The client stops: what was never sent was not applied; the rest may have been."""
+        return [self._fail_publication(pub, pub.code or CLOSED, why) for pub in list(self.publications)]
+
+    def _on_published(self, frame: Mapping[str, Any], id: int) -> Sequence[Action]:
+        pub = self._publishing.pop(id)
+        if pub not in self.publications or pub.request != id:
+            return NOTHING  # abandoned meanwhile
+        del self.publications[pub]
+        pub.state, pub.request = WAITING, None
+        return [Published(pub, frame.get("seq"))]
+
+    def _publish_refused(self, pub: Outgoing, id: int, code: str, message: str, now: float) -> Sequence[Action]:
+        """A publish was answered with an error: send it again later, or fail it."""
+        if pub not in self.publications or pub.request != id:
+            return NOTHING  # abandoned meanwhile
+        pub.request = None
+        if code in PUBLISH_RETRY_ERRORS:
+            pub.code, pub.message = code, message
+            if pub.attempts < self.settings.publish_attempts:
+                delay = max(self.settings.min_delay, self.rng.uniform(0, self.backoff.cap(pub.tries)))
+                at = now + delay
+                if at < pub.deadline:
+                    pub.tries += 1
+                    pub.state, pub.retry_at = RETRY, at
+                    self._due = min(self._due, at)
+                    return [PublishRetry(pub, code, message, at)]
+        return [self._fail_publication(pub, code, message)]
 
     def _timers(self, now: float, late: bool) -> Sequence[Action]:
         if self.phase in (CONNECTING, OPEN):
@@ -872,6 +1075,9 @@ class ClientCore(Generic[U]):
         for s in self.streams.values():
             if s.state is RETRY and s.retry_at is not None and s.retry_at <= now:
                 out.append(self._subscribe(s))
+        for pub in list(self.publications):
+            if pub.state is RETRY and pub.retry_at is not None and pub.retry_at <= now:
+                out.append(self._send_publication(pub, now))
         self._reschedule()
         return out
 
@@ -882,15 +1088,18 @@ class ClientCore(Generic[U]):
         for s in self.streams.values():
             if s.retry_at is not None:
                 due = min(due, s.retry_at)
+        for pub in self.publications:
+            if pub.retry_at is not None:
+                due = min(due, pub.retry_at)
         if self._refresh_at is not None:
             due = min(due, self._refresh_at)
         self._due = due
 
 
 __all__ = [
-    "Action", "Answer", "ClientCore", "Connect", "DELIVER", "DELIVERED", "Deliver", "Drop", "FOR_CONNECT",
-    "FOR_REFRESH", "FetchToken", "Message", "NOTHING", "PING", "Ping", "Position", "Presence", "REFRESH_LEAD",
-    "Ready", "ReconnectAt", "Refreshed", "Send", "Settings", "Stats", "Stop", "Stream", "SubscribeError",
-    "Subscribed", "TERMINAL_CLOSE_CODES", "TRANSIENT_ERRORS", "Unrecovered", "reconnect_delay", "refresh_delay",
-    "token_ttl",
+    "Action", "Answer", "CLOSED", "ClientCore", "Connect", "DELIVER", "DELIVERED", "DISCONNECTED", "Deliver", "Drop",
+    "FOR_CONNECT", "FOR_REFRESH", "FetchToken", "Message", "NOTHING", "Outgoing", "PING", "PUBLISH_RETRY_ERRORS", "Ping",
+    "Position", "Presence", "PublishFailed", "PublishRetry", "Published", "REFRESH_LEAD", "Ready", "ReconnectAt",
+    "Refreshed", "Send", "Settings", "Stats", "Stop", "Stream", "SubscribeError", "Subscribed", "TERMINAL_CLOSE_CODES",
+    "TIMEOUT", "TRANSIENT_ERRORS", "Unrecovered", "reconnect_delay", "refresh_delay", "token_ttl",
 ]

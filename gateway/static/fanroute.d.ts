@@ -17,6 +17,11 @@ export declare const TERMINAL_CLOSE_CODES: ReadonlySet<number>;
 export declare const RESTART_WINDOW: number;
 /** Error codes answering a subscribe after which it is retried (unavailable, rate_limited, internal). */
 export declare const TRANSIENT_ERRORS: ReadonlySet<string>;
+/** Error codes answering a publish after which it is sent again with its idem key
+ * (unavailable, outcome_unknown, internal). */
+export declare const PUBLISH_RETRY_ERRORS: ReadonlySet<string>;
+/** The longest idem key the protocol allows (64). */
+export declare const MAX_IDEM_LENGTH: number;
 /** The reason of the 4001 close for a token that expired on an open connection: the
  * one 4001 a client with getToken recovers from (with a new token). */
 export declare const TOKEN_EXPIRED_REASON: "token expired";
@@ -80,6 +85,29 @@ export interface LostRange {
 }
 
 export type StreamState = "waiting" | "pending" | "active" | "retry";
+export type OutgoingState = "waiting" | "pending" | "retry";
+
+/** One publication ClientCore holds until it is acknowledged or fails. */
+export declare class Outgoing {
+  constructor(topic: string, payload: unknown, idem: string, deadline: number);
+  readonly topic: string;
+  readonly payload: unknown;
+  /** The idem key, the same on every send. */
+  readonly idem: string;
+  /** No retry at or after it (ms, the core's clock). */
+  readonly deadline: number;
+  /** waiting (for a connection), pending (in flight), retry (at retryAt). */
+  state: OutgoingState;
+  request: number | null;
+  /** Sends so far. */
+  attempts: number;
+  /** Retryable answers so far. */
+  tries: number;
+  retryAt: number | null;
+  /** What left the outcome open last (null: nothing yet). */
+  code: string | null;
+  message: string;
+}
 
 /** One subscription's position and state, as ClientCore tracks it. */
 export declare class Stream {
@@ -127,6 +155,12 @@ export interface CoreSettings {
   fetchToken?: boolean;
   /** Subscribe together with `connect` (anonymous gateways only). */
   eager?: boolean;
+  /** A publication's deadline, unless publish() is given one (default 10000). */
+  publishTimeout?: number;
+  /** Sends of one publication at most, the first included (default 10). */
+  publishAttempts?: number;
+  /** Automatic idem keys are `<prefix>-<n>` (1 to 40 characters; null: 16 random ones). */
+  idemPrefix?: string | null;
 }
 
 export type Action =
@@ -145,7 +179,22 @@ export type Action =
   | { type: "presence"; topic: string; subscribers: number }
   /** Ask the token source, then call giveToken() or tokenFailed(). */
   | { type: "fetchToken"; reason: "connect" | "refresh" }
-  | { type: "refreshed"; expires: number | null };
+  | { type: "refreshed"; expires: number | null }
+  /** Acknowledged (a retry of an applied publication gets the original seq). */
+  | { type: "published"; publication: Outgoing; seq: number }
+  /** Answered with a retryable code: sent again, same key, at retryAt (or on the next connection). */
+  | { type: "publishRetry"; publication: Outgoing; code: string; message: string; retryAt: number }
+  /** Refused, out of budget (the last open code, "disconnected", "timeout") or the client stopped ("closed"). */
+  | { type: "publishFailed"; publication: Outgoing; code: string; message: string };
+
+export interface Stats {
+  connects: number;
+  duplicates: number;
+  gaps: number;
+  unrecovered: number;
+  /** Publications sent again with their idem key. */
+  retries: number;
+}
 
 export declare const NOTHING: readonly Action[];
 export declare const PING: { readonly type: "ping" };
@@ -164,7 +213,11 @@ export declare class ClientCore {
   readonly settings: Required<CoreSettings>;
   readonly backoff: Backoff;
   readonly streams: Map<string, Stream>;
-  readonly stats: { connects: number; duplicates: number; gaps: number; unrecovered: number };
+  /** Publications held until answered for good, oldest first. */
+  readonly publications: Set<Outgoing>;
+  /** The prefix of this client's automatic idem keys. */
+  readonly idemPrefix: string;
+  readonly stats: Stats;
   readonly phase: "idle" | "connecting" | "open" | "ready" | "stopped";
   readonly url: string | null;
   readonly session: string | null;
@@ -176,14 +229,24 @@ export declare class ClientCore {
   readonly checkPeriod: number;
   position(topic: string): Position | null;
   nextId(): number;
+  /** A fresh idem key: `<prefix>-<n>`. */
+  nextIdem(): string;
   subscribe(topic: string, last?: number | null, presence?: boolean): readonly Action[];
   unsubscribe(topic: string): readonly Action[];
+  /** Hold a publication (key `idem`, else a fresh one; deadline now + `timeout`, else
+   * publishTimeout) until acknowledged; sent at once when a connection is ready. */
+  publish(
+    topic: string, payload: unknown, now: number, idem?: string | null, timeout?: number | null,
+  ): { publication: Outgoing; actions: readonly Action[] };
+  /** Give up on a publication (the host's deadline): a publishFailed, or nothing if already settled. */
+  abandon(publication: Outgoing): readonly Action[];
   /** The token source answered: a token expiring in `ttl` ms (null: unknown), or null: none to be had. */
   giveToken(token: string | null, now: number, ttl?: number | null): readonly Action[];
   /** The token source failed: tried again after a backoff delay. */
   tokenFailed(now: number, reason?: string): readonly Action[];
   start(now: number): readonly Action[];
-  stop(): void;
+  /** No more reconnecting; the publications held fail (publishFailed). */
+  stop(): readonly Action[];
   connect(now: number): readonly Action[];
   opened(now: number): readonly Action[];
   closed(code: number | null, now: number, reason?: string): readonly Action[];
@@ -197,7 +260,8 @@ export declare class ClientCore {
 export declare class FanrouteError extends Error {
   constructor(code: string, message: string);
   /** bad_request, unauthorized, forbidden, rate_limited, too_large, unavailable,
-   * or, from the client itself: disconnected, closed, timeout. */
+   * outcome_unknown, internal, or, from the client itself: disconnected (the connection
+   * closed before the answer: it may have been applied), closed, timeout. */
   readonly code: string;
   readonly reason: string;
 }
@@ -228,7 +292,7 @@ export interface ClientOptions {
   pingTimeout?: number;
   /** An attempt that got no `connected` within this is abandoned (default 10000). */
   connectTimeout?: number;
-  /** Default timeout of publish() (default 10000). */
+  /** Default timeout of publish(), retries included (default 10000). */
   publishTimeout?: number;
   /** The WebSocket class (default globalThis.WebSocket): for Node or tests. */
   WebSocket?: { new (url: string): WebSocket };
@@ -237,6 +301,13 @@ export interface ClientOptions {
 }
 
 export type State = "disconnected" | "connecting" | "connected";
+
+export interface PublishOptions {
+  /** How long to keep trying (default: publishTimeout). */
+  timeout?: number;
+  /** The idempotency key, 1 to 64 characters (default: `<client prefix>-<n>`). */
+  idem?: string;
+}
 
 export interface SubscribeOptions {
   /** Begin with the topic's newest `last` messages (and get them again whenever a
@@ -327,7 +398,7 @@ export declare class FanrouteClient {
   readonly url: string | null;
   readonly session: string | null;
   readonly lastClose: { code: number; reason: string } | null;
-  readonly stats: { connects: number; duplicates: number; gaps: number; unrecovered: number };
+  readonly stats: Stats;
   readonly topics: string[];
   readonly backoff: Backoff;
 
@@ -340,8 +411,12 @@ export declare class FanrouteClient {
   /** The topic's subscription (created "unsubscribed" if there is none): call subscribe() on it. */
   newSubscription(topic: string, options?: SubscribeOptions): Subscription;
   getSubscription(topic: string): Subscription | null;
-  /** Resolves to the seq the cluster gave the publication. */
-  publish(topic: string, payload: unknown, options?: { timeout?: number }): Promise<number>;
+  /** Resolves to the seq the cluster gave the publication, once acknowledged: sent
+   * again with the same idem key (`idem`, else one unique to this client) after a
+   * reconnect or an unavailable / outcome_unknown / internal answer, so it is applied
+   * once. Rejects after `timeout` (publishTimeout) or 10 sends with what was learnt
+   * last, or at once on any other error. */
+  publish(topic: string, payload: unknown, options?: PublishOptions): Promise<number>;
   /** Resolves to the topic's subscriber count across the cluster. */
   presenceCount(topic: string, options?: { timeout?: number }): Promise<number>;
   position(topic: string): Position | null;

@@ -42,7 +42,14 @@
  * - tokens: `getToken()` (sync or async) is asked before every attempt and again a
  *   third of the token's life before its exp; the new one goes out with `refresh` on
  *   the open connection. A 4001 whose reason is "token expired" reconnects with a new
- *   token; any other 4001, or getToken() returning null, stops the client.
+ *   token; any other 4001, or getToken() returning null, stops the client;
+ * - publishing exactly once: every publication carries an `idem` key (the caller's,
+ *   or `<random prefix>-<n>`) and is held until acknowledged. One whose outcome is
+ *   open — the connection lost before the answer, or answered `unavailable`,
+ *   `outcome_unknown` or `internal` — goes out again with the same key on the next
+ *   connection or after a backoff delay; the gateway answers a retry of what it
+ *   applied with the original seq. Within `publishTimeout` and 10 sends; any other
+ *   error answer rejects at once.
  *
  * Every one of those rules is in `ClientCore` below: a sans-I/O state machine (events
  * in, actions out, no socket, no timer, no clock of its own) that is the twin of the
@@ -57,6 +64,7 @@
 // refers to: `tsc --checkJs` (tests/browser) checks the code against them.
 /** @typedef {import("./fanroute.js").Action} Action */
 /** @typedef {{ timeout?: number }} RequestOptions */
+/** @typedef {{ timeout?: number, idem?: string }} PublishOptions */
 
 // --- Close codes ----------------------------------------------------------------
 
@@ -130,6 +138,28 @@ export function refreshDelay(ttl) {
 
 /** Errors answering a subscribe that may pass by themselves: the subscribe is retried. */
 export const TRANSIENT_ERRORS = new Set(["unavailable", "rate_limited", "internal"]);
+
+/** Errors answering a publish after which it is sent again with its idem key (not
+ * applied, outcome unknown, the gateway failed): a retry is applied at most once.
+ * Not rate_limited: that is the publisher's own rate, and the caller is told at once. */
+export const PUBLISH_RETRY_ERRORS = new Set(["unavailable", "outcome_unknown", "internal"]);
+
+/** The longest idem key the protocol allows. */
+export const MAX_IDEM_LENGTH = 64;
+const IDEM_PREFIX_LENGTH = 40; // room for "-" and a counter within MAX_IDEM_LENGTH
+
+// Codes of a publishFailed that come from the client, not from the gateway.
+const DISCONNECTED = "disconnected"; // the connection was lost with it in flight: maybe applied
+const TIMEOUT = "timeout"; // the deadline passed with nothing learnt
+const CLOSED = "closed"; // the client stopped before it was sent: not applied
+
+/** 16 URL-safe random characters (96 bits): the prefix of a client's idem keys. */
+function randomPrefix() {
+  const bytes = new Uint8Array(12);
+  if (typeof globalThis.crypto?.getRandomValues === "function") globalThis.crypto.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_");
+}
 
 const DEFAULT_PING_INTERVAL = 25000; // what a gateway announces unless configured otherwise
 const DEFAULT_PING_TIMEOUT = 8000;
@@ -251,6 +281,27 @@ function positive(value) {
   return typeof value === "number" && Number.isFinite(value) && value > 0 ? value : null;
 }
 
+/** One publication the core holds until it is acknowledged or fails. */
+export class Outgoing {
+  constructor(topic, payload, idem, deadline) {
+    this.topic = topic;
+    this.payload = payload;
+    this.idem = idem; // the same on every send
+    this.deadline = deadline; // no retry at or after it
+    /** @type {import("./fanroute.js").OutgoingState} */
+    this.state = WAITING; // waiting (for a connection), pending (in flight), retry (at retryAt)
+    /** @type {number | null} */
+    this.request = null; // id of the send in flight
+    this.attempts = 0; // sends so far
+    this.tries = 0; // retryable answers so far (the backoff's attempt count)
+    /** @type {number | null} */
+    this.retryAt = null;
+    /** @type {string | null} */
+    this.code = null; // what left the outcome open last (null: nothing yet)
+    this.message = "";
+  }
+}
+
 /** One subscription's position and state. */
 export class Stream {
   constructor(topic, last = null, presence = false) {
@@ -298,7 +349,10 @@ export class Stream {
  * (close the socket, then report `closed(code)`), `{type: "reconnect", at, delay, code}`,
  * `{type: "stop", code, reason}`, `{type: "presence", topic, subscribers}`,
  * `{type: "fetchToken", reason}` (ask the token source, then call `giveToken` or
- * `tokenFailed`), `{type: "refreshed", expires}`.
+ * `tokenFailed`), `{type: "refreshed", expires}`, and for publications (`publish()`
+ * returns the held Outgoing with the actions): `{type: "published", publication, seq}`,
+ * `{type: "publishRetry", publication, code, message, retryAt}`,
+ * `{type: "publishFailed", publication, code, message}`.
  *
  * The rules, case by case the same as fanroute.clientcore (see its docstring):
  * sequence (deliver the next seq, drop duplicates, repair a gap nobody announced with
@@ -313,7 +367,11 @@ export class Stream {
  * attempt and refreshed at refreshDelay(ttl); a 4001 with TOKEN_EXPIRED_REASON
  * reconnects with a new one, any other 4001 stops); close codes (`reconnectDelay`); backoff reset after `backoffReset` ms from `connected`; the
  * heartbeat (dead after pingInterval + pingTimeout of silence from `connected`; a
- * tick more than pingInterval late with nothing of ours unanswered pings first).
+ * tick more than pingInterval late with nothing of ours unanswered pings first);
+ * publications (held with an idem key until answered for good; sent again with it on
+ * every new connection and, after PUBLISH_RETRY_ERRORS, after a full-jitter delay per
+ * publication; at most publishAttempts sends and no retry past the deadline, then the
+ * last open code; any other code at once; stop fails them: closed, or the open code).
  */
 export class ClientCore {
   constructor(urls, settings = {}, { random = Math.random, firstUrl = 0 } = {}) {
@@ -331,13 +389,16 @@ export class ClientCore {
       token: null,
       fetchToken: false, // the host has a token source: ask it before every attempt and before exp
       eager: false, // subscribe together with `connect` (anonymous gateways only)
+      publishTimeout: 10000, // a publication's deadline, unless publish() is given one
+      publishAttempts: 10, // sends of one publication at most, the first included
+      idemPrefix: null, // keys are "<prefix>-<n>"; null: 16 random characters
       ...settings,
     };
     const s = this.settings;
     this.random = random;
     this.backoff = new Backoff({ minDelay: s.minDelay, maxDelay: s.maxDelay, resetAfter: s.backoffReset, random });
     this.streams = new Map();
-    this.stats = { connects: 0, duplicates: 0, gaps: 0, unrecovered: 0 };
+    this.stats = { connects: 0, duplicates: 0, gaps: 0, unrecovered: 0, retries: 0 };
     /** @type {"idle" | "connecting" | "open" | "ready" | "stopped"} */
     this.phase = IDLE;
     this.url = null;
@@ -361,6 +422,17 @@ export class ClientCore {
     this._refreshId = null; // the `refresh` command in flight
     this._tokenTries = 0; // failed refresh fetches in a row
     this._lead = Infinity; // how long before its exp the token is refreshed
+    const prefix = s.idemPrefix ?? randomPrefix();
+    if (typeof prefix !== "string" || prefix.length < 1 || prefix.length > IDEM_PREFIX_LENGTH) {
+      throw new RangeError(`idemPrefix must be 1 to ${IDEM_PREFIX_LENGTH} characters`);
+    }
+    this.idemPrefix = prefix;
+    this._idems = 0;
+    /** Publications held until answered for good, in the order they were made.
+     * @type {Set<Outgoing>} */
+    this.publications = new Set();
+    /** @type {Map<number, Outgoing>} */
+    this._publishing = new Map(); // id of a publish in flight -> its publication
   }
 
   // --- what the host reads ---
@@ -380,10 +452,16 @@ export class ClientCore {
     return this.streams.get(topic)?.since() ?? null;
   }
 
-  /** An id for a command of the host's own (a publish): never one the core uses. */
+  /** An id for a command of the host's own (a presence query): never one the core uses. */
   nextId() {
     this._ids += 1;
     return this._ids;
+  }
+
+  /** A fresh idem key: `<prefix>-<n>`. */
+  nextIdem() {
+    this._idems += 1;
+    return `${this.idemPrefix}-${this._idems}`;
   }
 
   // --- the page's side ---
@@ -403,6 +481,31 @@ export class ClientCore {
     return [{ type: "send", frame: { type: "unsubscribe", topic, id: this.nextId() } }];
   }
 
+  /** Hold a publication until it is acknowledged; sent at once when a connection is
+   * ready. `idem`: the caller's key (1 to 64 characters), else a fresh one; `timeout`:
+   * ms until its deadline (publishTimeout). Returns the held Outgoing (the actions
+   * about it carry it) and the actions.
+   * @returns {{ publication: Outgoing, actions: readonly Action[] }} */
+  publish(topic, payload, now, idem = null, timeout = null) {
+    if (idem === null || idem === undefined) {
+      idem = this.nextIdem();
+    } else if (typeof idem !== "string" || idem.length < 1 || idem.length > MAX_IDEM_LENGTH) {
+      throw new RangeError(`idem must be a string of 1 to ${MAX_IDEM_LENGTH} characters`);
+    }
+    const pub = new Outgoing(topic, payload, idem, now + (timeout ?? this.settings.publishTimeout));
+    this.publications.add(pub);
+    return { publication: pub, actions: this._canSend() ? [this._sendPublication(pub, now)] : NOTHING };
+  }
+
+  /** The host gives up on `publication` (its deadline passed, or its caller went away):
+   * it is not sent again. A publishFailed with what was learnt last ("timeout" if
+   * nothing), or nothing if it was already settled.
+   * @returns {readonly Action[]} */
+  abandon(publication) {
+    if (!this.publications.has(publication)) return NOTHING;
+    return [this._failPublication(publication, publication.code ?? TIMEOUT, publication.message || "no answer in time")];
+  }
+
   start(now) {
     if (this.phase !== IDLE && this.phase !== STOPPED) return NOTHING;
     this.backoff.reset();
@@ -410,9 +513,12 @@ export class ClientCore {
     return this.connect(now);
   }
 
+  /** No more reconnecting; positions are kept. The publications held fail.
+   * @returns {readonly Action[]} */
   stop() {
     this._loseConnection();
     this.phase = STOPPED;
+    return this._failPublications("the client was closed");
   }
 
   // --- the connection ---
@@ -447,7 +553,7 @@ export class ClientCore {
       if (reason === FOR_REFRESH && this.phase === READY) return [{ type: "drop", code: CLOSE_UNAUTHORIZED, reason: why }];
       this._loseConnection();
       this.phase = STOPPED;
-      return [{ type: "stop", code: CLOSE_UNAUTHORIZED, reason: why }];
+      return [...this._failPublications(why), { type: "stop", code: CLOSE_UNAUTHORIZED, reason: why }];
     }
     this.token = token;
     this._tokenTries = 0;
@@ -483,7 +589,7 @@ export class ClientCore {
     if (this.token !== null && this.token !== undefined) hello.token = this.token;
     /** @type {Action[]} */
     const out = [{ type: "send", frame: hello }];
-    if (this.settings.eager) out.push(...this._subscribeAll());
+    if (this.settings.eager) out.push(...this._subscribeAll(), ...this._sendPublications(now));
     return out;
   }
 
@@ -496,7 +602,7 @@ export class ClientCore {
       : reconnectDelay(code, this.backoff, this.random, this.settings.restartWindow);
     if (delay === null) {
       this.phase = STOPPED;
-      return [{ type: "stop", code, reason }];
+      return [...this._failPublications(reason || `closed with ${code}`), { type: "stop", code, reason }];
     }
     this.phase = IDLE;
     return [{ type: "reconnect", at: now + delay, delay, code }];
@@ -547,6 +653,7 @@ export class ClientCore {
     if (kind === "connected") return this._onConnected(frame, now);
     if (kind === "subscribed") return this._onSubscribed(frame, id);
     if (kind === "unsubscribed") return this._onUnsubscribed(frame, id);
+    if (kind === "published" && id !== null && this._publishing.has(id)) return this._onPublished(frame, id);
     if (kind === "error") return this._onError(frame, id, now);
     if (kind === "presence" && id === null) return this._onPresence(frame);
     if (kind === "refreshed" && id !== null && id === this._refreshId) {
@@ -598,6 +705,16 @@ export class ClientCore {
       s.resuming = false;
       s.retryAt = null;
     }
+    this._publishing.clear();
+    for (const pub of this.publications) {
+      if (pub.state === PENDING) { // it may have been applied: the retry says
+        pub.code = DISCONNECTED;
+        pub.message = "the connection was lost before the answer; it may have been applied";
+      }
+      pub.state = WAITING;
+      pub.request = null;
+      pub.retryAt = null;
+    }
     this.session = null;
     this._due = this._late = Infinity;
     this._fetching = this._refreshAt = this._refreshId = null;
@@ -617,7 +734,7 @@ export class ClientCore {
     this.stats.connects += 1;
     /** @type {Action[]} */
     const out = [{ type: "ready", session: this.session }];
-    if (!s.eager) out.push(...this._subscribeAll());
+    if (!s.eager) out.push(...this._subscribeAll(), ...this._sendPublications(now));
     this._reschedule();
     return out;
   }
@@ -732,6 +849,11 @@ export class ClientCore {
       this._retryRefresh(now); // a limit, say: ask again a little later
       return NOTHING;
     }
+    if (id !== null && this._publishing.has(id)) {
+      const pub = /** @type {Outgoing} */ (this._publishing.get(id));
+      this._publishing.delete(id);
+      return this._publishRefused(pub, id, code, message, now);
+    }
     if (id === null || !this._requests.has(id)) return [{ type: "answer", id, frame }];
     const s = this._requests.get(id);
     this._requests.delete(id);
@@ -753,6 +875,77 @@ export class ClientCore {
     }
     this.streams.delete(s.topic);
     return { type: "subscribeError", topic: s.topic, code, message, retryAt: null };
+  }
+
+  // --- publications ---
+
+  /** Send `pub` (again, with its key and a new id), or fail it: out of budget.
+   * @returns {Action} */
+  _sendPublication(pub, now) {
+    if (pub.attempts >= this.settings.publishAttempts || now >= pub.deadline) {
+      return this._failPublication(pub, pub.code ?? TIMEOUT, pub.message || "no answer in time");
+    }
+    if (pub.attempts > 0) this.stats.retries += 1;
+    pub.attempts += 1;
+    const id = this.nextId();
+    pub.request = id;
+    pub.state = PENDING;
+    pub.retryAt = null;
+    this._publishing.set(id, pub);
+    return { type: "send", frame: { type: "publish", topic: pub.topic, payload: pub.payload, id, idem: pub.idem } };
+  }
+
+  /** A new connection: every publication held goes out (again), oldest first. */
+  _sendPublications(now) {
+    const out = [];
+    for (const pub of [...this.publications]) if (pub.state === WAITING) out.push(this._sendPublication(pub, now));
+    return out;
+  }
+
+  /** @returns {Action} */
+  _failPublication(pub, code, message) {
+    this.publications.delete(pub);
+    pub.state = WAITING;
+    pub.request = null;
+    pub.retryAt = null;
+    return { type: "publishFailed", publication: pub, code, message };
+  }
+
+  /** The client stops: what was never sent was not applied; the rest may have been. */
+  _failPublications(why) {
+    return [...this.publications].map((pub) => this._failPublication(pub, pub.code ?? CLOSED, why));
+  }
+
+  _onPublished(frame, id) {
+    const pub = /** @type {Outgoing} */ (this._publishing.get(id));
+    this._publishing.delete(id);
+    if (!this.publications.has(pub) || pub.request !== id) return NOTHING; // abandoned meanwhile
+    this.publications.delete(pub);
+    pub.state = WAITING;
+    pub.request = null;
+    return [{ type: "published", publication: pub, seq: frame.seq }];
+  }
+
+  /** A publish was answered with an error: send it again later, or fail it.
+   * @returns {readonly Action[]} */
+  _publishRefused(pub, id, code, message, now) {
+    if (!this.publications.has(pub) || pub.request !== id) return NOTHING; // abandoned meanwhile
+    pub.request = null;
+    if (PUBLISH_RETRY_ERRORS.has(code)) {
+      pub.code = code;
+      pub.message = message;
+      if (pub.attempts < this.settings.publishAttempts) {
+        const at = now + Math.max(this.settings.minDelay, uniform(this.random, 0, this.backoff.cap(pub.tries)));
+        if (at < pub.deadline) {
+          pub.tries += 1;
+          pub.state = RETRY;
+          pub.retryAt = at;
+          this._due = Math.min(this._due, at);
+          return [{ type: "publishRetry", publication: pub, code, message, retryAt: at }];
+        }
+      }
+    }
+    return [this._failPublication(pub, code, message)];
   }
 
   _timers(now, late) {
@@ -792,6 +985,9 @@ export class ClientCore {
     for (const s of this.streams.values()) {
       if (s.state === RETRY && s.retryAt !== null && s.retryAt <= now) out.push(this._subscribe(s));
     }
+    for (const pub of [...this.publications]) {
+      if (pub.state === RETRY && pub.retryAt !== null && pub.retryAt <= now) out.push(this._sendPublication(pub, now));
+    }
     this._reschedule();
     return out;
   }
@@ -800,6 +996,7 @@ export class ClientCore {
     let due = this.lastRx + this.deadline;
     if (this._pingEvery) due = Math.min(due, this._lastPing + this._pingEvery);
     for (const s of this.streams.values()) if (s.retryAt !== null) due = Math.min(due, s.retryAt);
+    for (const pub of this.publications) if (pub.retryAt !== null) due = Math.min(due, pub.retryAt);
     if (this._refreshAt !== null) due = Math.min(due, this._refreshAt);
     this._due = due;
   }
@@ -949,7 +1146,8 @@ export class FanrouteClient extends Emitter {
     this._ws = null;
     this._wsUrl = null;
     this._subs = new Map(); // topic -> Subscription
-    this._requests = new Map(); // id -> publish or presence waiting for its answer
+    this._requests = new Map(); // id -> presence query waiting for its answer
+    this._publications = new Map(); // Outgoing -> the publish() waiting for it
     this._queue = []; // requests waiting for a connection
     this._timers = { reconnect: null, tick: null };
     this._stopped = true;
@@ -983,7 +1181,7 @@ export class FanrouteClient extends Emitter {
     if (this._stopped && this._ws === null) return;
     this._stopped = true;
     this._tokenCalls += 1;
-    this._core.stop();
+    const failed = this._core.stop();
     const ws = this._ws;
     this._detach();
     if (ws !== null) {
@@ -993,6 +1191,7 @@ export class FanrouteClient extends Emitter {
         /* already closing */
       }
     }
+    this._apply(failed); // the publications held: rejected
     this._ended(code, reason, "closed");
   }
 
@@ -1049,18 +1248,41 @@ export class FanrouteClient extends Emitter {
   }
 
   /**
-   * Publish `payload` to `topic`; resolves to the seq the cluster gave it.
-   * Waits for a connection (up to `publishTimeout`). If the connection drops before
-   * the answer, it rejects with code "disconnected": the publication may or may not
-   * have happened (it is not sent again, so it never happens twice).
+   * Publish `payload` to `topic`; resolves to the seq the cluster gave it, once
+   * acknowledged, through retries. The publication carries an `idem` key (`idem`, 1
+   * to 64 characters, or one unique to this client) and is sent again with it when
+   * its outcome is open: on the next connection if the connection drops before the
+   * answer, after a backoff delay if it is answered unavailable, outcome_unknown or
+   * internal. The cluster applies it once, and a retry gets the original seq. Waits
+   * for a connection; after `timeout` (publishTimeout) or 10 sends it rejects with what
+   * it learnt last ("disconnected": sent, no answer came, it may have been applied;
+   * "timeout": nothing learnt). Any other error answer rejects at once.
    * @param {string} topic
    * @param {unknown} payload
-   * @param {RequestOptions} [options]
+   * @param {PublishOptions} [options]
    * @returns {Promise<number>}
    */
-  publish(topic, payload, { timeout } = {}) {
+  publish(topic, payload, { timeout, idem } = {}) {
     if (payload === undefined) return Promise.reject(new FanrouteError("bad_request", "publish needs a payload"));
-    return this._request({ type: "publish", topic, payload }, (msg) => msg.seq, timeout);
+    if (!isValidTopic(topic)) return Promise.reject(new FanrouteError("bad_request", `invalid topic ${JSON.stringify(topic)}`));
+    if (this._stopped && this.state === "disconnected") {
+      return Promise.reject(new FanrouteError("closed", "the client is not connecting (call connect())"));
+    }
+    const wait = timeout ?? this.options.publishTimeout;
+    let held;
+    try {
+      held = this._core.publish(topic, payload, Date.now(), idem ?? null, wait);
+    } catch (err) {
+      return Promise.reject(new FanrouteError("bad_request", String(err?.message ?? err)));
+    }
+    const { publication, actions } = held;
+    return new Promise((resolve, reject) => {
+      // The deadline is the core's too; this timer is what ends a wait while no
+      // connection is up (the core is told nothing then).
+      const timer = setTimeout(() => this._apply(this._core.abandon(publication)), wait);
+      this._publications.set(publication, { resolve, reject, timer });
+      this._apply(actions);
+    });
   }
 
   /** How many connections are subscribed to `topic` across the cluster (needs the
@@ -1186,6 +1408,18 @@ export class FanrouteClient extends Emitter {
         case "answer":
           this._onAnswer(a);
           break;
+        case "published":
+        case "publishFailed": {
+          const item = this._publications.get(a.publication);
+          if (item === undefined) break;
+          this._publications.delete(a.publication);
+          clearTimeout(item.timer);
+          if (a.type === "published") item.resolve(a.seq);
+          else item.reject(new FanrouteError(a.code, a.message));
+          break;
+        }
+        case "publishRetry":
+          break; // the core sends it again at retryAt (or on the next connection)
         case "drop":
           if (a.code === CLOSE_UNAUTHORIZED) this._emit("error", { code: "unauthorized", message: a.reason });
           this._drop(a.code, a.reason);
@@ -1411,8 +1645,7 @@ export class FanrouteClient extends Emitter {
   _settle(code) {
     for (const [id, item] of this._requests) {
       clearTimeout(item.timer);
-      const what = item.frame.type === "publish" ? "; the publication may or may not have happened" : "";
-      item.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came${what}`));
+      item.reject(new FanrouteError("disconnected", `the connection closed (${code}) before the answer came`));
       this._requests.delete(id);
     }
   }

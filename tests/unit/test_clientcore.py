@@ -72,6 +72,12 @@ def canonical(action: cc.Action) -> dict[str, Any]:
             return {"type": "fetch_token", "reason": reason}
         case cc.Refreshed(expires):
             return {"type": "refreshed", "expires": expires}
+        case cc.Published(publication, seq):
+            return {"type": "published", "idem": publication.idem, "seq": seq}
+        case cc.PublishRetry(publication, code, _message, retry_at):
+            return {"type": "publish_retry", "idem": publication.idem, "code": code, "retry_at": retry_at}
+        case cc.PublishFailed(publication, code, _message):
+            return {"type": "publish_failed", "idem": publication.idem, "code": code}
     raise AssertionError(f"unknown action {action!r}")
 
 
@@ -111,11 +117,18 @@ def run(core: cc.ClientCore[str], step: dict[str, Any]) -> list[dict[str, Any]]:
     elif do == "unsubscribe":
         actions = core.unsubscribe(step["topic"])
     elif do == "stop":
-        core.stop()
-        actions = ()
+        actions = core.stop()
+    elif do == "publish":
+        _, actions = core.publish(step["topic"], step["payload"], now, step.get("idem"), step.get("timeout"))
+    elif do == "abandon":
+        actions = core.abandon(held(core, step["idem"]))
     else:
         raise AssertionError(f"unknown step {do!r}")
     return [canonical(a) for a in actions]
+
+
+def held(core: cc.ClientCore[str], idem: str) -> cc.Outgoing:
+    return next(p for p in core.publications if p.idem == idem)
 
 
 def state(core: cc.ClientCore[str], key: str, want: Any) -> Any:
@@ -135,6 +148,8 @@ def state(core: cc.ClientCore[str], key: str, want: Any) -> Any:
         return {k: getattr(core.stats, k) for k in want}
     if key == "token":
         return core.token
+    if key == "publications":
+        return {k: next((p.state for p in core.publications if p.idem == k), None) for k in want}
     raise AssertionError(f"unknown check {key!r}")
 
 
@@ -156,7 +171,7 @@ def test_the_table_covers_every_rule_and_every_close_code() -> None:
     covered = {tag for c in CASES for tag in c["covers"]}
     assert covered >= {
         "close-code", "gap", "duplicate", "unrecovered", "unsolicited", "resubscribe",
-        "resubscribe-error", "heartbeat", "backoff", "last", "presence", "token",
+        "resubscribe-error", "heartbeat", "backoff", "last", "presence", "token", "publish",
     }
     closed = {s["code"] for c in CASES if "close-code" in c["covers"] for s in c["steps"] if s["do"] == "closed"}
     assert {int(c) for c in CloseCode} <= closed
@@ -171,11 +186,13 @@ def test_the_table_names_each_close_codes_rule_as_fanroute_codes_does() -> None:
 
 
 def test_every_action_type_has_its_fields_in_the_table() -> None:
+    pub = cc.Outgoing("t", 1, "k-1", 10.0)
     kinds = {canonical(a)["type"] for a in (
         cc.Connect("u"), cc.Send({}), cc.PING, cc.DELIVER, cc.Subscribed("t", "e", 0, False, False),
         cc.Unrecovered("t", "e", 0), cc.SubscribeError("t", "c", "", None), cc.Ready(None), cc.Answer(1, {}),
         cc.Drop(None, ""), cc.ReconnectAt(0, 0, None), cc.Stop(None, ""), cc.Presence("t", 0), cc.FetchToken("connect"),
-        cc.Refreshed(None),
+        cc.Refreshed(None), cc.Published(pub, 1), cc.PublishRetry(pub, "unavailable", "", 0.0),
+        cc.PublishFailed(pub, "forbidden", ""),
     )}
     assert kinds == set(FIELDS)
 
@@ -245,3 +262,47 @@ def test_last_must_be_a_positive_integer() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError):
             core.subscribe("t", last=bad)  # type: ignore[arg-type]
+
+
+def test_automatic_idem_keys_have_a_random_prefix_per_client_and_fit_the_protocol() -> None:
+    from fanroute.protocol import MAX_IDEM_LENGTH, check_idem
+
+    a: cc.ClientCore[str] = cc.ClientCore(["u"])
+    b: cc.ClientCore[str] = cc.ClientCore(["u"])
+    assert a.idem_prefix != b.idem_prefix  # 96 random bits each
+    assert len(a.idem_prefix) == 16 and set(a.idem_prefix) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    keys = [a.publish("t", i, 0.0)[0].idem for i in range(3)]
+    assert keys == [f"{a.idem_prefix}-{n}" for n in (1, 2, 3)]
+    a._idems = 10**20  # the counter never runs out of room
+    assert len(a.next_idem()) <= MAX_IDEM_LENGTH
+    longest: cc.ClientCore[str] = cc.ClientCore(["u"], cc.Settings(idem_prefix="p" * cc.IDEM_PREFIX_LENGTH))
+    longest._idems = 10**20
+    assert check_idem(longest.next_idem()) is not None
+
+
+def test_idem_keys_and_prefixes_outside_the_protocol_are_refused() -> None:
+    core: cc.ClientCore[str] = cc.ClientCore(["u"])
+    for bad in ("", "x" * 65, 7):
+        with pytest.raises(ValueError):
+            core.publish("t", 1, 0.0, bad)  # type: ignore[arg-type]
+    assert not core.publications
+    for prefix in ("", "p" * (cc.IDEM_PREFIX_LENGTH + 1)):
+        with pytest.raises(ValueError):
+            cc.ClientCore(["u"], cc.Settings(idem_prefix=prefix))
+
+
+def test_a_settled_publication_cannot_be_abandoned_and_its_late_answers_are_ignored() -> None:
+    core: cc.ClientCore[str] = cc.ClientCore(["u"], cc.Settings(app_ping=0))
+    core.connect(0)
+    core.opened(0)
+    core.received({"type": "connected"}, 0)
+    pub, (send,) = core.publish("t", 1, 0.0)
+    assert isinstance(send, cc.Send)
+    (done,) = core.received({"type": "published", "topic": "t", "id": send.frame["id"], "seq": 3}, 0.1)
+    assert done == cc.Published(pub, 3)
+    assert core.abandon(pub) is cc.NOTHING
+    # A second answer to the same id is no longer about the publication.
+    assert core.received({"type": "error", "id": send.frame["id"], "code": "outcome_unknown"}, 0.2) == [
+        cc.Answer(send.frame["id"], {"type": "error", "id": send.frame["id"], "code": "outcome_unknown"})
+    ]
+    assert not core.publications and core.stats.retries == 0

@@ -106,7 +106,7 @@ test("isValidTopic follows the protocol's character set", () => {
 const TABLE = JSON.parse(readFileSync(new URL("../../../tests/data/client_cases.json", import.meta.url), "utf8"));
 
 // The table is in seconds and snake_case; fanroute.js works in milliseconds.
-const MS = new Set(["min_delay", "max_delay", "backoff_reset", "ping_interval", "ping_timeout", "app_ping", "connect_timeout", "restart_window"]);
+const MS = new Set(["min_delay", "max_delay", "backoff_reset", "ping_interval", "ping_timeout", "app_ping", "connect_timeout", "restart_window", "publish_timeout"]);
 // fetch_token's value is a flag, not a time.
 const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 const ms = (s) => (s === null ? null : s * 1000);
@@ -140,6 +140,9 @@ function canonical(a) {
     case "presence": return { type: "presence", topic: a.topic, subscribers: a.subscribers };
     case "fetchToken": return { type: "fetch_token", reason: a.reason };
     case "refreshed": return { type: "refreshed", expires: a.expires };
+    case "published": return { type: "published", idem: a.publication.idem, seq: a.seq };
+    case "publishRetry": return { type: "publish_retry", idem: a.publication.idem, code: a.code, retry_at: sec(a.retryAt) };
+    case "publishFailed": return { type: "publish_failed", idem: a.publication.idem, code: a.code };
   }
   throw new Error(`unknown action ${JSON.stringify(a)}`);
 }
@@ -172,9 +175,15 @@ function run(core, step) {
     case "start": case "connect": case "opened": case "tick": return core[step.do](now);
     case "subscribe": return core.subscribe(step.topic, step.last ?? null, step.presence ?? false);
     case "unsubscribe": return core.unsubscribe(step.topic);
-    case "stop": core.stop(); return [];
+    case "stop": return core.stop();
+    case "publish": return core.publish(step.topic, step.payload, now, step.idem ?? null, step.timeout === undefined ? null : ms(step.timeout)).actions;
+    case "abandon": return core.abandon(held(core, step.idem));
   }
   throw new Error(`unknown step ${step.do}`);
+}
+
+function held(core, idem) {
+  return [...core.publications].find((p) => p.idem === idem);
 }
 
 function state(core, key, want) {
@@ -187,6 +196,7 @@ function state(core, key, want) {
     case "stream": return Object.fromEntries(Object.keys(want).map((t) => [t, core.streams.get(t)?.state ?? null]));
     case "stats": return Object.fromEntries(Object.keys(want).map((k) => [k, core.stats[k]]));
     case "token": return core.token;
+    case "publications": return Object.fromEntries(Object.keys(want).map((k) => [k, held(core, k)?.state ?? null]));
   }
   throw new Error(`unknown check ${key}`);
 }
@@ -529,25 +539,90 @@ describe("FanrouteClient", () => {
     assert.deepEqual(delays, [50, 100, 200, 50]);
   });
 
-  test("publish resolves to the seq, rejects on error and on a lost connection", async () => {
+  test("publish resolves to the seq, rejects at once on a definite refusal", async () => {
     const c = makeClient(["ws://a/"]);
     c.connect();
     const ws = FakeSocket.all[0];
-    const queued = c.publish("t", { x: 1 }); // before `connected`: queued
+    const queued = c.publish("t", { x: 1 }); // before `connected`: held
     ws.accept();
     const [p1] = ws.frames("publish");
     assert.deepEqual(p1.payload, { x: 1 });
+    assert.match(p1.idem, /^[A-Za-z0-9_-]{16}-1$/); // the client's random prefix, then a counter
     ws.deliver({ type: "published", topic: "t", id: p1.id, seq: 42 });
     assert.equal(await queued, 42);
 
     const refused = c.publish("t", 1);
     ws.deliver({ type: "error", id: ws.frames("publish")[1].id, code: "forbidden", message: "no" });
     await assert.rejects(refused, (e) => e instanceof FanrouteError && e.code === "forbidden");
-
-    const lost = c.publish("t", 2);
-    ws.serverClose(1006);
-    await assert.rejects(lost, (e) => e.code === "disconnected");
+    advance(2000);
+    assert.equal(ws.frames("publish").length, 2); // not sent again
     await assert.rejects(c.publish("bad topic", 1), (e) => e.code === "bad_request");
+    await assert.rejects(c.publish("t", 1, { idem: "" }), (e) => e.code === "bad_request");
+    await assert.rejects(c.publish("t", 1, { idem: "x".repeat(65) }), (e) => e.code === "bad_request");
+    assert.equal(ws.frames("publish").length, 2);
+  });
+
+  test("a publication whose connection drops before the answer is sent again with its key after the reconnect", async () => {
+    const c = makeClient(["ws://a/", "ws://b/"]);
+    c.connect();
+    const first = FakeSocket.all[0];
+    first.accept();
+    const seq = c.publish("t", "once", { idem: "order-7" });
+    const [sent] = first.frames("publish");
+    assert.equal(sent.idem, "order-7");
+    first.serverClose(1006); // the gateway may have applied it: the answer is lost
+    let settled = false;
+    seq.then(() => { settled = true; }, () => { settled = true; });
+    mock.timers.tick(50);
+    const second = FakeSocket.all[1];
+    second.accept();
+    const [again] = second.frames("publish");
+    assert.deepEqual(again, { ...sent, id: again.id }); // same topic, payload and key
+    await Promise.resolve();
+    assert.equal(settled, false);
+    second.deliver({ type: "published", topic: "t", id: again.id, seq: 9 }); // the original's seq
+    assert.equal(await seq, 9);
+    assert.equal(c.stats.retries, 1);
+  });
+
+  test("unavailable and outcome_unknown are retried with the same key after a backoff delay, within the budget", async () => {
+    const c = makeClient(["ws://a/"]);
+    c.connect();
+    const ws = FakeSocket.all[0];
+    ws.accept();
+    const seq = c.publish("t", 1);
+    const key = ws.frames("publish")[0].idem;
+    ws.deliver({ type: "error", id: ws.frames("publish")[0].id, code: "unavailable", message: "shard away" });
+    assert.equal(ws.frames("publish").length, 1);
+    advance(300); // retried at max(minDelay, 0.5 × cap(0)) = 100 ms, on the next tick
+    assert.equal(ws.frames("publish").length, 2);
+    ws.deliver({ type: "error", id: ws.frames("publish")[1].id, code: "outcome_unknown", message: "link lost" });
+    advance(300);
+    const frames = ws.frames("publish");
+    assert.equal(frames.length, 3);
+    assert.deepEqual(frames.map((f) => f.idem), [key, key, key]);
+    assert.equal(new Set(frames.map((f) => f.id)).size, 3);
+    ws.deliver({ type: "published", topic: "t", id: frames[2].id, seq: 5 });
+    assert.equal(await seq, 5);
+
+    // The deadline: what was learnt last is the error.
+    const late = c.publish("t", 2, { timeout: 1000 });
+    ws.deliver({ type: "error", id: ws.frames("publish")[3].id, code: "outcome_unknown", message: "link lost" });
+    ws.serverClose(1006); // no connection until the deadline
+    advance(1000);
+    await assert.rejects(late, (e) => e.code === "outcome_unknown");
+  });
+
+  test("a publication with no connection up rejects with timeout at its deadline; close() rejects held ones", async () => {
+    const c = makeClient(["ws://a/"]);
+    c.connect();
+    const never = c.publish("t", 1, { timeout: 500 });
+    advance(500);
+    await assert.rejects(never, (e) => e.code === "timeout");
+    const held = c.publish("t", 2);
+    c.close();
+    await assert.rejects(held, (e) => e.code === "closed");
+    assert.equal(FakeSocket.all[0].frames("publish").length, 0);
   });
 
   test("unsubscribing the last handler unsubscribes on the wire", () => {
