@@ -341,6 +341,12 @@ class Replica:
         self._beats[self._beat_id] = _Beat(now, number, acks)
         for old in [b for b in self._beats if b <= self._beat_id - 64]:
             del self._beats[old]
+        if number and len(acks) >= self.majority:
+            # A majority of one (a cluster of one router): its own beat is the lease.
+            lapsed = now >= self.lease_until
+            self.lease_until = max(self.lease_until, now + self.timeout)
+            if lapsed:
+                self._renew(now)
         for r in self.routers:
             self._send(r, [BEAT, number, self._beat_id, self.incarnation, self.promised])
 

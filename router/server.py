@@ -34,7 +34,6 @@ from prometheus_client import CollectorRegistry
 
 from fanroute import logs, wire
 from fanroute.config import ConfigError, RouterConfig
-from fanroute.history import History
 from fanroute.metrics import RouterMetrics
 from fanroute.nngio import Receiver, Sender, pack_all
 from fanroute.permissions import load_policy
@@ -157,16 +156,9 @@ class RouterServer:
             log.warning("router list %s does not name this router (%s) once; not replicating yet", names, name)
             shard.router_list = None
             return
-        ring = Ring(names)
-        policy = shard.history_for
-
-        def new_history(topic: str) -> History:
-            size, ttl = policy(topic)
-            return History(cfg.history_size if size is None else size, cfg.history_ttl if ttl is None else ttl)
-
         shard.replica = Replica(
-            name, names, ring.order, copies=cfg.copies, timeout=cfg.peer_timeout,
-            beat_interval=cfg.peer_timeout / 6, history=new_history,
+            name, names, Ring(names).order, copies=cfg.copies, timeout=cfg.peer_timeout,
+            beat_interval=cfg.peer_timeout / 6, history=shard.new_stream_history,
         )
         self.metrics.watch_replica(shard)
         for peer, url in routers:

@@ -49,6 +49,20 @@ _REFUSALS = {  # the replica's reasons, as the error codes gateways pass on
 }
 
 
+class _CountedHistory(History):
+    """A history that tells the shard of every entry it takes (for the byte cap)."""
+
+    def __init__(self, size: int, ttl: float, on_evict: Callable[[Entry], None], on_append: Callable[[Entry], None]) -> None:
+        super().__init__(size, ttl, on_evict)
+        self._on_append = on_append
+
+    def append(self, entry: Entry) -> None:
+        if not self.size:
+            return
+        super().append(entry)
+        self._on_append(entry)
+
+
 @dataclass(slots=True)
 class Topic:
     epoch: str
@@ -222,16 +236,42 @@ class Shard:
         if not history.size:
             return
         history.append(entry)
+        self._stored(name, entry)
+
+    def _stored(self, name: str, entry: Entry) -> None:
+        """Count an entry that joined ``name``'s history, and keep the byte cap."""
         self.history_bytes += entry.cost
         self._order.append((name, entry.seq))
-        order, topics = self._order, self.topics
+        order, history_of = self._order, self._history_of
         while self.history_bytes > self.history_bytes_limit and order:
             old_name, old_seq = order.popleft()
-            old = topics.get(old_name)
-            if old is not None and old.history.first_seq == old_seq:
-                gone = old.history.evict_oldest()
+            old = history_of(old_name)
+            if old is not None and old.first_seq == old_seq:
+                gone = old.evict_oldest()
                 self.stats.history_evicted += 1
                 self.stats.history_evicted_bytes += gone.cost
+
+    def _history_of(self, name: str) -> History | None:
+        if self.replica is not None:
+            stream = self.replica.streams.get(name)
+            return stream.history if stream is not None else None
+        topic = self.topics.get(name)
+        return topic.history if topic is not None else None
+
+    def new_stream_history(self, name: str) -> History:
+        """A history for a replicated stream of ``name``, held to the shard-wide byte cap.
+
+        Streams are replaced whole when views change (a sync), so the bytes of one
+        that was dropped are taken off at the next :meth:`sweep`, which counts them
+        again from the histories that are left.
+        """
+        size, ttl = self.history_for(name)
+        return _CountedHistory(
+            self.history_size if size is None else size,
+            self.history_ttl if ttl is None else ttl,
+            self._evicted,
+            lambda entry: self._stored(name, entry),
+        )
 
     def publish(
         self, gw: Gateway, name: str, payload: bytes, req: int, ts: float, now: float, idem: str | None = None
@@ -460,6 +500,10 @@ class Shard:
         for name in idle:
             del self.topics[name]
         self.stats.topics_evicted += len(idle)
+        if self.replica is not None:
+            for stream in self.replica.streams.values():
+                stream.history.trim(now)
+            self.history_bytes = sum(st.history.bytes for st in self.replica.streams.values())
         self._compact_order()
         return silent
 
@@ -473,7 +517,10 @@ class Shard:
         live = self.history_messages()
         if len(self._order) <= 2 * live + 1024:
             return
-        firsts = {name: t.history.first_seq for name, t in self.topics.items()}
+        if self.replica is not None:
+            firsts = {name: st.history.first_seq for name, st in self.replica.streams.items()}
+        else:
+            firsts = {name: t.history.first_seq for name, t in self.topics.items()}
         self._order = deque(
             (name, seq) for name, seq in self._order if (first := firsts.get(name)) is not None and seq >= first
         )

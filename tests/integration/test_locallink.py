@@ -62,7 +62,9 @@ async def test_a_router_process_does_start_nng_threads():
     port, admin = free_port(), free_port()
     proc = spawn(
         "router",
-        ["router", "--listen", f"tcp://127.0.0.1:{port}", "--admin-port", str(admin)],
+        # --peers: a router reports ready once it is caught up in a view of the
+        # routers it knows (here, itself alone).
+        ["router", "--listen", f"tcp://127.0.0.1:{port}", "--peers", f"router-0=tcp://127.0.0.1:{port}", "--admin-port", str(admin)],
         admin=f"http://127.0.0.1:{admin}",
     )
     try:

@@ -128,7 +128,10 @@ async def test_sigkill_a_gateway_under_a_running_publisher(cluster, nursery):
 
 
 async def test_sigkill_a_shard_then_restart_it():
-    cluster = start_cluster(gateways=1, routers=2, gateway_args=FAST)
+    """With one copy of each stream (--copies 1), a router's restart starts its topics
+    again in a new epoch; the other router's topics carry on meanwhile.
+    (Replicated streams keep their epoch: tests/system/test_replication.py.)"""
+    cluster = start_cluster(gateways=1, routers=2, gateway_args=FAST, router_args=["--copies", "1"])
     try:
         gw = cluster.gateways[0]
         ring = Ring(["router-0", "router-1"])

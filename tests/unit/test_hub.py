@@ -228,3 +228,60 @@ def test_a_revoked_subscription_ends_with_an_unsolicited_unsubscribed():
     assert a.outbox.events() == [{"type": "unsubscribed", "topic": "t"}]
     hub.on_shard_frames("s0", [[wire.MSG, "t", 4, P("after"), 0.0]])
     assert a.outbox.events() == []
+
+
+# --- replicated streams: views, refusals, a new epoch whole -----------------------------
+
+
+def subscribed_hub(topic="t", shards=("s0", "s1", "s2")):
+    """A hub with one subscriber to ``topic``, answered by its shard at (E-1, 3)."""
+    hub, a = make_hub(shards), session()
+    hub.subscribe(a, p.Subscribe(topic, 1))
+    owner = hub.owner(topic)
+    req = hub.to_shards[owner].pop()[2]
+    hub.on_shard_frames(owner, [[wire.SUBOK, topic, req, "E-1", 3, False, []]])
+    a.outbox.events()
+    return hub, a, owner
+
+
+def test_a_view_moves_interest_to_the_next_copy_with_the_gateway_position():
+    hub, a, old = subscribed_hub()
+    members = [s for s in ("s0", "s1", "s2") if s != old]
+    hub.on_shard_frames(members[0], [[wire.VIEW, 5, members]])
+    new = hub.owner("t")
+    assert new != old and new == next(s for s in hub.ring.order("t") if s in members)
+    assert [wire.UNSUB, "t"] in hub.to_shards[old]
+    hub.on_shard_frames(new, [[wire.VIEW, 5, members]])
+    assert [wire.SUB, "t", 0, "E-1", 3] in hub.to_shards[new]
+    # The new leader answers with what the gateway missed: the stream goes on, same epoch.
+    hub.on_shard_frames(new, [[wire.SUBOK, "t", 0, "E-1", 5, True, [[4, P("d"), 0.0], [5, P("e"), 0.0]]]])
+    assert a.outbox.events() == [{"topic": "t", "payload": "d", "seq": 4}, {"topic": "t", "payload": "e", "seq": 5}]
+
+
+def test_an_older_view_changes_nothing():
+    hub, _, old = subscribed_hub()
+    hub.on_shard_frames("s0", [[wire.VIEW, 9, ["s0", "s1", "s2"]]])
+    hub.on_shard_frames("s1", [[wire.VIEW, 4, [s for s in ("s0", "s1", "s2") if s != old]]])
+    assert hub.owner("t") == old
+
+
+def test_a_refused_subscribe_leaves_nothing_pending():
+    hub, a = make_hub(), session()
+    hub.subscribe(a, p.Subscribe("t", 4))
+    req = hub.to_shards["s0"].pop()[2]
+    hub.on_shard_frames("s0", [[wire.NACK, req, "unavailable", "not served here now"]])
+    assert a.outbox.events() == [{"type": "error", "code": "unavailable", "message": "not served here now", "id": 4}]
+    assert "t" not in a.topics and "t" not in hub.topics
+    hub.subscribe(a, p.Subscribe("t", 5))  # may be asked again
+    assert hub.to_shards["s0"][-1][:2] == [wire.SUB, "t"]
+
+
+def test_a_new_epoch_sent_whole_reaches_subscribers_from_its_first_seq():
+    hub, a, owner = subscribed_hub(shards=("s0",))
+    hub.on_shard_frames(owner, [[wire.SUBOK, "t", 0, "E-2", 3, False, [[1, P("x"), 0.0], [2, P("y"), 0.0], [3, P("z"), 0.0]]]])
+    assert a.outbox.events() == [
+        {"type": "subscribed", "topic": "t", "epoch": "E-2", "seq": 0, "recovered": False},
+        {"topic": "t", "payload": "x", "seq": 1},
+        {"topic": "t", "payload": "y", "seq": 2},
+        {"topic": "t", "payload": "z", "seq": 3},
+    ]
