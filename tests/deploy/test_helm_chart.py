@@ -308,6 +308,9 @@ def test_gateways_get_every_shard_by_its_stable_dns_name(release, namespace):
         f"router-{i}=tcp://{release}-router-{i}.{release}-router-headless.{namespace}.svc.cluster.local:7101"
         for i in range(5)
     ]
+    # Routers get the same list as their peers: they form a view before any gateway is up.
+    router_args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert router_args[:3] == ["router", "--peers", routers]
     router_env = env_of(sts["spec"]["template"]["spec"]["containers"][0])
     assert router_env["POD_INDEX"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
     assert router_env["FANROUTE_NAME"] == "router-$(POD_INDEX)"
@@ -916,7 +919,7 @@ def test_update_strategies_follow_the_values():
     objs = objects(render(data_values("exposure")))
     assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}}
     sts = one(objs, "StatefulSet")["spec"]
-    assert sts["podManagementPolicy"] == "OrderedReady"
+    assert sts["podManagementPolicy"] == "Parallel"
     assert sts["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
     # The other types carry no rollingUpdate (Kubernetes refuses one), though the
     # defaults under it are still in the merged values.
@@ -1131,3 +1134,11 @@ def test_image_contents_build_the_package_with_its_entry_point(tmp_path):
     runtime = {re.split(r"[<>=!~\[; ]", line.removeprefix("Requires-Dist:").strip(), maxsplit=1)[0].lower()
                for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line}
     assert bench >= {"rich", "hdrhistogram"} and runtime and not runtime & bench, runtime & bench
+
+
+def test_chart_refuses_ordered_ready_routers_when_streams_are_replicated():
+    with pytest.raises(helm.HelmRenderError, match="OrderedReady"):
+        render({"router": {"podManagementPolicy": "OrderedReady"}})
+    # One copy: a router is ready on its own, and the order is the operator's choice.
+    objs = objects(render({"router": {"podManagementPolicy": "OrderedReady"}, "replication": {"copies": 1}}))
+    assert one(objs, "StatefulSet")["spec"]["podManagementPolicy"] == "OrderedReady"
