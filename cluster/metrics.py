@@ -330,6 +330,12 @@ class RouterMetrics:
             registry=registry,
         )
 
+        self.config_reloads = Counter(
+            "fanroute_router_config_reloads_total",
+            "Namespaces files read again after they changed, by outcome (ok, failed: the last good one stays).",
+            ["shard", "outcome"],
+            registry=registry,
+        )
         self.peer_overflows = Counter(
             "fanroute_router_peer_overflows_total",
             "Messages to another router dropped because its link's queue was full (re-sent or re-synced).",

@@ -25,6 +25,7 @@ survives any single message: a failure is counted and the loop goes on.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -115,6 +116,9 @@ class RouterServer:
             self.metrics.wire_rejected.labels(config.name, reason)
         self.metrics.internal_errors.labels(config.name)
         self.metrics.dial_failures.labels(config.name)
+        for outcome in ("ok", "failed"):
+            self.metrics.config_reloads.labels(config.name, outcome)
+        self._namespaces_bytes = Path(config.config_file).read_bytes() if config.config_file else b""
         self.links: dict[str, GatewayLink] = {}
         self.peer_links: dict[str, GatewayLink] = {}  # other routers, by name
         self._nursery: trio.Nursery | None = None
@@ -352,10 +356,38 @@ class RouterServer:
             self.shard.presence_tick(trio.current_time())
             self._flush()
 
+    def _reload_namespaces(self) -> None:
+        """Take up an edited namespaces file (new topics get its history sizes and ages).
+
+        Routers read the file only for history, so an edit needs no restart, and a
+        restart would move topics: the file is read again at each sweep and applied
+        when its bytes changed. A file that no longer parses is logged and counted,
+        and the last good one stays in force.
+        """
+        path = self.config.config_file
+        if not path:
+            return
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b""
+        if data == self._namespaces_bytes:
+            return
+        self._namespaces_bytes = data
+        try:
+            self.shard.history_for = load_policy(path).history_for
+        except ConfigError as exc:
+            log.warning("namespaces file not reloaded: %s", exc)
+            self.metrics.config_reloads.labels(self.shard.name, "failed").inc()
+            return
+        log.info("namespaces file %s reloaded", path)
+        self.metrics.config_reloads.labels(self.shard.name, "ok").inc()
+
     async def _sweep(self) -> None:
         interval = min(_SWEEP_INTERVAL, max(0.05, self.config.gateway_timeout / 4))
         while True:
             await trio.sleep(interval)
+            self._reload_namespaces()
             for inbox in self.shard.sweep(trio.current_time()):
                 logs.event(
                     log, logging.INFO, "gateway_forgotten", f"forgot gateway {inbox} (silent past {self.config.gateway_timeout:g}s)",
