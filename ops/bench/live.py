@@ -19,7 +19,10 @@
 
 Both start their cluster through :class:`fanroute.localcluster.LocalCluster`, are
 bounded in count and time, and drive the clients from one trio process over raw
-sockets (:class:`RawClient`), which costs far less than the servers measured.
+sockets (:class:`RawClient`), which costs far less than the servers measured. Each
+report ends with ``goals``: every criterion above, met or not. The conflation feed's
+offered rate is one of them: when the gateway cannot take it, the publisher sends
+back to back and ``publications_per_s`` gives the rate achieved.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from fanroute import localcluster
 from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, machine, split_frames
 
 API_KEY = "bench-live-api-key"
+STALLED_RCVBUF = 4096  # SO_RCVBUF of a subscriber that will stall, until it reads again
+RESUMED_RCVBUF = 256 * 1024  # and once it does (the kernel doubles both)
+IDLE_S = 2.0  # presence: seconds without churn that measure the servers' idle CPU
 _NAMESPACES = """
 allow_unknown_namespaces = true
 
@@ -63,6 +69,9 @@ class RawClient:
     def __init__(self, stream: trio.SocketStream, rest: bytes) -> None:
         self.stream = stream
         self.buf = bytearray(rest)
+        # A pong sent by the task reading and a command sent by another must not
+        # interleave (trio raises BusyResourceError on two concurrent send_all).
+        self.sending = trio.Lock()
 
     @classmethod
     async def connect(cls, host: str, port: int, rcvbuf: int | None = None) -> RawClient:
@@ -88,7 +97,8 @@ class RawClient:
         return cls(stream, rest)
 
     async def send(self, obj: dict[str, Any]) -> None:
-        await self.stream.send_all(client_frame(json.dumps(obj).encode()))
+        async with self.sending:
+            await self.stream.send_all(client_frame(json.dumps(obj).encode()))
 
     async def receive(self, parse: bool = True) -> list[dict[str, Any]]:
         """The messages of the next read (empty if only control frames came)."""
@@ -103,7 +113,10 @@ class RawClient:
                 code = int.from_bytes(self.buf[start : start + 2], "big") if end - start >= 2 else 1005
                 raise Closed(code)
             if opcode == 0x9:
-                await self.stream.send_all(client_frame(bytes(self.buf[start:end]), 0xA))
+                # Shielded: a pong cut off by a caller's timeout would corrupt the stream.
+                with trio.CancelScope(shield=True):
+                    async with self.sending:
+                        await self.stream.send_all(client_frame(bytes(self.buf[start:end]), 0xA))
             elif opcode == 0x1 and parse:
                 out.append(json.loads(self.buf[start:end]))
         del self.buf[:pos]
@@ -176,13 +189,16 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
     symbols = [f"px.S{i}" for i in range(s.symbols)]
     closes: dict[int, int] = {}
     newest: dict[str, int] = {}  # symbol -> newest seq acknowledged by the API
+    published = {"ok": 0, "errors": 0, "first": 0.0, "last": 0.0}  # what the API acknowledged
     rss: list[tuple[float, int]] = []
     stalled_results: dict[int, dict[str, Any]] = {}
     phase = {"stall": trio.Event(), "resume": trio.Event(), "done": trio.Event()}
     t0 = time.monotonic()
 
     async def subscriber(i: int, stalls: bool, ready: trio.Semaphore) -> None:
-        c = await RawClient.connect(host, port, rcvbuf=4096 if stalls else None)
+        # A stalled subscriber's tiny receive buffer makes its stall fill the gateway's
+        # buffer (what conflation watches) rather than the kernel's.
+        c = await RawClient.connect(host, port, rcvbuf=STALLED_RCVBUF if stalls else None)
         for j, sym in enumerate(symbols):
             await c.send({"type": "subscribe", "topic": sym, "id": j + 1})
         got = 0
@@ -207,6 +223,10 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
                     await phase["resume"].wait()
             resumed = time.monotonic()
             target = dict(newest)
+            # Reading again, it reads as a client normally does: with the 4 KiB buffer
+            # it took about 25 reads, each waiting its turn among 500 busy subscribers
+            # in this one process, to get through what the kernel and the gateway held.
+            c.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RESUMED_RCVBUF)
             state = stalled_results[i] = {"caught_up_s": None, "skipped": 0, "violations": 0}
             while True:
                 for m in await c.receive():
@@ -237,16 +257,30 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
                 for _ in range(per_tick)
                 for sym in symbols
             ]
+            sent_at = time.monotonic()
             results = await trio.to_thread.run_sync(_publish_batch, gw.admin, items)
+            if not published["first"]:
+                published["first"] = sent_at
+            published["last"] = time.monotonic()
             for r in results:
                 if "seq" in r:
                     newest[r["topic"]] = max(newest.get(r["topic"], 0), r["seq"])
+                    published["ok"] += 1
+                else:
+                    published["errors"] += 1
             await trio.sleep_until(start + seq_tick * interval)
 
     async def sampler() -> None:
         while not phase["done"].is_set():
             rss.append((time.monotonic() - t0, rss_bytes(gw.pid)))
             await trio.sleep(0.5)
+
+    def cpu() -> dict[str, float]:
+        return {
+            "gateway": cpu_seconds(gw.pid),
+            "routers": sum(cpu_seconds(r.pid) for r in cluster.routers),
+            "bench": time.process_time(),  # this process: the subscribers and the publisher
+        }
 
     async with trio.open_nursery() as nursery:
         ready = trio.Semaphore(s.subscribers, max_value=s.subscribers)
@@ -258,6 +292,8 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
             for _ in range(s.subscribers):
                 await ready.acquire()
         say(f"{s.subscribers} subscribers on {len(symbols)} symbols")
+        text0 = await trio.to_thread.run_sync(lambda: gw.metrics(timeout=5.0))
+        cpu0, wall0 = cpu(), time.monotonic()
         nursery.start_soon(sampler)
         nursery.start_soon(publisher)
         await trio.sleep(s.warmup)
@@ -274,33 +310,82 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
                 await trio.sleep(0.1)
         await trio.sleep(s.after)
         rss_after = rss_bytes(gw.pid)
+        cpu1, wall = cpu(), time.monotonic() - wall0
         phase["done"].set()
         nursery.cancel_scope.cancel()
     text = gw.metrics(timeout=5.0)
+
+    def counted(name: str, labels: str | None = None) -> float:
+        """How much a gateway counter grew while the feed ran."""
+        return localcluster.metric(text, name, labels, default=0.0) - localcluster.metric(text0, name, labels, default=0.0)
+
     caught = sorted(r["caught_up_s"] for r in stalled_results.values() if r["caught_up_s"] is not None)
     during = [b for t, b in rss if t_stall <= t <= t_resume]
+    offered = s.symbols * max(1, round(s.rate / s.ticks)) * s.ticks
+    achieved = published["ok"] / max(1e-9, published["last"] - published["first"])
+    slow_closes = max(
+        counted("fanroute_gateway_slow_consumer_closes_total"),
+        counted("fanroute_gateway_connections_closed_total", 'code="4008"'),
+    )
+    messages_out = counted("fanroute_gateway_messages_out_total")
+    conflated = counted("fanroute_gateway_conflated_total")
+    spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    growth = max(during or [rss_before]) - rss_before
+    # What conflation bounds the stalled subscribers to: each one's buffer up to the
+    # threshold plus one held message per symbol (counted at a generous 1 KiB), and
+    # 4 MiB for the allocator's own growth.
+    bound = s.stalled * (s.threshold + s.symbols * 1024) + 4 * 2**20
+    skipped_violations = sum(r["violations"] for r in stalled_results.values())
     return {
         "subscribers": s.subscribers,
         "stalled": s.stalled,
         "symbols": s.symbols,
         "rate_per_symbol": s.rate,
-        "publications_per_s": s.symbols * max(1, round(s.rate / s.ticks)) * s.ticks,
+        "publications_per_s": {
+            "offered": offered,
+            # Acknowledged by the API, first request to last answer: below the offered
+            # rate when the gateway cannot take it (the publisher then sends back to back).
+            "achieved": round(achieved),
+            "acknowledged": published["ok"],
+            "errors": published["errors"],
+        },
+        "gateway_messages": {
+            "received": counted("fanroute_gateway_deliveries_received_total"),
+            "written": messages_out,
+            "conflated": conflated,
+        },
         "client_closes": closes,
-        "slow_consumer_closes": localcluster.metric(text, "fanroute_gateway_connections_closed_total", 'code="4008"', default=0.0),
-        "conflated": localcluster.metric(text, "fanroute_gateway_conflated_total", default=0.0),
+        "slow_consumer_closes": slow_closes,
+        "conflated": conflated,
         "rss_mb": {
             "before_stall": round(rss_before / 2**20, 1),
             "peak_during_stall": round(max(during or [0]) / 2**20, 1),
             "end_of_stall": round(rss_stalled / 2**20, 1),
             "after": round(rss_after / 2**20, 1),
+            "growth_during_stall": round(growth / 2**20, 1),
+            "conflation_bound": round(bound / 2**20, 1),
         },
         "caught_up_s": {
             "stalled_measured": len(caught),
             "p50": round(caught[len(caught) // 2], 3) if caught else None,
             "max": round(caught[-1], 3) if caught else None,
         },
-        "skipped_violations": sum(r["violations"] for r in stalled_results.values()),
+        "skipped_violations": skipped_violations,
         "skipped_total": sum(r["skipped"] for r in stalled_results.values()),
+        # CPU seconds over the feed (warm-up to the end); the bench's own process runs
+        # every subscriber, so on a small machine it competes with the gateway.
+        "cpu": {
+            "wall_s": round(wall, 2),
+            **{f"{k}_s": round(v, 2) for k, v in spent.items()},
+            "gateway_us_per_subscriber_message": round(spent["gateway"] / max(1.0, messages_out + conflated) * 1e6, 3),
+        },
+        "goals": {
+            "no_slow_consumer_close": slow_closes == 0 and not closes,
+            "memory_flat": growth <= bound,
+            "newest_within_1s": len(caught) == s.stalled and bool(caught) and caught[-1] <= 1.0,
+            "skipped_exact": skipped_violations == 0,
+            "offered_rate_reached": published["errors"] == 0 and achieved >= 0.95 * offered,
+        },
     }
 
 
@@ -336,6 +421,9 @@ async def _presence(s: argparse.Namespace, cluster: localcluster.LocalCluster, s
     def cpu() -> float:
         return sum(cpu_seconds(p.pid) for p in procs)
 
+    def cpu_gateways() -> float:
+        return sum(cpu_seconds(g.pid) for g in cluster.gateways)
+
     async def churn(topic: str, watched: bool) -> dict[str, Any]:
         for i in pushes:
             pushes[i] = []
@@ -355,11 +443,13 @@ async def _presence(s: argparse.Namespace, cluster: localcluster.LocalCluster, s
                 truth[:] = [(time.monotonic() - t0, len(gws))]
             interval = 1.0 / s.rate
             results = {}
-            c0, w0 = cpu(), time.monotonic()
-            await trio.sleep(2.0)
-            idle_per_s = (cpu() - c0) / (time.monotonic() - w0)  # ticks and heartbeats, subtracted below
+            c0, g0, w0 = cpu(), cpu_gateways(), time.monotonic()
+            await trio.sleep(IDLE_S)
+            # Ticks and heartbeats, subtracted below.
+            idle_per_s = (cpu() - c0) / (time.monotonic() - w0)
+            idle_gw_per_s = (cpu_gateways() - g0) / (time.monotonic() - w0)
             for kind, delta in (("subscribe", 1), ("unsubscribe", -1)):
-                c0, w0 = cpu(), time.monotonic()
+                c0, g0, w0 = cpu(), cpu_gateways(), time.monotonic()
                 start = trio.current_time()
                 for n, c in enumerate(clients):
                     # Recorded before sending: the count may be pushed before send returns.
@@ -367,6 +457,7 @@ async def _presence(s: argparse.Namespace, cluster: localcluster.LocalCluster, s
                     await c.send({"type": kind, "topic": topic})
                     await trio.sleep_until(start + (n + 1) * interval)
                 last_change = truth[-1][0]
+                sending = time.monotonic() - w0
                 expected = truth[-1][1]
                 settle = {}
                 with trio.move_on_after(30):
@@ -376,39 +467,68 @@ async def _presence(s: argparse.Namespace, cluster: localcluster.LocalCluster, s
                                 settle[i] = round(pushes[i][-1][0] - last_change, 3)
                         await trio.sleep(0.05)
                 await trio.sleep(1.0)
-                spent = cpu() - c0 - idle_per_s * (time.monotonic() - w0)
+                elapsed = time.monotonic() - w0
+                spent = cpu() - c0 - idle_per_s * elapsed
+                spent_gw = cpu_gateways() - g0 - idle_gw_per_s * elapsed
                 results[kind] = {
                     "changes": len(clients),
-                    "seconds": round(time.monotonic() - w0, 2),
+                    "seconds": round(elapsed, 2),
+                    "changes_per_s": round(len(clients) / sending),  # as sent: the goal is --rate
                     "cpu_us_per_change": round(spent / len(clients) * 1e6, 1),
+                    "gateways_cpu_us_per_change": round(spent_gw / len(clients) * 1e6, 1),
+                    "routers_cpu_us_per_change": round((spent - spent_gw) / len(clients) * 1e6, 1),
                     "settled_after_last_change_s": settle if watched else None,
                 }
             nursery.cancel_scope.cancel()
-        return {"results": results, "max_lag_s": _max_lag(pushes, truth) if watched else None, "pushes": {i: len(v) for i, v in pushes.items()}}
+        out: dict[str, Any] = {"results": results, "pushes": {i: len(v) for i, v in pushes.items()}}
+        if watched:
+            out["max_lag_s"], out["wrong_counts"] = _lag(pushes, truth)
+            settled = [r["settled_after_last_change_s"] for r in results.values()]
+            out["unsettled"] = sum(len(gws) - len(x) for x in settled)
+            out["max_settle_s"] = max((v for x in settled for v in x.values()), default=None)
+        return out
 
     watched = await churn("live.watched", True)
     say("churn with watchers done")
     reference = await churn("live.unwatched", False)
     for c in clients:
         await c.aclose()
-    return {"subscribers": s.subscribers, "rate": s.rate, "gateways": len(gws), "watched": watched, "reference_unwatched": reference}
+    lag, settle = watched["max_lag_s"], watched["max_settle_s"]
+    return {
+        "subscribers": s.subscribers,
+        "rate": s.rate,
+        "gateways": len(gws),
+        "watched": watched,
+        "reference_unwatched": reference,
+        # Pushed counts that were never the true count, and watchers that never
+        # settled on the final one: each is a wrong count.
+        "violations": watched["wrong_counts"] + watched["unsettled"],
+        "goals": {
+            "count_right_within_2s": watched["wrong_counts"] == 0 and watched["unsettled"] == 0
+            and lag <= 2.0 and settle is not None and settle <= 2.0,
+        },
+    }
 
 
-def _max_lag(pushes: dict[int, list[tuple[float, int]]], truth: list[tuple[float, int]]) -> float:
-    """The longest time a pushed count trailed the true one.
+def _lag(pushes: dict[int, list[tuple[float, int]]], truth: list[tuple[float, int]]) -> tuple[float, int]:
+    """The longest time a pushed count trailed the true one, and how many pushes were
+    of a count that was never true.
 
     For each push (t, v): if the true count at t is v, no lag; otherwise the lag is t
-    minus the last moment before t at which the true count was v.
+    minus the last moment before t at which the true count was v (none: a wrong count).
     """
-    worst = 0.0
+    worst, wrong = 0.0, 0
     for series in pushes.values():
         for t, v in series:
             current = next((n for tt, n in reversed(truth) if tt <= t), 0)
             if current == v:
                 continue
             at = next((tt for tt, n in reversed(truth) if tt <= t and n == v), None)
-            worst = max(worst, t - at) if at is not None else max(worst, float("inf"))
-    return round(worst, 3)
+            if at is None:
+                wrong += 1
+            else:
+                worst = max(worst, t - at)
+    return round(worst, 3), wrong
 
 
 # --- command line -------------------------------------------------------------------------
@@ -419,6 +539,7 @@ def _run(s: argparse.Namespace, which: str) -> dict[str, Any]:
         if not s.json:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
+    host = machine()  # before the cluster starts: its load average is the one at the start
     with tempfile.TemporaryDirectory(prefix=f"fanroute-bench-{which}-") as tmp:
         logdir = Path(s.logs) if s.logs else Path(tmp)
         logdir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +552,7 @@ def _run(s: argparse.Namespace, which: str) -> dict[str, Any]:
             result = trio.run(_bounded, run, s, cluster, say)
         finally:
             cluster.stop()
-    return {"bench": which, "machine": machine(), "settings": {k: v for k, v in vars(s).items() if isinstance(v, (int, float, str, bool)) and k not in ("save", "logs")}, "result": result}
+    return {"bench": which, "machine": host, "settings": {k: v for k, v in vars(s).items() if isinstance(v, (int, float, str, bool)) and k not in ("save", "logs")}, "result": result}
 
 
 async def _bounded(run: Any, s: argparse.Namespace, cluster: Any, say: Any) -> dict[str, Any]:
