@@ -15,9 +15,14 @@ Everything the gateway sends on a connection goes through here — deliveries,
 replies, WebSocket pongs and the close frame (:meth:`finish`) — so one frame is
 never written into the middle of another.
 
-``pending`` is room for a latest-value-wins mode (conflated topics): a per-topic
-slot holding only the newest frame of each such topic, written after the frames
-that must all arrive. It stays ``None`` until that mode exists.
+Conflated topics (latest value wins) are decided above this buffer: for each
+message of such a topic the hub (``gateway/hub.py``) asks the connection's
+``Conflation`` (``gateway/conflation.py``) whether it is written now or held as its
+topic's newest, judging by :attr:`size` against ``--conflate-threshold``. Held
+messages come back through :meth:`push` like any other frame once the buffer has
+drained to the threshold; since they enter only while it holds at most the
+threshold (below ``limit``), conflated traffic never closes a connection with 4008.
+The ``pending`` attribute is not used by any of this and stays ``None``.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ class SocketOutbox:
         self.finished = False  # the close frame is queued: nothing follows it
         self._writing = False  # a writer task owns the socket until the buffer is empty
         self._idle: trio.Event | None = None  # set when the writer ends, for drain()
-        self.pending: dict[str, bytes] | None = None  # reserved: conflated topics (see module doc)
+        # Unused: held conflated messages live in each session's Conflation (module doc).
+        self.pending: dict[str, bytes] | None = None
 
     def push(self, frame: bytes) -> None:
         if self.overflowed or self.broken or self.finished:
