@@ -81,6 +81,7 @@ class TopicEntry:
     seq: int = 0
     synced: bool = False  # epoch/seq confirmed by the shard since the link last came up
     conflate: bool = False  # its namespace says conflate = true
+    resyncing: bool = False  # a resynchronisation (SUB with since, req 0) is on its way
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class HubStats:
     deliveries_unrouted: int = 0  # MSG frames for topics with no local subscriber
     deliveries_sent: int = 0  # frames written to subscribers (one per subscriber)
     gaps: int = 0
+    duplicates_dropped: int = 0  # deliveries at or below a topic's position (already sent)
     publishes: int = 0
     subscribes: int = 0
     unsubscribes: int = 0
@@ -403,7 +405,7 @@ class Hub:
                 self._error(r.session, ErrorCode.UNAVAILABLE, f"lost the shard for {r.topic!r}", r.client_id)
         for topic, entry in self.topics.items():
             if self.owner(topic) == shard:
-                entry.synced = False
+                entry.synced = entry.resyncing = False
 
     def _fail_publications(self, shard: str) -> None:
         """Answer every publication still waiting on ``shard``, truthfully.
@@ -499,6 +501,15 @@ class Hub:
                 self._reply(r.session, p.presence_event(topic, count, r.client_id))
             self._push_counts()
 
+    def _resync(self, topic: str, entry: TopicEntry) -> None:
+        """Ask the topic's shard for everything after this gateway's position, once."""
+        if entry.resyncing:
+            return
+        shard = self.owner(topic)
+        if self.shard_up[shard]:
+            entry.resyncing = True
+            self.to_shards[shard].append([wire.SUB, topic, 0, entry.epoch, entry.seq])
+
     def _view(self, shard: str, number: int, members: list[str]) -> None:
         """A router is ready in view ``number``: move topics to their new shards.
 
@@ -521,9 +532,12 @@ class Hub:
             for topic, old in before.items():
                 if self.owner(topic) != old:
                     moved.add(topic)
-                    self.topics[topic].synced = False
+                    entry = self.topics[topic]
+                    entry.synced = entry.resyncing = False
                     if self.shard_up.get(old):
                         self.to_shards[old].append([wire.UNSUB, topic])
+                    if entry.subscribers and entry.epoch is not None:
+                        self._resync(topic, entry)
             for req, r in self.requests.items():
                 if r.kind == wire.SUB and self.owner(r.topic) != r.shard:
                     r.shard = self.owner(r.topic)
@@ -547,8 +561,16 @@ class Hub:
         if entry is None or not entry.subscribers:
             self.stats.deliveries_unrouted += 1
             return
-        if entry.synced and seq != entry.seq + 1:
-            self.stats.gaps += 1
+        if seq != entry.seq + 1 and entry.epoch is not None:
+            # Out of order: a delivery lost in flight (or one that overtook the answer
+            # to a move of the topic). Subscribers are never shown a gap or a repeat:
+            # what is missing comes in order from the shard's history (``since``).
+            if seq > entry.seq:
+                self.stats.gaps += 1
+                self._resync(topic, entry)
+            else:
+                self.stats.duplicates_dropped += 1
+            return
         entry.seq = seq
         event = self._message(topic, payload, seq)
         if event is None:
@@ -668,6 +690,7 @@ class Hub:
         entry = self.topics.get(topic)
         if entry is None:
             return
+        entry.resyncing = False
         if recovered and epoch == entry.epoch:
             for m_seq, payload, _ts in missed:
                 if m_seq > entry.seq:

@@ -285,3 +285,15 @@ def test_a_new_epoch_sent_whole_reaches_subscribers_from_its_first_seq():
         {"topic": "t", "payload": "y", "seq": 2},
         {"topic": "t", "payload": "z", "seq": 3},
     ]
+
+
+def test_a_gap_is_never_shown_the_missing_deliveries_come_from_history_in_order():
+    hub, a, owner = subscribed_hub(shards=("s0",))
+    hub.to_shards[owner] = []
+    hub.on_shard_frames(owner, [[wire.MSG, "t", 5, P("e"), 0.0], [wire.MSG, "t", 6, P("f"), 0.0]])
+    assert a.outbox.events() == []  # 4 is missing: nothing after it is shown yet
+    assert hub.to_shards[owner] == [[wire.SUB, "t", 0, "E-1", 3]]  # asked once
+    hub.on_shard_frames(owner, [[wire.SUBOK, "t", 0, "E-1", 6, True, [[4, P("d"), 0.0], [5, P("e"), 0.0], [6, P("f"), 0.0]]]])
+    hub.on_shard_frames(owner, [[wire.MSG, "t", 6, P("f"), 0.0], [wire.MSG, "t", 7, P("g"), 0.0]])  # 6 again: dropped
+    assert [e["seq"] for e in a.outbox.events()] == [4, 5, 6, 7]
+    assert hub.stats.gaps == 2 and hub.stats.duplicates_dropped == 1
