@@ -24,7 +24,10 @@ needs_tools=1
 if [ ${#tiers[@]} -gt 0 ]; then
   needs_tools=0
   for t in "${tiers[@]}"; do
-    case "$t" in tests/browser|tests/deploy) needs_tools=1 ;; esac
+    case "$t" in
+      tests/browser|tests/deploy) needs_tools=1 ;;
+      tests/system) ops/setup-netns.sh ;;  # the partition tests' iptables
+    esac
   done
 fi
 if [ "$needs_tools" -eq 1 ]; then

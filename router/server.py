@@ -147,6 +147,8 @@ class RouterServer:
                 return False, f"shard {self.shard.name}: handing its topics over"
             if not replica.ready or replica.view is None:
                 return False, f"shard {self.shard.name}: catching up (view {replica.promised})"
+            if not replica.serving(trio.current_time()):
+                return False, f"shard {self.shard.name}: no lease in view {replica.view.number} (cut off from a majority?)"
             return True, f"shard {self.shard.name} view {replica.view.number} of {len(replica.view.members)} routers"
         return True, f"shard {self.shard.name} epoch {self.shard.epoch}"
 
