@@ -586,6 +586,14 @@ class LocalCluster:
         self._logs_for([node])
         return node.start()
 
+    def start_router(self, extra: Iterable[str] = ()) -> Node:
+        """Add a router (the next number) and start it, with every router as its --peers;
+        the running routers and gateways take it up from its announcement. Does not
+        wait for ready. Gateways started later name it in their --routers."""
+        node = self._add("router", list(extra))
+        self._logs_for([node])
+        return node.start()
+
     def start_gateway(self, extra: Iterable[str] = ()) -> Node:
         """Add a gateway (the next number, linked to every router) and start it;
         does not wait for ready."""

@@ -331,6 +331,12 @@ class RouterMetrics:
             registry=registry,
         )
 
+        self.peer_lists_rejected = Counter(
+            "fanroute_router_peer_lists_rejected_total",
+            "Router lists announced by a router not in this one's list that were not one more router (ignored).",
+            ["shard"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "fanroute_router_config_reloads_total",
             "Namespaces files read again after they changed, by outcome (ok, failed: the last good one stays).",
@@ -350,6 +356,7 @@ class RouterMetrics:
     def watch_replica(self, shard: Shard) -> None:
         """Replication's series exist from when the shard has a replica (router/REPLICATION.md)."""
         self.peer_overflows.labels(shard.name)
+        self.peer_lists_rejected.labels(shard.name)
 
 
 class _ShardCollector(Collector):

@@ -71,8 +71,13 @@ Replication (``router/REPLICATION.md``):
                                                                    the installed view; a topic's
                                                                    shard is the first of them in
                                                                    its rendezvous order
+    ROUTERS [8, [[name, url], ...]]                                shard → gateway as well: the
+                                                                   router list grew (a router was
+                                                                   added); the gateway links to it
     Router → router frames (sender: the router's name) are those of
-    ``fanroute.router.replication`` (kinds 60-70), checked by :func:`check_peer_frame`.
+    ``fanroute.router.replication`` (kinds 60-70), checked by :func:`check_peer_frame`,
+    and PEER_ROUTERS [71, [[name, url], ...]]: the sender's router list, which a new
+    router announces so the others add it (``RouterServer``).
 
 ``yours`` is the count of the receiving gateway inside ``total``, as the shard knows
 it: the gateway replaces it with its own current count, so its own changes show at
@@ -112,10 +117,10 @@ SHARD_KINDS |= {RELAY, INFO}
 # Replication: the router list from gateways, the view to gateways, router ↔ router.
 ROUTERS, VIEW = 8, 27
 GATEWAY_KINDS |= {ROUTERS}
-SHARD_KINDS |= {VIEW}
+SHARD_KINDS |= {VIEW, ROUTERS}
 (PEER_BEAT, PEER_BEATOK, PEER_PROPOSE, PEER_PROMISE, PEER_REFUSE, PEER_INSTALL, PEER_SYNC, PEER_SYNCDONE,
- PEER_APPEND, PEER_APPENDED, PEER_LEAVE) = range(60, 71)
-PEER_KINDS = frozenset(range(60, 71))
+ PEER_APPEND, PEER_APPENDED, PEER_LEAVE, PEER_ROUTERS) = range(60, 72)
+PEER_KINDS = frozenset(range(60, 72))
 _MAX_ROUTERS = 1024
 
 MAC_SIZE = 16
@@ -338,9 +343,7 @@ def check_gateway_frame(frame: Any) -> int:
     elif kind == INFOQ:
         _check(n == 2 and _is_int(frame[1]), frame)
     elif kind == ROUTERS:
-        _check(n == 2 and isinstance(frame[1], list) and 0 < len(frame[1]) <= _MAX_ROUTERS, frame)
-        for item in frame[1]:
-            _check(isinstance(item, list) and len(item) == 2 and _is_str(item[0]) and _is_str(item[1]), item)
+        _check_router_list(frame)
     elif kind == HELLO:
         _check(n == 4 and _is_str(frame[1]) and _is_str(frame[2]) and isinstance(frame[3], list), frame)
         for item in frame[3]:
@@ -437,7 +440,15 @@ def check_shard_frame(frame: Any) -> int:
         )
     elif kind == VIEW:
         _check(n == 3 and _is_int(frame[1]) and _is_names(frame[2]), frame)
+    elif kind == ROUTERS:
+        _check_router_list(frame)
     return kind
+
+
+def _check_router_list(frame: list[Any]) -> None:
+    _check(len(frame) == 2 and isinstance(frame[1], list) and 0 < len(frame[1]) <= _MAX_ROUTERS, frame)
+    for item in frame[1]:
+        _check(isinstance(item, list) and len(item) == 2 and _is_str(item[0]) and _is_str(item[1]), item)
 
 
 def _is_names(v: Any) -> bool:
@@ -477,6 +488,9 @@ def check_peer_frame(frame: Any) -> int:
         )
     elif kind == PEER_APPENDED:
         ok = n == 4 and _is_int(f[1]) and _is_str(f[2]) and _is_int(f[3])
+    elif kind == PEER_ROUTERS:
+        _check_router_list(f)
+        ok = True
     else:  # PEER_LEAVE
         ok = n == 1
     _check(ok, frame)

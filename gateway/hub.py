@@ -162,6 +162,10 @@ class Hub:
         # order; with no view yet, the ring's owner.
         self.view_number = 0
         self.view_members: frozenset[str] | None = None
+        self._view_listed: tuple[str, ...] = ()  # the view's members as announced (some maybe not linked yet)
+        # Routers added to the cluster after this gateway started (shard → gateway
+        # ROUTERS): the shell links to them (set by the server).
+        self.on_routers: Callable[[list[tuple[str, str]]], None] = lambda routers: None
         self._view_synced: set[str] = set()  # routers whose VIEW of view_number was acted on
         self._owners: dict[str, str] = {}
         # The ROUTERS frame sent after HELLO, so routers learn each other (set by the server).
@@ -484,6 +488,10 @@ class Hub:
             self._error(r.session, frame[2], frame[3], r.client_id)
         elif kind == wire.VIEW:
             self._view(shard, frame[1], frame[2])
+        elif kind == wire.ROUTERS:
+            added = [(str(n), str(u)) for n, u in frame[1] if n not in self.to_shards]
+            if added:
+                self.on_routers(added)
         elif kind == wire.RELAY or kind == wire.INFO:
             self.on_control(shard, frame)
         elif kind == wire.TOTALS:
@@ -523,30 +531,9 @@ class Hub:
         if number < self.view_number:
             return
         if number > self.view_number:
-            before = {topic: self.owner(topic) for topic in self.topics}
-            known = frozenset(m for m in members if m in self.to_shards)
-            self.view_number, self.view_members = number, known or None
-            self._owners.clear()
+            self.view_number, self._view_listed = number, tuple(members)
             self._view_synced = set()
-            moved = set()
-            for topic, old in before.items():
-                if self.owner(topic) != old:
-                    moved.add(topic)
-                    entry = self.topics[topic]
-                    entry.synced = entry.resyncing = False
-                    if self.shard_up.get(old):
-                        self.to_shards[old].append([wire.UNSUB, topic])
-                    if entry.subscribers and entry.epoch is not None:
-                        self._resync(topic, entry)
-            for req, r in self.requests.items():
-                if r.kind == wire.SUB and self.owner(r.topic) != r.shard:
-                    r.shard = self.owner(r.topic)
-                    self.to_shards[r.shard].append(_sub_frame(r.topic, req, r.since, r.last))
-                elif r.kind == wire.COUNTQ and self.owner(r.topic) != r.shard:
-                    r.shard = self.owner(r.topic)
-                    self.to_shards[r.shard].append([wire.COUNTQ, r.topic, req])
-            if moved:
-                self.presence_counts.lost(moved.__contains__)
+            self._adopt_view()
         if shard in self._view_synced or shard not in self.to_shards:
             return
         self._view_synced.add(shard)
@@ -554,6 +541,44 @@ class Hub:
         for topic, entry in self.topics.items():
             if entry.subscribers and entry.epoch is not None and self.owner(topic) == shard:
                 queue.append([wire.SUB, topic, 0, entry.epoch, entry.seq])
+
+    def add_shard(self, name: str) -> bool:
+        """A router joined the cluster: route to it (the shell links to it)."""
+        if name in self.to_shards:
+            return False
+        self.ring = Ring((*self.ring.shards, name))
+        self.to_shards[name] = []
+        self.shard_up[name] = False
+        self._queued_pub[name] = self._sent_pub[name] = 0
+        if name in self._view_listed:
+            self._adopt_view()  # the view named it before this gateway knew where it was
+        return True
+
+    def _adopt_view(self) -> None:
+        """Route by the current view's members that this gateway links to; move what moved."""
+        before = {topic: self.owner(topic) for topic in self.topics}
+        known = frozenset(m for m in self._view_listed if m in self.to_shards)
+        self.view_members = known or None
+        self._owners.clear()
+        moved = set()
+        for topic, old in before.items():
+            if self.owner(topic) != old:
+                moved.add(topic)
+                entry = self.topics[topic]
+                entry.synced = entry.resyncing = False
+                if self.shard_up.get(old):
+                    self.to_shards[old].append([wire.UNSUB, topic])
+                if entry.subscribers and entry.epoch is not None:
+                    self._resync(topic, entry)
+        for req, r in self.requests.items():
+            if r.kind == wire.SUB and self.owner(r.topic) != r.shard:
+                r.shard = self.owner(r.topic)
+                self.to_shards[r.shard].append(_sub_frame(r.topic, req, r.since, r.last))
+            elif r.kind == wire.COUNTQ and self.owner(r.topic) != r.shard:
+                r.shard = self.owner(r.topic)
+                self.to_shards[r.shard].append([wire.COUNTQ, r.topic, req])
+        if moved:
+            self.presence_counts.lost(moved.__contains__)
 
     def _deliver(self, topic: str, seq: int, payload: Any, ts: float) -> None:
         self.stats.deliveries_received += 1

@@ -46,7 +46,7 @@ from fanroute.auth import Authenticator
 from fanroute.permissions import load_policy
 from fanroute import wire
 from fanroute.codec import PING_FRAME, Encoding
-from fanroute.config import ConfigError, GatewayConfig
+from fanroute.config import ConfigError, GatewayConfig, is_nng_url
 from fanroute.metrics import GatewayMetrics
 from fanroute.ring import Ring
 from fanroute.gateway import wsconn
@@ -242,6 +242,7 @@ class GatewayServer:
         )
         self.metrics.watch(hub, self._outbox_bytes, self._bytes_out)
         hub.on_control = self._on_control
+        hub.on_routers = self._add_routers
         if not self.local_shards:
             # Routers find each other through the gateways' list (router/REPLICATION.md).
             hub.routers_frame = [wire.ROUTERS, [[name, url] for name, url in cfg.routers]]
@@ -366,7 +367,10 @@ class GatewayServer:
             return False, "starting"
         if self.draining:
             return False, "draining"
-        down = [name for name, up in self.hub.shard_up.items() if not up]
+        # With replicated streams, only the routers of the current view serve topics: a
+        # router that is down and out of the view costs this gateway nothing.
+        needed = self.hub.view_members or self.hub.shard_up.keys()
+        down = [name for name in needed if not self.hub.shard_up[name]]
         if down:
             return False, "unreachable shards: " + ", ".join(sorted(down))
         return True, f"ready: {len(self.hub.shard_up)} shards"
@@ -388,6 +392,21 @@ class GatewayServer:
         for name, frames in hub.to_shards.items():
             if frames:
                 self.links[name].wake.set()
+
+    def _add_routers(self, routers: list[tuple[str, str]]) -> None:
+        """Routers added to the cluster since this gateway started: link to each, route to it."""
+        hub, nursery = self.hub, self._nursery
+        if nursery is None or self.local_shards:
+            return
+        for name, url in routers:
+            if not is_nng_url(url) or not hub.add_shard(name):
+                continue
+            link = self.links[name] = self._link(hub, name, url)
+            self.metrics.shard_link_up.labels(name).set(0)
+            nursery.start_soon(link.run)
+            if hub.routers_frame is not None:
+                hub.routers_frame[1].append([name, url])
+            logs.event(log, logging.INFO, "router_added", f"linking to router {name} at {url}", shard=name)
 
     def _link(self, hub: Hub, name: str, url: str) -> ShardLink | LocalShardLink:
         """The link to shard ``name``: direct calls if it lives here, else nng to ``url``."""

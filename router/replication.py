@@ -253,6 +253,25 @@ class Replica:
         self._last_resend = float("-inf")
         self._promised_other_at = float("-inf")
 
+    # --- the router list --------------------------------------------------------------
+
+    def add_router(self, name: str, order: Callable[[str], Sequence[str]]) -> bool:
+        """``name`` joins the end of the router list (scaling out), with the new order.
+
+        One router at a time: any majority of the old list and any majority of the
+        new one share a router, so a view of either kind is still installed only with
+        a router that promised it, and views stay one line. The next view includes the
+        new router once it is heard from; its sources then send it the streams whose
+        copies it became, with their epoch, seq and history.
+        """
+        if name in self.rank:
+            return False
+        self.routers = (*self.routers, name)
+        self.rank[name] = len(self.routers) - 1
+        self.majority = len(self.routers) // 2 + 1
+        self.order = order
+        return True
+
     # --- who does what -------------------------------------------------------------
 
     def copies_of(self, topic: str, members: Sequence[str] | None = None) -> list[str]:
@@ -452,7 +471,8 @@ class Replica:
                 self._renew(now)
 
     def _on_propose(self, sender: str, number: int, members: list[str], now: float) -> None:
-        if number <= self.promised or self.name not in members or self.leaving or not self._joined:
+        unknown = any(m not in self.rank for m in members)  # a router list this one has not taken yet
+        if number <= self.promised or self.name not in members or self.leaving or not self._joined or unknown:
             self._send(sender, [REFUSE, number, self.promised])
             return
         self.promised = number
@@ -516,7 +536,7 @@ class Replica:
         sources: tuple[str, ...],
         now: float,
     ) -> None:
-        if number != self.promised or self.name not in members:
+        if number != self.promised or self.name not in members or any(m not in self.rank for m in members):
             self.stats.stale_rejected += 1
             return
         old = self.view

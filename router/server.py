@@ -34,7 +34,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from fanroute import logs, wire
-from fanroute.config import ConfigError, RouterConfig
+from fanroute.config import ConfigError, RouterConfig, is_nng_url
 from fanroute.metrics import RouterMetrics
 from fanroute.nngio import Receiver, Sender, pack_all
 from fanroute.permissions import load_policy
@@ -48,6 +48,7 @@ log = logging.getLogger("fanroute.router")
 _QUEUE_MESSAGES = 1024
 _SWEEP_INTERVAL = 1.0
 _LEAVE_TIMEOUT = 5.0  # seconds a stopping router waits for the others to take its topics
+_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of this router's list to its peers
 
 
 class _LinkQueue:
@@ -121,6 +122,7 @@ class RouterServer:
         self._namespaces_bytes = Path(config.config_file).read_bytes() if config.config_file else b""
         self.links: dict[str, GatewayLink] = {}
         self.peer_links: dict[str, GatewayLink] = {}  # other routers, by name
+        self._announced = float("-inf")
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None
         self._in_process = False
@@ -194,6 +196,46 @@ class RouterServer:
                 except trio.WouldBlock:
                     self.metrics.peer_overflows.labels(self.shard.name).inc()  # lost, as on a cut link
 
+    def _announce(self) -> None:
+        """Tell every peer this router's list: how a router added to the cluster is taken up."""
+        replica, routers = self.shard.replica, self.shard.router_list
+        if replica is None or routers is None:
+            return
+        frame = [wire.PEER_ROUTERS, [[n, u] for n, u in routers]]
+        replica.out.extend((peer, frame) for peer in self.peer_links)
+
+    def _on_new_router(self, sender: str, frames: list[Any]) -> None:
+        """An authenticated router not in the list announced itself: add it, if it is one more.
+
+        Taken only when its list is ours with itself appended (one router at a time,
+        the same order everywhere, so ranks and majorities agree); anything else is
+        counted and ignored. Gateways are told, so they link to it too.
+        """
+        shard, replica = self.shard, self.shard.replica
+        own = shard.router_list or []
+        for frame in frames:
+            try:
+                if wire.check_peer_frame(frame) != wire.PEER_ROUTERS:
+                    continue
+            except wire.WireError:
+                shard.stats.frames_rejected += 1
+                continue
+            listed = [(str(n), str(u)) for n, u in frame[1]]
+            if len(listed) != len(own) + 1 or listed[:-1] != own or listed[-1][0] != sender:
+                self.metrics.peer_lists_rejected.labels(shard.name).inc()
+                continue
+            url = listed[-1][1]
+            try:
+                link = GatewayLink(url)
+            except pynng.NNGException as exc:
+                log.warning("cannot dial router %s at %s: %s", sender, url, exc)
+                continue
+            replica.add_router(sender, Ring([n for n, _ in listed]).order)
+            self.peer_links[sender] = link
+            shard.router_list = listed
+            shard.announce_routers()
+            logs.event(log, logging.INFO, "router_added", f"router {sender} ({url}) joined the cluster", shard=shard.name, router=sender)
+
     def _on_peer(self, sender: str, frames: list[Any]) -> None:
         replica, now = self.shard.replica, trio.current_time()
         for frame in frames:
@@ -214,6 +256,10 @@ class RouterServer:
                 await trio.sleep(0.02)
                 continue
             await trio.sleep(replica.beat_interval)
+            now = trio.current_time()
+            if now - self._announced >= _ANNOUNCE_INTERVAL:
+                self._announced = now
+                self._announce()
             replica.tick(trio.current_time())
             self.shard.pump(trio.current_time())
             self._flush()
@@ -292,6 +338,8 @@ class RouterServer:
             replica = self.shard.replica
             if replica is not None and env.sender in replica.rank:
                 self._on_peer(env.sender, env.frames)
+            elif replica is not None and not is_nng_url(env.sender):
+                self._on_new_router(env.sender, env.frames)  # a router's name, not a gateway's inbox
             else:
                 self.shard.receive(env.sender, env.frames, trio.current_time(), env.reply_as)
             self.shard.pump(trio.current_time())

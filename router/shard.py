@@ -358,6 +358,7 @@ class Shard:
                     continue  # not served here now: the VIEW below sends the gateway on
                 recovered, missed = self._recover(t_epoch, head, history, epoch, seq, now, whole_new_epoch=True)
                 out.append([wire.SUBOK, name, 0, t_epoch, head, recovered, missed])
+        self.announce_routers(gw.inbox)
         self._send_view(gw.inbox)
 
     def _stream(self, name: str, topic: Topic, now: float) -> tuple[str, int, History | None]:
@@ -411,6 +412,14 @@ class Shard:
             self.outbound[inbox].append([wire.NACK, req, _REFUSALS.get(reason, "unavailable"), message])
         else:
             self.stats.refused_silently += 1
+
+    def announce_routers(self, inbox: str | None = None) -> None:
+        """The router list to one gateway (or all): gateways link to routers added since they started."""
+        if not self.replicated or not self.router_list:
+            return
+        frame = [wire.ROUTERS, [[n, u] for n, u in self.router_list]]
+        for to in [inbox] if inbox is not None else list(self.gateways):
+            self.outbound[to].append(frame)
 
     def _send_view(self, inbox: str) -> None:
         replica = self.replica

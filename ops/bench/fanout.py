@@ -68,7 +68,7 @@ from fanroute.localcluster import LocalCluster, LocalClusterError, free_port
 REFERENCE_SERVER = Path(__file__).resolve().with_name("reference_server.py")
 SEED_DIR = Path(__file__).resolve().with_name("seed")
 SEED_SERVER = SEED_DIR / "seed_server.js"
-TARGETS = ("standalone", "cluster", "reference", "seed")
+TARGETS = ("standalone", "cluster", "cluster-1copy", "reference", "seed")
 BASELINES = ("reference", "seed")  # not fanroute: what fanroute's figures are divided by
 CLOSE_SLOW_CONSUMER = 4008
 _READY_TIMEOUT = 30.0
@@ -578,9 +578,15 @@ def start_target(name: str, logdir: Path, server_cpus: set[int] | None = None) -
     target = Target(name)
     deadline = time.monotonic() + _READY_TIMEOUT
     try:
-        if name in ("standalone", "cluster"):
-            # standalone: gateway and shards in one process; cluster: 2 gateways, 3 routers.
-            shape = {"gateways": 0, "routers": 0, "standalones": 1} if name == "standalone" else {"gateways": 2, "routers": 3}
+        if name in ("standalone", "cluster", "cluster-1copy"):
+            # standalone: gateway and shards in one process; cluster: 2 gateways, 3 routers
+            # holding every stream on 2 of them (the default); cluster-1copy: the same
+            # with --copies 1, to measure what replication costs.
+            shape: dict[str, Any] = (
+                {"gateways": 0, "routers": 0, "standalones": 1} if name == "standalone" else {"gateways": 2, "routers": 3}
+            )
+            if name == "cluster-1copy":
+                shape["router_args"] = ["--copies", "1"]
             target.cluster = LocalCluster(**shape, env=SERVER_ENV, logdir=logdir / name)
             target.cluster.start()
             try:
@@ -1077,7 +1083,7 @@ def add_fanout_command(sub: Any, flag: Any) -> None:
         "fanroute standalone, a local cluster, a minimal websockets broadcast server and the source design's Node ws server, side by side.",
     )
     flag(p, "--subscribers", _int_list, [1, 100, 1000], "comma-separated subscriber counts, one cell each")
-    flag(p, "--targets", _targets, list(TARGETS), "comma-separated targets: standalone, cluster, reference, seed")
+    flag(p, "--targets", _targets, ["standalone", "cluster", "reference", "seed"], "comma-separated targets: standalone, cluster, cluster-1copy, reference, seed")
     flag(p, "--duration", float, 5.0, "seconds measured per phase (saturation, then latency) per cell")
     flag(p, "--warmup", float, 1.0, "seconds of saturation before the measurement starts")
     flag(p, "--rate", float, 100.0, "publications per second in the latency phase")

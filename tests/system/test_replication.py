@@ -15,8 +15,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.support import CLUSTER_SECRET, LocalCluster
-from tests.system.traffic import check_exactly_once, finish, settle, start, wait_for
+from fanroute.ring import Ring
+from tests.support import CLUSTER_SECRET, LocalCluster, metric
+from tests.system.traffic import TOPICS, check_exactly_once, finish, settle, start, wait_for
 
 pytestmark = pytest.mark.trio
 
@@ -47,3 +48,29 @@ async def test_no_router_loss_or_restart_changes_a_stream():
         check_exactly_once(publisher, subs)
         # No topic went 1 s without accepting publications (retries included).
         assert publisher.longest_wait < 1.0
+
+
+async def test_a_fourth_router_takes_its_share_of_streams_with_their_epochs():
+    """Scaling out under traffic: the new router is taken up from its announcement
+    (no restart of the others), about a quarter of the topics move to it with their
+    epoch, seq and history, and subscribers see nothing but the next messages."""
+    with LocalCluster(gateways=2, routers=3, secret=CLUSTER_SECRET) as cluster:
+        async with trio.open_nursery() as nursery:
+            urls = [gw.url for gw in cluster.gateways]
+            publisher, subs, stop = await start(nursery, urls, urls[1])
+            await settle(publisher, 200)
+            epochs = dict(subs[0].epochs)
+            added = await trio.to_thread.run_sync(cluster.start_router)
+            await wait_for(added.ready, "router-3 ready in a view of four")
+            await settle(publisher, 300)
+            await finish(publisher, subs, stop)
+            nursery.cancel_scope.cancel()
+        check_exactly_once(publisher, subs)
+        assert subs[0].epochs == epochs  # every topic kept its epoch, moved or not
+        text = added.metrics()
+        assert metric(text, "fanroute_router_view_members") == 4
+        # It leads some of the topics now: they moved with their history.
+        led = [t for t in TOPICS if Ring([r.name for r in cluster.routers]).order(t)[0] == added.name]
+        assert led and metric(text, "fanroute_router_streams") >= len(led)
+        for gw in cluster.gateways:
+            assert metric(gw.metrics(), "fanroute_gateway_shard_link_up", f'shard="{added.name}"') == 1
