@@ -221,6 +221,8 @@ class Replica:
         self.leaving = False
         self.lease_until = float("-inf")
         self.streams: dict[str, Stream] = {}
+        self._copies_view: View | None = None  # the view ``_copies`` was computed for
+        self._copies: dict[str, list[str]] = {}
         self.out: list[tuple[str, list[Any]]] = []
         self.events: list[Any] = []
         self.stats = ReplicaStats()
@@ -270,15 +272,26 @@ class Replica:
         self.rank[name] = len(self.routers) - 1
         self.majority = len(self.routers) // 2 + 1
         self.order = order
+        self._copies_view = None
         return True
 
     # --- who does what -------------------------------------------------------------
 
     def copies_of(self, topic: str, members: Sequence[str] | None = None) -> list[str]:
         if members is None:
-            if self.view is None:
+            view = self.view
+            if view is None:
                 return []
-            members = self.view.members
+            # Asked several times per publication: kept per topic for the current view.
+            if self._copies_view is not view:
+                self._copies_view, self._copies = view, {}
+            copies = self._copies.get(topic)
+            if copies is None:
+                inside = set(view.members)
+                copies = self._copies[topic] = [r for r in self.order(topic) if r in inside][: self.copies]
+                if len(self._copies) > 65536:
+                    self._copies.clear()
+            return copies
         inside = set(members)
         return [r for r in self.order(topic) if r in inside][: self.copies]
 
@@ -773,9 +786,10 @@ class Replica:
         waiting = self._waiting.get(topic)
         if not waiting:
             return
-        for s, copies in waiting.items():
-            if s <= seq:
-                copies.discard(sender)
+        for s, copies in waiting.items():  # in seq order: confirmations come in order
+            if s > seq:
+                break
+            copies.discard(sender)
         stream = self.streams.get(topic)
         if stream is not None:
             self._advance(topic, stream, now)

@@ -357,8 +357,11 @@ def test_presence_over_the_http_api(cluster, gw):
     assert get("")[0] == 400
     status, body = get("?topic=bad%20topic")
     assert status == 400 and body["error"]["code"] == "bad_request"
-    # The same count as the presence command.
-    assert presence(Client(a), topic) == 2
+    # The same count as the presence command, on the other gateway too. Counts are
+    # right within a couple of seconds of a change (each gateway reports its own
+    # a tick later), so this waits for it rather than asking once.
+    asker = Client(a)
+    wait_until(lambda: presence(asker, topic) == 2, what="2 by the presence command")
 
 
 def test_presence_drops_the_subscribers_of_a_gateway_that_died(cluster, gw):
