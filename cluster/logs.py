@@ -9,7 +9,8 @@
 ``ts`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger`` and ``message`` are on
 every line; a record that is one of fanroute's events (:func:`event`) also carries
 ``event`` and whichever of :data:`FIELDS` apply (``connection``, ``user``, ``topic``,
-``code``, ``reason``, ``shard``, ``gateway``). A field that does not apply is left
+``code``, ``reason``, ``shard``, ``gateway``, and for replication ``router``,
+``view``, ``members``, ``ready``). A field that does not apply is left
 out rather than written as null. An exception adds ``error`` (its traceback).
 ``--log-format text`` writes the same record for a person: the message, then the
 event and its fields as ``key=value``. The default, ``auto``, is JSON when stderr is
@@ -39,7 +40,7 @@ import orjson
 
 FORMATS = ("auto", "json", "text")
 # Event fields, in the order the text format writes them.
-FIELDS = ("event", "connection", "user", "topic", "code", "reason", "shard", "gateway")
+FIELDS = ("event", "connection", "user", "topic", "code", "reason", "shard", "gateway", "router", "view", "members", "ready")
 _EVENT_KEY = "fanroute_event"  # where event() puts its fields on a LogRecord
 
 

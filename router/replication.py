@@ -221,6 +221,10 @@ class Replica:
         self.leaving = False
         self.lease_until = float("-inf")
         self.streams: dict[str, Stream] = {}
+        # Confirmations of appends held until flush_acks (the shell calls it after each
+        # batch of messages): one per (leader, view, topic) instead of one per entry.
+        self.batch_acks = False
+        self._acks: dict[tuple[str, int, str], int] = {}
         self._copies_view: View | None = None  # the view ``_copies`` was computed for
         self._copies: dict[str, list[str]] = {}
         self.out: list[tuple[str, list[Any]]] = []
@@ -332,6 +336,7 @@ class Replica:
     # --- time ----------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        self.flush_acks()
         if now - self._last_beat >= self.beat_interval:
             self._last_beat = now
             self._beat(now)
@@ -778,7 +783,24 @@ class Replica:
         elif seq > stream.seq:
             self.stats.stale_rejected += 1  # a gap: the leader's next view fixes it
             return
-        self._send(sender, [APPENDED, number, topic, seq])
+        if self.batch_acks:
+            key = (sender, number, topic)
+            if self._acks.get(key, 0) < seq:
+                self._acks[key] = seq
+        else:
+            self._send(sender, [APPENDED, number, topic, seq])
+
+    def flush_acks(self) -> None:
+        """Send the confirmations held back with ``batch_acks``: one per topic, its highest seq.
+
+        A confirmation covers every seq up to it (appends are taken in seq order), so
+        a batch of appends to one topic costs the leader one confirmation to handle.
+        """
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, {}
+        for (sender, number, topic), seq in acks.items():
+            self._send(sender, [APPENDED, number, topic, seq])
 
     def _on_appended(self, sender: str, number: int, topic: str, seq: int, now: float) -> None:
         if self.view is None or number != self.view.number:

@@ -123,6 +123,7 @@ class RouterServer:
         self.links: dict[str, GatewayLink] = {}
         self.peer_links: dict[str, GatewayLink] = {}  # other routers, by name
         self._announced = float("-inf")
+        self._logged_view: tuple[int, bool, bool] | None = None
         self._nursery: trio.Nursery | None = None
         self._sock: pynng.Pull0 | None = None
         self._in_process = False
@@ -168,6 +169,7 @@ class RouterServer:
             name, names, Ring(names).order, copies=cfg.copies, timeout=cfg.peer_timeout,
             beat_interval=cfg.peer_timeout / 6, history=shard.new_stream_history,
         )
+        shard.replica.batch_acks = True  # flushed after each batch (_on_peer)
         self.metrics.watch_replica(shard)
         for peer, url in routers:
             if peer == name:
@@ -245,6 +247,7 @@ class RouterServer:
                 self.shard.stats.frames_rejected += 1
                 continue
             replica.receive(sender, frame, now)
+        replica.flush_acks()
 
     async def _replicate(self) -> None:
         """Tick the replica (beats, views, leases, re-sends) and carry out what it says."""
@@ -263,6 +266,19 @@ class RouterServer:
             replica.tick(trio.current_time())
             self.shard.pump(trio.current_time())
             self._flush()
+            self._log_view(replica)
+
+    def _log_view(self, replica: Replica) -> None:
+        """One log event per change of view or readiness (operators follow failovers by them)."""
+        state = (replica.view.number if replica.view is not None else 0, replica.ready, replica.serving(trio.current_time()))
+        if state == self._logged_view:
+            return
+        self._logged_view = state
+        members = list(replica.view.members) if replica.view is not None else []
+        logs.event(
+            log, logging.INFO, "view", f"router {replica.name}: view {state[0]} {members}, ready {state[1]}, serving {state[2]}",
+            shard=self.shard.name, view=state[0], members=members, ready=state[1] and state[2],
+        )
 
     async def leave(self) -> None:
         """Hand the topics this router leads to their other copies, then return (SIGTERM).

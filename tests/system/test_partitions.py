@@ -111,7 +111,12 @@ async def test_partitions_never_make_two_truths_nor_lose_an_acknowledged_publica
         # Every refusal was answered to the publisher and counted, none dropped silently.
         assert publisher.refused + publisher.unknown > 0
         assert counted == publisher.refused + publisher.unknown
+    except BaseException:
+        for node in nodes.values():
+            print(f"--- {node.name} ({node.exit_text()}), last lines of {node.log}:\n{node.log_tail(15)}")
+        raise
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)
     finally:
         for node in nodes.values():
             node.stop()
-        shutil.rmtree(logdir, ignore_errors=True)

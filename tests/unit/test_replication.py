@@ -468,3 +468,31 @@ def test_malformed_router_frames_are_refused_before_the_replica_sees_them():
         except WireError:
             continue
         raise AssertionError(f"{frame!r} was let in")
+
+
+def test_batched_confirmations_cover_every_seq_up_to_the_highest():
+    """With batch_acks a copy confirms a batch of appends once per topic; the leader
+    commits every entry the one confirmation covers."""
+    sim = Sim(2)
+    for node in sim.nodes.values():
+        node.batch_acks = True
+    sim.settle()
+    topic = TOPICS[0]
+    leader = sim.nodes[sim.nodes["r0"].leader_of(topic)]
+    follower = next(n for n in sim.nodes.values() if n is not leader)
+    for i in range(5):
+        leader.publish(topic, bytes([i]), 0.0, None, ("t", i), sim.now)
+    appends = [m for to, m in leader.out if m[0] == wire.PEER_APPEND]
+    assert len(appends) == 5
+    leader.out.clear()
+    for m in appends:
+        follower.receive(leader.name, m, sim.now)
+    assert not [m for _, m in follower.out if m[0] == wire.PEER_APPENDED]  # held for the batch
+    follower.flush_acks()
+    acks = [m for _, m in follower.out if m[0] == wire.PEER_APPENDED]
+    assert [a[3] for a in acks] == [5]
+    follower.out.clear()
+    leader.events.clear()
+    for a in acks:
+        leader.receive(follower.name, a, sim.now)
+    assert [e.seq for e in leader.events if isinstance(e, Committed)] == [1, 2, 3, 4, 5]
