@@ -256,6 +256,7 @@ class Replica:
         self._joined = self.majority == 1  # heard from a majority since this process started
         self._reform = False  # a member restarted: the view must be formed again
         self._installed_at = float("-inf")
+        self._unserving_since: float | None = None  # when this router last stopped serving
         self._last_resend = float("-inf")
         self._promised_other_at = float("-inf")
 
@@ -337,6 +338,7 @@ class Replica:
 
     def tick(self, now: float) -> None:
         self.flush_acks()
+        self._give_up_waiting(now)
         if now - self._last_beat >= self.beat_interval:
             self._last_beat = now
             self._beat(now)
@@ -348,6 +350,26 @@ class Replica:
         if self._waiting and now - self._last_resend >= self.timeout:
             self._last_resend = now
             self._resend(now)
+
+    def _give_up_waiting(self, now: float) -> None:
+        """Answer ``outcome_unknown`` for publications a leader can no longer commit.
+
+        A leader cut off from its copy and from the majority keeps its appends
+        waiting, and no view it could install will come while it is cut off. After
+        ``hold`` seconds without serving, the publications waiting on it are told
+        their fate is unknown: clients retry them with their ``idem`` key, and a
+        retry is answered with the original seq if the entry was committed after all.
+        """
+        if self.serving(now):
+            self._unserving_since = None
+            return
+        if self._unserving_since is None:
+            self._unserving_since = now
+            return
+        if self._tokens and now - self._unserving_since > self.hold:
+            tokens, self._tokens = self._tokens, {}
+            for topic, t in tokens.items():
+                self._unknown(topic, t)
 
     def _resend(self, now: float) -> None:
         """Send again the appends a copy has not confirmed (a link may have lost them).

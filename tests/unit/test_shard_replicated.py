@@ -167,3 +167,21 @@ def test_a_gateway_that_comes_back_to_a_new_epoch_gets_it_from_seq_1():
     hello(sh, 0.1, [["t", "old-epoch", 41]])
     subok = next(f for f in sh.take_outbound()[GW] if f[0] == wire.SUBOK)
     assert subok[5] is False and [m[0] for m in subok[6]] == [1, 2, 3]
+
+
+def test_a_leader_cut_off_with_unconfirmed_publications_answers_outcome_unknown():
+    """Its copy never confirms and no view can come while it is cut off: after
+    ``hold`` seconds without a lease the waiting publication is answered, never left hanging."""
+    c = Cluster()
+    c.settle()
+    topic = "t.cut"
+    leader = c.leader(topic)
+    hello(leader, c.now)
+    c.frames(leader)
+    c.hold = True  # from here on nothing reaches the other router
+    leader.receive(GW, [[wire.PUB, topic, b"\x01", 9, 1.0, "k"]], c.now, leader.name)
+    answered = []
+    for _ in range(60):  # 3 s
+        c.step()
+        answered += [f for f in c.frames(leader) if f[0] in (wire.NACK, wire.PUBOK)]
+    assert answered and answered[0][:3] == [wire.NACK, 9, "outcome_unknown"]
