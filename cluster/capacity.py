@@ -31,10 +31,15 @@ fan-out):
   requested with 15 % margin, limited at twice the working set (outboxes of slow
   clients fill under bursts, up to ``--outbox-limit`` each).
 * **Router CPU**: each publication costs ``1/publications_per_core + (g(G) − 1)·per_extra_gateway``
-  on each of the K routers holding its topic. The plan has the smallest count ≥ K
-  at which every router runs at most at the CPU target (with K ≥ 2, also with one
-  router lost: its topics go to the next router in rendezvous order). With K = 1 a
-  lost router's topics wait for its restart; no spare helps until replication lands.
+  on its topic's leader and ``per_copy`` on each of the K − 1 further routers
+  holding its stream (both measured with the routers' ``--copies``, which the
+  profile records; a profile written before replication costs a copy as a
+  publication), and every router spends ``idle_cores`` at rest (heartbeats and
+  leases between copies), taken off the CPU it has. The plan has the smallest count
+  ≥ K at which every router runs at most at the CPU target (with K ≥ 2, also with
+  one router lost: its topics go to the next router in rendezvous order), and with
+  K ≥ 2 at least 3, so that a majority of them, which views need, remains with one
+  lost. With K = 1 a lost router's topics wait for its restart.
 * **Router memory**: ``base + topics·per_topic + history``, history being
   ``min(--history-bytes, topics × min(history_size, R/T × history_ttl) × (B + 165))``
   bytes as the router accounts them (payload, msgpack header, ``ENTRY_OVERHEAD``),
@@ -45,7 +50,9 @@ fan-out):
   in the measured range (log-interpolated); otherwise it says no figure supports it.
 
 ``ceiling()`` answers the converse: what a given number of pods carries at 100 %
-of their usable CPU, and how many connections fit in a given pod memory.
+of their usable CPU, and how many connections fit in a given pod memory; also what
+they carry when all of them share one core, which ``fanroute bench profile --check``
+measures on a local cluster.
 ``simulate_reshard()`` hashes synthetic topics with :class:`fanroute.ring.Ring` to
 show what growing the router StatefulSet moves.
 
@@ -104,6 +111,16 @@ CONSTANTS: dict[str, tuple[str, str]] = {
     "router_bytes_per_topic": ("router RSS per topic (with its interest)", "B"),
     "router_rss_per_history_byte": ("router RSS per byte of history it accounts", "×"),
 }
+# name: (what it is, unit, the value a profile without it is read with) — constants a
+# profile written before replicated streams lacks: a further copy was then costed as
+# one router publication, and a router at rest as nothing.
+OPTIONAL: dict[str, tuple[str, str, Callable[[Mapping[str, float]], float]]] = {
+    "router_us_per_copy": (
+        "router CPU per publication on each further copy of its topic", "µs",
+        lambda c: 1e6 / c["router_publications_per_core"],
+    ),
+    "router_idle_cores": ("router CPU at rest (heartbeats and leases between copies)", "cores", lambda c: 0.0),
+}
 
 
 # --- the profile ----------------------------------------------------------------------
@@ -127,6 +144,8 @@ class Profile:
     command: str = ""
     latency: tuple[LatencyPoint, ...] = ()
     source: str = ""
+    measured_optional: tuple[str, ...] = ()  # the OPTIONAL constants the file has (the others are their fallbacks)
+    router_copies: int | None = None  # the routers' --copies when the profile was measured
 
     def __getattr__(self, name: str) -> float:
         try:
@@ -147,13 +166,29 @@ class Profile:
             constants[name] = float(value)
         if constants["router_publications_per_core"] <= 0:
             raise ConfigError(f"{source} has router_publications_per_core {constants['router_publications_per_core']:g}, which must be positive")
+        measured = []
+        for name, (_, _, fallback) in OPTIONAL.items():
+            value = given.get(name)
+            if value is None:
+                constants[name] = fallback(constants)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{source} has {name} {value!r}, which must be a number, not negative: write it again with {REFRESH}")
+            constants[name] = float(value)
+            measured.append(name)
+        if constants["router_idle_cores"] >= PROCESS_CORES:
+            raise ConfigError(f"{source} has router_idle_cores {constants['router_idle_cores']:g}: a router at rest would use its whole core")
         points = []
         for p in data.get("latency") or ():
             try:
                 points.append(LatencyPoint(float(p["fanout_per_gateway"]), float(p["utilisation"]), float(p["p99_ms"]), p.get("p50_ms")))
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"{source} has a latency point without fanout_per_gateway, utilisation and p99_ms") from None
-        return cls(constants, dict(data.get("machine") or {}), str(data.get("date", "")), str(data.get("command", "")), tuple(points), source)
+        copies = data.get("router_copies")
+        return cls(
+            constants, dict(data.get("machine") or {}), str(data.get("date", "")), str(data.get("command", "")), tuple(points), source,
+            tuple(measured), int(copies) if isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1 else None,
+        )
 
 
 def load_profile(path: str | Path | None = None) -> Profile:
@@ -186,7 +221,7 @@ class Load:
     fanout: float  # mean subscribers per publication
     topics: int = DEFAULT_TOPICS
     payload: int = DEFAULT_PAYLOAD  # bytes
-    copies: int = 1  # routers holding each topic's stream (1 until replication lands)
+    copies: int = 1  # routers holding each topic's stream (the routers and the chart default to 2)
     burst: float = 1.0  # peak publication rate ÷ the mean
     churn: float = 0.01  # fraction of the connections that reconnect per minute
 
@@ -446,11 +481,19 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
     busiest router is held to at most ``UNEVEN_LIMIT`` times the mean's (a note says
     how loaded the busiest then is). A topic's leader sequences it and sends it to
     every interested gateway; each further copy costs one router publication (storing
-    it), until the profile has a measured replication figure."""
+    it: the profile's ``router_us_per_copy``, measured on the copies of the cells'
+    topics, or one router publication in a profile written before replication). Every
+    router also spends ``router_idle_cores`` at rest, taken off the CPU it has."""
     usable = pods.router_cores * 1e6
-    budget = pods.cpu_target * usable
+    idle = p.router_idle_cores * 1e6  # spent at rest whatever the load: heartbeats and leases between copies
+    if pods.cpu_target * usable <= idle:
+        raise ConfigError(
+            f"--router-cpu {pods.router_cpu:g} at the {pods.cpu_target:.0%} target leaves nothing for publications: "
+            f"a router uses {p.router_idle_cores:g} cores at rest"
+        )
+    budget = pods.cpu_target * usable - idle  # what publications may use on each router
     per_pub = router_us_per_publication(p, interested)
-    follower = 1e6 / p.router_publications_per_core
+    follower = p.router_us_per_copy
     total = load.peak * (per_pub + (load.copies - 1) * follower)
     spare = 1 if load.copies >= 2 else 0  # with copies, a lost router's topics move to the next
     hottest = total / load.topics  # topics equally busy; one topic's leader is one router
@@ -460,12 +503,15 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
         """CPU of the busiest of ``up`` routers, µs/s."""
         return busiest_topics(load.topics, up) * hottest
 
-    lo = max(1, load.copies, 1 + spare)
+    # Replicated streams need views, and a view a majority of the routers
+    # (router/REPLICATION.md): with one of them lost, a majority remains from 3 on.
+    views = VIEW_ROUTERS if load.copies > 1 else 1
+    lo = max(1, load.copies, 1 + spare, views)
     need_mean = _smallest(lambda r: total / (r - spare) <= budget, lo)
     need_cpu = _smallest(
         lambda r: r >= need_mean and (busiest_topics(load.topics, r - spare) <= allowed or r >= UNEVEN_LIMIT * need_mean), lo
     )
-    need = {"cpu": need_cpu, "copies": load.copies}
+    need = {"cpu": need_cpu, "copies": load.copies, "views": views}
     r = max(need.values())
     if need["cpu"] > lo:
         why = "CPU: publications, sequenced and sent to every interested gateway"
@@ -473,6 +519,8 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
             why += " (the busiest router: topics hash unevenly over routers)"
     elif load.copies > 1 and r == load.copies:
         why = f"copies: each topic is held by {load.copies} routers"
+    elif load.copies > 1:
+        why = f"views: with replicated streams a majority of the routers must remain when one is lost, so at least {views}"
     else:
         why = "none: one router carries it"
     notes: list[str] = []
@@ -498,12 +546,19 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
     elif busiest(r - spare) > budget:
         notes.append(
             f"balance: {_n(load.topics)} topics over {r} routers — the busiest is expected to hold "
-            f"{busiest_topics(load.topics, r - spare)} of them, at {busiest(r - spare) / usable:.0%} CPU: more, smaller topics even it out"
+            f"{busiest_topics(load.topics, r - spare)} of them, at {(busiest(r - spare) + idle) / usable:.0%} CPU: more, smaller topics even it out"
         )
     if load.copies > 1:
+        further = "a topic's further copy" if load.copies == 2 else f"each of a topic's {load.copies - 1} further copies"
+        if "router_us_per_copy" in p.measured_optional:
+            at = f" with --copies {p.router_copies}" if p.router_copies else ""
+            notes.append(f"copies: {further} costs its router {follower:.1f} µs per publication (measured{at}), the leader {per_pub:.1f} µs")
+        else:
+            notes.append(f"copies: {further} is costed as one router publication ({follower:.0f} µs); the profile has no replication figure")
+    elif p.router_copies and p.router_copies > 1:
         notes.append(
-            f"copies: each of a topic's {load.copies - 1} further cop{'y' if load.copies == 2 else 'ies'} is costed as one router "
-            f"publication ({follower:.0f} µs); the profile has no replication figure yet"
+            f"copies: this plan has one copy per topic; the routers default to --copies 2 (router/REPLICATION.md) and the "
+            f"chart to replication.copies 2: plan those with --copies 2"
         )
     return Role(
         replicas=r,
@@ -511,14 +566,16 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
         cpu_request=pods.router_cores,
         memory_request=_memory(working, MEMORY_MARGIN),
         memory_limit=_memory(working, ROUTER_LIMIT_FACTOR),
-        utilisation=busiest(r) / usable,
-        utilisation_one_lost=busiest(max(1, r - 1)) / usable,
+        utilisation=(busiest(r) + idle) / usable,
+        utilisation_one_lost=(busiest(max(1, r - 1)) + idle) / usable,
         terms={"publications": total},
         figures={
             "needed_for": need,
             "publications_per_s_each": load.peak * load.copies / r,
             "us_per_publication": per_pub,
-            "mean_utilisation": total / r / usable,
+            "us_per_copy": follower,
+            "idle_cores": p.router_idle_cores,
+            "mean_utilisation": (total / r + idle) / usable,
             "busiest_over_mean": busiest(r) / (total / r) if total else 1.0,
             "topics_each": topics_each,
             "busiest_topics": busiest_topics(load.topics, r),
@@ -532,6 +589,7 @@ def _routers(p: Profile, load: Load, pods: Pods, interested: float) -> Role:
 
 
 UNEVEN_LIMIT = 3  # at most this many times the routers the mean load needs, for the busiest
+VIEW_ROUTERS = 3  # the fewest routers of which a majority remains with one lost (replicated streams)
 
 
 def busiest_topics(items: int, bins: int) -> int:
@@ -644,25 +702,46 @@ class Ceiling:
 
 def ceiling(
     p: Profile, shape: Shape, *, gateways: int, routers: int, gateway_cpu: float, router_cpu: float,
-    gateway_memory: float, pods: Pods = Pods(),
+    gateway_memory: float, pods: Pods = Pods(), shared_cpu: float = 1.0,
 ) -> Ceiling:
     """At 100 % of the usable CPU (no target, no spare): the publications and
     deliveries/s ``gateways`` and ``routers`` carry at ``shape``'s fan-out, and the
     connections the gateways hold in ``gateway_memory`` bytes each (or their CPU, or
-    the per-pod connection limit, whichever is first)."""
+    the per-pod connection limit, whichever is first).
+
+    Routers: a topic's leader spends ``router_us_per_publication`` on each of its
+    publications and each further copy ``router_us_per_copy``, every router
+    ``router_idle_cores`` at rest; with fewer topics than routers only the leaders'
+    routers bound the rate. The figures also hold what the same pods carry when they
+    all share ``shared_cpu`` cores (each still at most one) instead of each having
+    its own: the measure of a bench machine, where ``fanroute bench profile --check``
+    pins every server process to the same core."""
     if min(gateways, routers) < 1:
         raise ConfigError("--ceiling needs at least one gateway and one router, as GATEWAYS:ROUTERS")
-    if min(gateway_cpu, router_cpu, shape.fanout, shape.payload, shape.topics, gateway_memory) <= 0:
+    if min(gateway_cpu, router_cpu, shape.fanout, shape.payload, shape.topics, gateway_memory, shared_cpu) <= 0:
         raise ConfigError("--ceiling needs a positive --fanout, --payload, --topics, --gateway-cpu, --router-cpu and --gateway-memory")
     g_cores = min(gateway_cpu, PROCESS_CORES) * 1e6
     r_cores = min(router_cpu, PROCESS_CORES) * 1e6
+    idle = p.router_idle_cores * 1e6
     interested = interested_gateways(gateways, shape.fanout)
     heartbeat = 2 / pods.ping_interval * p.gateway_us_per_heartbeat
     per_pub_gw = p.gateway_us_per_publication_in + interested * p.gateway_us_per_publication_out + shape.fanout * delivery_us(p, shape.payload)
     by_gateways = (gateways * g_cores - shape.fanout * heartbeat) / per_pub_gw
-    busy_routers = min(routers, shape.topics * shape.copies)
-    by_routers = busy_routers * r_cores / (shape.copies * router_us_per_publication(p, interested))
+    leader = router_us_per_publication(p, interested)
+    copies = min(shape.copies, routers)
+    per_pub_routers = leader + (copies - 1) * p.router_us_per_copy  # over every copy of the topic
+    free = max(0.0, r_cores - idle)
+    by_routers = min(routers * free / per_pub_routers, min(routers, shape.topics) * free / leader)
     rate = max(0.0, min(by_gateways, by_routers))
+    # Every pod on the same shared_cpu cores: the cores left after the routers' rest and
+    # the subscribers' heartbeats, over the CPU of one publication on every process.
+    spare = shared_cpu * 1e6 - routers * idle - shape.fanout * heartbeat
+    one = PROCESS_CORES * 1e6
+    shared = max(0.0, min(
+        spare / (per_pub_gw + per_pub_routers),
+        (gateways * one - shape.fanout * heartbeat) / per_pub_gw,
+        min(routers, shape.topics) * (one - idle) / leader,
+    ))
     per_conn_bytes = p.gateway_bytes_per_connection + shape.subscriptions_per_connection * p.gateway_bytes_per_subscription
     by_memory = max(0.0, gateway_memory - p.gateway_base_bytes) / per_conn_bytes
     reconnect = p.gateway_us_per_handshake + shape.subscriptions_per_connection * p.gateway_us_per_subscribe
@@ -679,9 +758,16 @@ def ceiling(
         connections_limited_by=limited,
         figures={
             "gateway_us_per_publication": per_pub_gw,
-            "router_us_per_publication": router_us_per_publication(p, interested),
+            "router_us_per_publication": leader,
+            "router_us_per_copy": p.router_us_per_copy,
+            "router_us_per_publication_all_copies": per_pub_routers,
+            "router_idle_cores": p.router_idle_cores,
+            "copies": copies,
             "publications_per_s_by_gateways": by_gateways,
             "publications_per_s_by_routers": by_routers,
+            "shared_cpu": shared_cpu,
+            "publications_per_s_shared": shared,
+            "deliveries_per_s_shared": shared * shape.fanout,
             "connections_each_by_memory": by_memory,
             "connections_each_by_cpu": by_cpu,
             "bytes_per_connection": per_conn_bytes,
@@ -889,11 +975,13 @@ def render_plan(pl: Plan, command: str, given: set[str] | None = None) -> str:
         f"{gf['working_set_bytes_one_lost'] / MIB:,.0f} MiB)",
         f"  CPU by use: " + ", ".join(f"{k} {v / 1e6:,.2f} cores" for k, v in g.terms.items()),
         "",
-        f"routers: {r.replicas}" + ("" if L.copies > 1 else " — a lost router's topics wait for its restart (no replication yet)"),
+        f"routers: {r.replicas}" + ("" if L.copies > 1 else " — one copy per topic (--copies 1): a lost router's topics wait for its restart"),
         f"  bottleneck: {r.bottleneck}",
         f"  headroom: the busiest router at {_pct(r.utilisation)} CPU" + (f", {_pct(r.utilisation_one_lost)} with one lost" if L.copies > 1 else "")
         + f" (target {_pct(P.cpu_target)}; the mean {_pct(rf['mean_utilisation'])}, the busiest {rf['busiest_over_mean']:.2f}× it as topics hash)",
-        f"  each: {_n(rf['publications_per_s_each'])} publications/s at {rf['us_per_publication']:.1f} µs, {_n(rf['topics_each'])} topics, "
+        f"  each: {_n(rf['publications_per_s_each'])} publications/s at {rf['us_per_publication']:.1f} µs"
+        + (f" leading, {rf['us_per_copy']:.1f} µs as a further copy" if L.copies > 1 else "")
+        + (f", {rf['idle_cores']:.2f} cores at rest" if rf["idle_cores"] else "") + f", {_n(rf['topics_each'])} topics, "
         f"history {rf['history_bytes_each'] / MIB:,.0f} MiB ({_n(rf['history_entries_per_topic'])} messages per topic)",
         f"  requests: cpu {_cpu(r.cpu_request)}, memory {_mi(r.memory_request)} (limit {_mi(r.memory_limit)}; working set {rf['working_set_bytes'] / MIB:,.0f} MiB)",
         "",
@@ -906,10 +994,17 @@ def render_plan(pl: Plan, command: str, given: set[str] | None = None) -> str:
     for note in pl.notes:
         lines.append(f"note: {note}")
     lines += ["", f"figures used: {p.source} — {p.machine.get('nproc', '?')} × {p.machine.get('cpu', '?')}, {p.date}, `{p.command}`"]
-    for name, (what, unit) in CONSTANTS.items():
+    shown_constants = [(name, what, unit, "") for name, (what, unit) in CONSTANTS.items()]
+    shown_constants += [
+        (name, what, unit, "" if name in p.measured_optional else " (not in the profile: taken as " + ("a publication's" if unit == "µs" else "0") + ")")
+        for name, (what, unit, _) in OPTIONAL.items()
+    ]
+    for name, what, unit, why in shown_constants:
         v = p.constants[name]
         shown = f"{v / MIB:,.1f} MiB" if unit == "B" and v >= MIB else f"{v:,.0f} {unit}" if v >= 100 else f"{v:,.3g} {unit}"
-        lines.append(f"  {what}: {shown}")
+        lines.append(f"  {what}: {shown}{why}")
+    if p.router_copies:
+        lines.append(f"  (routers measured with --copies {p.router_copies})")
     lines += ["", "values.yaml for helm/fanroute (helm install … -f this-file):", "---", f"# {command}", values_fragment(pl).rstrip()]
     return "\n".join(lines) + "\n"
 
@@ -922,7 +1017,13 @@ def render_ceiling(c: Ceiling, shape: Shape, memory: float, p: Profile) -> str:
             f"  deliveries/s at fan-out {_n(shape.fanout)} ({shape.payload}-byte payloads, {shape.topics} topic{'s' if shape.topics != 1 else ''}): "
             f"{_n(c.deliveries_per_s)} ({_n(c.publications_per_s)} publications/s), limited by {c.deliveries_limited_by}",
             f"    gateways: {f['gateway_us_per_publication']:.1f} µs per publication → {_n(f['publications_per_s_by_gateways'])}/s; "
-            f"routers: {f['router_us_per_publication']:.1f} µs → {_n(f['publications_per_s_by_routers'])}/s",
+            f"routers: {f['router_us_per_publication']:.1f} µs leading"
+            + (f" + {f['router_us_per_copy']:.1f} µs per further copy ({f['copies']} copies)" if f["copies"] > 1 else "")
+            + (f", {f['router_idle_cores']:.3f} cores each at rest" if f["router_idle_cores"] else "")
+            + f" → {_n(f['publications_per_s_by_routers'])}/s",
+            f"  all {c.gateways + c.routers} pods sharing {f['shared_cpu']:g} core{'s' if f['shared_cpu'] != 1 else ''} (a bench machine): "
+            f"{_n(f['deliveries_per_s_shared'])} deliveries/s ({_n(f['publications_per_s_shared'])} publications/s at "
+            f"{f['gateway_us_per_publication'] + f['router_us_per_publication_all_copies']:.1f} µs each over every process)",
             f"  connections ({shape.subscriptions_per_connection:g} subscription each, {memory / MIB:g} MiB per gateway): {_n(c.connections)}, limited by {c.connections_limited_by}",
             f"    per gateway: {_n(f['connections_each_by_memory'])} by memory ({f['bytes_per_connection']:,.0f} bytes each), "
             f"{_n(f['connections_each_by_cpu'])} by CPU",

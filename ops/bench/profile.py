@@ -20,26 +20,39 @@ Two parts, each bounded in time and count:
    connection publishes ``--history`` messages of 1 KiB over the pool: the router's
    RSS growth ÷ the bytes it accounts to history (``fanroute_router_history_bytes``)
    is the **RSS per history byte**.
-2. **Publications** — the fan-out benchmark's ``cluster`` target (2 gateways,
-   3 routers) and its cells (:func:`fanroute.bench.fanout.run_cell`): fan-out 1, 2,
-   200 and 1000 at 64-byte payloads, and 200 at 1 KiB. Fan-out 2 puts one subscriber
-   on each gateway at the publication rates of fan-out 1, so that the cost of a
-   second interested gateway is not confused with the batching a lower rate gets. Each cell's saturation phase
-   gives publications/s and every process's CPU; the gateways' CPU is fitted (least
-   squares, relative) to ``publications in × a + publications out × b + deliveries ×
-   (c + KiB × d)`` — the publisher is on gateway-0 and the subscribers alternate, so
-   each cell gives two equations — and the routers' to ``publications × (e +
-   (interested gateways − 1) × f)``: the CPU per **delivery** (and per delivered
-   KiB), per **publication** in and out, and the **router publications/s per core**
-   (1 / e). Latency phases at a light rate and at 75 % of the cell's saturation give
-   the p99 figures the planner quotes, by fan-out per gateway and utilisation.
+2. **Publications** — the fan-out benchmark's ``cluster`` shape (2 gateways,
+   3 routers) with the routers' ``--copies`` given (``--copies``, default the
+   routers' own: 2, so every topic's stream is on two routers) and its cells
+   (:func:`fanroute.bench.fanout.run_cell`): fan-out 1, 2, 10, 50, 100, 200 and 1000
+   at 64-byte payloads, and 200 at 1 KiB. Fan-out 2 puts one subscriber on each
+   gateway at the publication rates of fan-out 1, so that the cost of a second
+   interested gateway is not confused with the batching a lower rate gets. First
+   the cluster runs ``REST_SECONDS`` with no traffic: every process's CPU **at
+   rest** (a router's heartbeats and leases with the others). Each cell's
+   saturation phase gives publications/s and every process's CPU; the gateways'
+   CPU is fitted (least squares, relative, no constant below 0) to ``publications
+   in × a + publications out × b + deliveries × (c + KiB × d)`` — the publisher is
+   on gateway-0 and the subscribers alternate, so each cell gives two equations,
+   from fan-out 1 to 1000 — and the routers' as :func:`fit_cells` says: the topic's
+   leader ``publications × (e + (interested gateways − 1) × f)``, each further copy
+   ``publications × h``, both above what a router holding no copy spends in the same
+   cell. That gives the CPU per **delivery** (and per delivered KiB), per
+   **publication** in and out, the **router publications/s per core** (1 / e), the
+   CPU per publication of a **further copy** (h) and a router's CPU **at rest**.
+   The profile records the ``--copies`` they were measured with, and beside each
+   cell the CPU per publication measured and fitted (``per_publication``). Latency
+   phases at a light rate and at 75 % of the cell's saturation give the p99
+   figures the planner quotes, by fan-out per gateway and utilisation.
 
-``--check`` measures instead what ``fanroute capacity --ceiling 2:3`` predicts, on a
-fresh 2-gateway, 3-router local cluster: the connections (one subscription each,
-100 per topic) the two gateways hold before each one's RSS reaches
-``--check-memory`` MiB, and the deliveries/s at fan-out 100 (``--repeat`` runs, the
-median), beside the planner's figures for the same shape and the CPU the gateways
-were measured to use.
+``--check`` measures instead what ``fanroute capacity --ceiling 2:3`` predicts, on
+fresh 2-gateway, 3-router local clusters with the same ``--copies``: the
+connections (one subscription each, 100 per topic) the two gateways hold before
+each one's RSS reaches ``--check-memory`` MiB, and the deliveries/s at fan-out 100
+(``--repeat`` runs, the median) with every server process pinned to CPU 0 and the
+load generator to the others — beside the planner's ceiling for the same shape
+when all five pods share one core (a figure of the ceiling's output), so that the
+CPU the servers have is set by the check, not taken from what they were measured to
+use. ``--save-check FILE`` writes the report (JSON).
 
 Every process is stopped at the end (SIGTERM, SIGKILL after a bound), also on an
 error or Ctrl-C. CPU times come from ``/proc/<pid>/stat`` (10 ms ticks), RSS from
@@ -49,9 +62,11 @@ error or Ctrl-C. CPU times come from ``/proc/<pid>/stat`` (10 ms ticks), RSS fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import multiprocessing
+import os
 import selectors
 import signal
 import socket
@@ -64,9 +79,10 @@ from pathlib import Path
 from typing import Any
 
 from fanroute.errors import BenchError
-from fanroute.bench.fanout import SERVER_ENV, Settings, _ws_connect, run_cell, start_target
+from fanroute.bench.fanout import SERVER_ENV, Settings, Target, _wait_ready, _ws_connect, pin, run_cell, server_pids
 from fanroute.bench.loadgen import client_frame, cpu_seconds, expect, machine, split_frames
 from fanroute.localcluster import LocalCluster, LocalClusterError
+from fanroute.settings import setting
 
 # The cells of part 2: (subscribers, payload bytes, latency level). "light" runs the
 # latency phase at the fan-out benchmark's rates, "loaded" at 75 % of the
@@ -75,6 +91,10 @@ CELLS: tuple[tuple[int, int, str], ...] = (
     (1, 64, "light"),
     (1, 64, "loaded"),
     (2, 64, "light"),  # one subscriber on each gateway: the second interested gateway at fan-out 1's rates
+    (10, 64, "light"),
+    (50, 64, "light"),
+    (100, 64, "light"),
+    (100, 64, "loaded"),
     (200, 64, "light"),
     (200, 64, "loaded"),
     (200, 1024, "light"),
@@ -82,9 +102,42 @@ CELLS: tuple[tuple[int, int, str], ...] = (
     (1000, 64, "loaded"),
 )
 LOADED = 0.75
-ROUTER_CELLS_UP_TO = 2  # fan-outs whose cells give the routers' constants (see fit_cells)
+ROUTER_CELLS_UP_TO = 100  # fan-outs whose cells give the routers' constants (see fit_cells)
 HISTORY_PAYLOAD = 1024
+REST_SECONDS = 4.0  # the cluster at rest before the cells: every process's CPU with no traffic
 _STOP_TIMEOUT = 5.0
+_READY_TIMEOUT = 30.0
+
+
+def cluster_target(logdir: Path, copies: int, server_cpus: set[int] | None = None) -> Target:
+    """The fan-out benchmark's ``cluster`` target (2 gateways, 3 routers) with the
+    routers' ``--copies`` set, not left to their default; with ``server_cpus`` every
+    server process (and thread) is pinned to those CPUs."""
+    target = Target("cluster")
+    try:
+        target.cluster = LocalCluster(
+            gateways=2, routers=3, router_args=["--copies", str(copies)], env=SERVER_ENV, logdir=logdir / "cluster"
+        )
+        target.cluster.start()
+        try:
+            target.cluster.wait_ready(_READY_TIMEOUT)
+        except LocalClusterError as exc:
+            raise BenchError(f"cluster: {exc}") from None
+        target.endpoints = target.cluster.endpoints
+        pin(server_pids(target), server_cpus)
+        _wait_ready(target, time.monotonic() + _READY_TIMEOUT)
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+def at_rest(target: Target, seconds: float) -> dict[str, float]:
+    """Every server process's CPU (cores) over ``seconds`` with no client connected."""
+    c0, t0 = target.cpu(), time.monotonic()
+    _settle(seconds)
+    c1, t1 = target.cpu(), time.monotonic()
+    return {name: round((c1[name] - c0.get(name, 0.0)) / (t1 - t0), 4) for name in c1}
 
 
 def rss_bytes(pid: int) -> int:
@@ -355,21 +408,53 @@ def least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[
     return [b[i] / a[i][i] for i in range(n)]
 
 
-def fit_cells(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def nonnegative_least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """:func:`least_squares` with no constant below 0: a constant the fit makes
+    negative (a small one, lost in the noise of a shared machine) is set to 0 and the
+    others fitted again without it."""
+    active = list(range(len(rows[0])))
+    while True:
+        if not active:
+            raise BenchError("every constant of a fit came out negative: the cells measured nothing")
+        x = least_squares([[r[i] for i in active] for r in rows], ys)
+        if min(x) >= 0:
+            break
+        active.pop(x.index(min(x)))
+    out = [0.0] * len(rows[0])
+    for i, v in zip(active, x):
+        out[i] = v
+    return out
+
+
+def router_roles(by_process: dict[str, float], copies: int) -> tuple[float, list[float], list[float]]:
+    """The routers' CPU (cores) in a cell of one topic: its leader (the busiest
+    router), its further copies (the next ``copies`` − 1) and the routers that hold
+    no copy of it."""
+    cpu = sorted((v for k, v in by_process.items() if k.startswith("router")), reverse=True)
+    return cpu[0], cpu[1:copies], cpu[copies:]
+
+
+def fit_cells(cells: Sequence[dict[str, Any]], copies: int = 1, rest: float = 0.0) -> dict[str, Any]:
     """The CPU constants from the saturation phases of the cluster cells.
 
-    The routers' constants come from the cells that load them, fan-out 1 and 2
-    (publications at the highest rates, the owning router at half a core or more): in
-    the wide cells the gateways run out first and the router idles at a few percent,
-    where each publication also carries the receive loop's wake-ups that a busy
-    router shares over a batch; a plan keeps routers busy, near its CPU target.
+    Gateways: in each cell the publisher is on gateway-0 and subscriber i on gateway
+    (i+1) mod 2: gateway-0 takes every publication in, and sends it out (and delivers
+    F//2) when F > 1; gateway-1 sends every publication out and delivers the other
+    ceil(F/2). Every cell, from fan-out 1 to 1000, gives two equations.
 
-    In each cell the publisher is on gateway-0 and subscriber i on gateway (i+1) mod 2:
-    gateway-0 takes every publication in, and sends it out (and delivers F//2) when
-    F > 1; gateway-1 sends every publication out and delivers the other ceil(F/2).
+    Routers: each cell has one topic, held by ``copies`` routers. Its leader is the
+    busiest router, its further copies the next ones; a router holding no copy does
+    only what every router does at rest (heartbeats and leases between copies), and
+    its CPU in the same cell is taken off the others' (``rest``, the CPU a router had
+    before any traffic, when every router holds a copy). The leader's CPU above rest
+    is fitted to ``publications × (e + (interested gateways − 1) × f)`` and the
+    copies' to ``publications × copies beyond the leader × h``, over the cells up to
+    fan-out ``ROUTER_CELLS_UP_TO``, where the leader runs at a tenth of a core or more
+    above rest; in the wider cells so few publications pass that what is left after
+    the rest is mostly noise.
     """
     rows, ys, residual_of = [], [], []
-    router_rows, router_ys = [], []
+    router_rows, router_ys, copy_rows, copy_ys, router_of = [], [], [], [], []
     for c in cells:
         sat, f, kib = c["saturation"], c["subscribers"], c["payload"] / 1024
         p = sat["publications_per_s"]
@@ -381,18 +466,27 @@ def fit_cells(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
             rows.append([pub_in, pub_out, deliveries, deliveries * kib])
             ys.append(by[name] * 1e6)
             residual_of.append((c["subscribers"], c["payload"], name))
-        if f <= ROUTER_CELLS_UP_TO:
+        if f <= ROUTER_CELLS_UP_TO and c["payload"] == 64:
+            leader, further, others = router_roles(by, copies)
+            base = statistics.mean(others) if others else rest
             interested = 2 if f > 1 else 1
             router_rows.append([p, p * (interested - 1)])
-            router_ys.append(sum(v for k, v in by.items() if k.startswith("router")) * 1e6)
-    a_in, a_out, a_del, a_kib = least_squares(rows, ys)
-    r_pub, r_gw = least_squares(router_rows, router_ys)
+            router_ys.append((leader - base) * 1e6)
+            router_of.append((f, c["payload"]))
+            if further:
+                copy_rows.append([p * len(further)])
+                copy_ys.append((sum(further) - base * len(further)) * 1e6)
+    a_in, a_out, a_del, a_kib = nonnegative_least_squares(rows, ys)
+    r_pub, r_gw = nonnegative_least_squares(router_rows, router_ys)
     fitted = [sum(x * k for x, k in zip(r, (a_in, a_out, a_del, a_kib))) for r in rows]
     residuals = [
         {"subscribers": s, "payload": b, "process": name, "cpu_cores": round(y / 1e6, 3), "fitted_cores": round(fv / 1e6, 3)}
         for (s, b, name), y, fv in zip(residual_of, ys, fitted)
     ]
-    return {
+    for (s, b), r, y in zip(router_of, router_rows, router_ys):
+        residuals.append({"subscribers": s, "payload": b, "process": "router: leader above rest", "cpu_cores": round(y / 1e6, 3),
+                          "fitted_cores": round((r[0] * r_pub + r[1] * r_gw) / 1e6, 3)})
+    out = {
         "gateway_us_per_publication_in": a_in,
         "gateway_us_per_publication_out": a_out,
         "gateway_us_per_delivery": a_del,
@@ -401,6 +495,44 @@ def fit_cells(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "router_us_per_extra_gateway": r_gw,
         "residuals": residuals,
     }
+    if copy_rows:
+        (r_copy,) = nonnegative_least_squares(copy_rows, copy_ys)
+        out["router_us_per_copy"] = r_copy
+        for (s, b), r, y in zip(router_of, copy_rows, copy_ys):
+            residuals.append({"subscribers": s, "payload": b, "process": "routers: further copies above rest",
+                              "cpu_cores": round(y / 1e6, 3), "fitted_cores": round(r[0] * r_copy / 1e6, 3)})
+    return out
+
+
+def per_publication(
+    runs: Sequence[Sequence[dict[str, Any]]], router_rest: Sequence[float], constants: dict[str, float], copies: int,
+) -> list[dict[str, Any]]:
+    """For each cell: the CPU µs per publication the gateways (both) and the routers
+    (all three, rest included) spent, the median over the rounds, beside what the
+    fitted constants give — how well one line per role fits every fan-out."""
+    k = constants
+    out = []
+    for i, first in enumerate(runs[0]):
+        f, payload = first["subscribers"], first["payload"]
+        gw, rt = [], []
+        for run, rest in zip(runs, router_rest):
+            sat = run[i]["saturation"]
+            p, by = sat["publications_per_s"], sat["server_cpu_by_process"]
+            if p:
+                gw.append((by["gateway-0"] + by["gateway-1"]) * 1e6 / p)
+                rt.append((sum(v for n, v in by.items() if n.startswith("router")) * 1e6 - 3 * rest * 1e6) / p)
+        interested = 2 if f > 1 else 1
+        gw_fit = (
+            k["gateway_us_per_publication_in"] + interested * k["gateway_us_per_publication_out"]
+            + f * (k["gateway_us_per_delivery"] + k["gateway_us_per_delivered_kib"] * payload / 1024)
+        )
+        rt_fit = k["router_us_per_publication"] + (interested - 1) * k["router_us_per_extra_gateway"] + (copies - 1) * k.get("router_us_per_copy", 0.0)
+        out.append({
+            "subscribers": f, "payload": payload, "level": first.get("level"),
+            "gateways_us": round(statistics.median(gw), 1) if gw else None, "gateways_fitted_us": round(gw_fit, 1),
+            "routers_above_rest_us": round(statistics.median(rt), 1) if rt else None, "routers_fitted_us": round(rt_fit, 1),
+        })
+    return out
 
 
 # --- part 1: connections, subscriptions, heartbeats, history ------------------------
@@ -574,11 +706,17 @@ def light_rate(subscribers: int) -> float:
     return min(100.0, 20000 / subscribers)
 
 
-def measure_cells(a: argparse.Namespace, logdir: Path, say: Callable[[str], None], cells: Sequence[tuple[int, int, str]] = CELLS) -> list[dict[str, Any]]:
-    target = start_target("cluster", logdir)
+def measure_cells(
+    a: argparse.Namespace, logdir: Path, say: Callable[[str], None], cells: Sequence[tuple[int, int, str]] = CELLS,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The cells on one cluster target, and every process's CPU at rest before them."""
+    target = cluster_target(logdir, a.copies)
     out: list[dict[str, Any]] = []
     saturation: dict[int, float] = {}
     try:
+        say(f"publications: the cluster at rest ({REST_SECONDS:g} s, routers with --copies {a.copies})")
+        _settle(1.0)
+        rest = at_rest(target, REST_SECONDS)
         for subscribers, payload, level in cells:
             if level == "loaded":
                 rate = LOADED * saturation.get(subscribers, light_rate(subscribers) / LOADED)
@@ -591,7 +729,7 @@ def measure_cells(a: argparse.Namespace, logdir: Path, say: Callable[[str], None
             out.append(cell)
     finally:
         target.stop()
-    return out
+    return out, rest
 
 
 def latency_points(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -648,6 +786,15 @@ def profile_main(a: argparse.Namespace) -> int:
     if a.steps < 2:
         print("fanroute: --steps must be at least 2 (a slope needs two points)", file=sys.stderr)
         return 2
+    if a.copies < 1:
+        print("fanroute: --copies must be at least 1", file=sys.stderr)
+        return 2
+    if a.save_profile and a.check:
+        print("fanroute: --save-profile writes a profile, not a --check (--save-check FILE writes that)", file=sys.stderr)
+        return 2
+    if a.save_check and not a.check:
+        print("fanroute: --save-check writes the report of --check", file=sys.stderr)
+        return 2
 
     def on_term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -669,16 +816,15 @@ def profile_main(a: argparse.Namespace) -> int:
     except (BenchError, LocalClusterError) as exc:
         print(f"fanroute: {exc}", file=sys.stderr)
         return 1
-    report["machine"] = facts
+    report["machine"] = {**facts, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     report["command"] = command
     report["date"] = datetime.date.today().isoformat()
     report["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(report, indent=2) + "\n"
     if a.save_profile:
-        if a.check:
-            print("fanroute: --save-profile writes a profile, not a --check", file=sys.stderr)
-            return 2
         Path(a.save_profile).write_text(text)
+    if a.save_check:
+        Path(a.save_check).write_text(text)
     if a.json:
         print(text, end="")
     else:
@@ -689,32 +835,43 @@ def profile_main(a: argparse.Namespace) -> int:
 def profile(a: argparse.Namespace, logdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     conns = measure_connections(a, logdir, say)
     runs: list[list[dict[str, Any]]] = []
+    rests: list[dict[str, float]] = []
     for r in range(a.repeat):
         say(f"publications: round {r + 1} of {a.repeat}")
-        runs.append(measure_cells(a, logdir, say))
-    fits = [fit_cells(run) for run in runs]
+        cells, rest = measure_cells(a, logdir, say)
+        runs.append(cells)
+        rests.append(rest)
+    router_rest = [statistics.mean(v for k, v in rest.items() if k.startswith("router")) for rest in rests]
+    fits = [fit_cells(run, a.copies, idle) for run, idle in zip(runs, router_rest)]
     fit = {k: statistics.median(f[k] for f in fits) for k in fits[0] if k != "residuals"}
     cells = [c for run in runs for c in run]
     constants = {
         **{k: v for k, v in fit.items()},
         "router_publications_per_core": 1e6 / fit["router_us_per_publication"],
+        "router_idle_cores": statistics.median(router_rest),
         **conns["constants"],
     }
     constants = {k: round(v, 3) if abs(v) < 1000 else round(v) for k, v in sorted(constants.items())}
     return {
         "profile": "fanroute capacity profile",
-        "version": 1,
+        "version": 2,
         "payload": 64,
+        # The routers of the cells ran with --copies router_copies: their leader's and
+        # copies' CPU are the constants router_us_per_publication and router_us_per_copy.
+        "router_copies": a.copies,
         "constants": constants,
         "latency": latency_points(runs[len(runs) // 2]),
         "measurements": {
             "connections": {k: v for k, v in conns.items() if k != "constants"},
+            "at_rest": rests,
+            "per_publication": per_publication(runs, router_rest, constants, a.copies),
             "cells": [_summary_cell(c) for c in cells],
             "fit_residuals": fits[len(fits) // 2]["residuals"],
             "settings": {
                 "connections": a.connections, "steps": a.steps, "holders": a.holders,
                 "subscriptions": a.subscriptions, "topics": a.topics, "history": a.history,
                 "duration": a.duration, "phase": a.phase, "ping_rate": a.ping_rate, "repeat": a.repeat,
+                "copies": a.copies, "cells": [list(c) for c in CELLS],
             },
         },
     }
@@ -723,11 +880,13 @@ def profile(a: argparse.Namespace, logdir: Path, say: Callable[[str], None]) -> 
 # --- --check: the planner's ceiling against a measured local cluster -----------------
 
 
-def fill_to_memory(limit_bytes: int, bound: int, holders_n: int, logdir: Path, say: Callable[[str], None], step: int = 500) -> dict[str, Any]:
+def fill_to_memory(
+    limit_bytes: int, bound: int, holders_n: int, copies: int, logdir: Path, say: Callable[[str], None], step: int = 500,
+) -> dict[str, Any]:
     """Connections, one subscription each (100 per topic), added ``step`` at a time
     to a fresh 2-gateway, 3-router cluster until each gateway's RSS reached
     ``limit_bytes`` (or ``bound`` connections in all): where each crossed it."""
-    cluster = LocalCluster(gateways=2, routers=3, env=SERVER_ENV, logdir=logdir / "fill")
+    cluster = LocalCluster(gateways=2, routers=3, router_args=["--copies", str(copies)], env=SERVER_ENV, logdir=logdir / "fill")
     holders: Holders | None = None
     try:
         cluster.start()
@@ -780,44 +939,78 @@ def fill_to_memory(limit_bytes: int, bound: int, holders_n: int, logdir: Path, s
         cluster.stop(timeout=_STOP_TIMEOUT)
 
 
+CHECK_CPUS = {0}  # --check pins every server process to CPU 0, the load generator to the others
+
+
 def check(a: argparse.Namespace, logdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     from fanroute import capacity
 
-    limit = int(a.check_memory * 2**20)
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("--check needs two CPUs at least: the servers get one, the load generator the others")
+    limit = int(a.check_memory * capacity.MIB)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     say(f"check: connections until each gateway's RSS reaches {a.check_memory:g} MiB")
-    fill = fill_to_memory(limit, a.check_bound, max(a.holders, 4), logdir, say)
-    target = start_target("cluster", logdir)
+    fill = fill_to_memory(limit, a.check_bound, max(a.holders, 4), a.copies, logdir, say)
+    # The deliveries: every server process on one CPU, so that what they share is set
+    # by the check (one core), not by what the load generator leaves them.
+    target = cluster_target(logdir, a.copies, CHECK_CPUS)
     runs = []
     try:
         for r in range(a.repeat):
-            runs.append(run_cell(target, 100, _settings(a, 100, 64, light_rate(100)), say))
+            settings = dataclasses.replace(_settings(a, 100, 64, light_rate(100)), server_cpus=CHECK_CPUS)
+            runs.append(run_cell(target, 100, settings, say))
     finally:
         target.stop()
+    loadavg_end = [round(x, 2) for x in os.getloadavg()]
     runs.sort(key=lambda c: c["saturation"]["deliveries_per_s"])
     median = runs[len(runs) // 2]
-    by = median["saturation"]["server_cpu_by_process"]
-    gw_cores = (by["gateway-0"] + by["gateway-1"]) / 2
-    router_cores = max(v for k, v in by.items() if k.startswith("router"))
-    prof = capacity.load_profile(a.profile) if a.profile else capacity.load_profile()
+    sat = median["saturation"]
+    by = sat["server_cpu_by_process"]
+    gateways = by["gateway-0"] + by["gateway-1"]
+    routers = sum(v for k, v in by.items() if k.startswith("router"))
+    prof = capacity.load_profile(a.profile)
+    # Exactly what the printed command computes: the ceiling's defaults for every
+    # flag it does not give (1 core per pod; the shared figure is for one core).
+    shape = capacity.Shape(fanout=100, payload=64, topics=1, subscriptions_per_connection=1.0, copies=a.copies)
     predicted = capacity.ceiling(
-        prof,
-        capacity.Shape(fanout=100, payload=64, topics=1, subscriptions_per_connection=1.0),
-        gateways=2, routers=3, gateway_cpu=gw_cores, router_cpu=1.0, gateway_memory=limit,
+        prof, shape, gateways=2, routers=3, gateway_cpu=1.0, router_cpu=1.0, gateway_memory=a.check_memory * capacity.MIB,
+        shared_cpu=float(len(CHECK_CPUS)),
     )
+    f = predicted.figures
+    pubs = sat["publications_per_s"]
     return {
         "check": "fanroute capacity --ceiling 2:3 against a measured local cluster",
+        "profile": {"source": prof.source, "date": prof.date, "command": prof.command, "router_copies": prof.router_copies},
+        "copies": a.copies,
+        "server_cpus": sorted(CHECK_CPUS),
+        "loadavg": {"start": loadavg_start, "end": loadavg_end},
         "measured": {
             "connections_at_memory": fill,
-            "deliveries_per_s_at_fanout_100": median["saturation"]["deliveries_per_s"],
+            "deliveries_per_s_at_fanout_100": sat["deliveries_per_s"],
             "deliveries_per_s_all": [c["saturation"]["deliveries_per_s"] for c in runs],
-            "gateway_cores_each": round(gw_cores, 3),
-            "owning_router_cores": round(router_cores, 3),
+            "server_cores": round(sum(by.values()), 3),
+            "gateway_cores": round(gateways, 3),
+            "router_cores": round(routers, 3),
+            "loadgen_cores": sat["loadgen_cpu"],
+            "us_per_publication": {
+                "gateways": round(gateways * 1e6 / pubs, 1) if pubs else None,
+                "routers": round(routers * 1e6 / pubs, 1) if pubs else None,
+            },
             "cells": [_summary_cell({**c, "payload": 64}) for c in runs],
         },
-        "predicted": predicted.as_dict(),
+        "predicted": {
+            "connections": predicted.connections,
+            "deliveries_per_s_at_fanout_100": f["deliveries_per_s_shared"],
+            "us_per_publication": {
+                "gateways": round(f["gateway_us_per_publication"], 1),
+                # with the three routers' rest spread over the publications measured
+                "routers": round(f["router_us_per_publication_all_copies"] + 3 * f["router_idle_cores"] * 1e6 / pubs, 1) if pubs else None,
+            },
+            "ceiling": predicted.as_dict(),
+        },
         "planner_command": (
-            f"fanroute capacity --ceiling 2:3 --fanout 100 --topics 1 --payload 64 "
-            f"--gateway-cpu {gw_cores:.2f} --router-cpu 1 --gateway-memory {a.check_memory:g}"
+            "fanroute capacity --ceiling 2:3 --fanout 100 --topics 1 --payload 64 "
+            f"--copies {a.copies} --gateway-memory {a.check_memory:g}" + (f" --profile {a.profile}" if a.profile else "")
         ),
     }
 
@@ -828,16 +1021,31 @@ def render(report: dict[str, Any]) -> None:
         fill = m["connections_at_memory"]
         rows = [
             ("connections, 2 gateways at " + f"{fill['limit_bytes'] / 2**20:g} MiB RSS each", p["connections"], fill["connections"]),
-            ("deliveries/s at fan-out 100", p["deliveries_per_s"], m["deliveries_per_s_at_fanout_100"]),
+            ("deliveries/s at fan-out 100, servers on 1 core", p["deliveries_per_s_at_fanout_100"], m["deliveries_per_s_at_fanout_100"]),
+            ("  gateways' CPU µs per publication", p["us_per_publication"]["gateways"], m["us_per_publication"]["gateways"]),
+            ("  routers' CPU µs per publication", p["us_per_publication"]["routers"], m["us_per_publication"]["routers"]),
         ]
         print(f"{'':48} {'predicted':>12} {'measured':>12} {'ratio':>7}")
         for name, pred, meas in rows:
-            print(f"{name:48} {pred:>12,.0f} {meas:>12,.0f} {pred / meas if meas else float('nan'):>7.2f}")
-        print(f"gateway CPU measured at saturation: {m['gateway_cores_each']:.2f} cores each; planner: {report['planner_command']}")
+            if pred is None or meas is None:
+                continue
+            print(f"{name:48} {pred:>12,.{1 if pred < 1000 else 0}f} {meas:>12,.{1 if meas < 1000 else 0}f} {pred / meas if meas else float('nan'):>7.2f}")
+        print(
+            f"the servers (pinned to CPU {', '.join(map(str, report['server_cpus']))}) used {m['server_cores']:.2f} cores "
+            f"(gateways {m['gateway_cores']:.2f}, routers {m['router_cores']:.2f}), the load generator {m['loadgen_cores']:.2f}; "
+            f"load average {report['loadavg']['start'][0]:g} at the start, {report['loadavg']['end'][0]:g} at the end"
+        )
+        print(f"runs: {', '.join(f'{d:,}' for d in m['deliveries_per_s_all'])} deliveries/s; planner: {report['planner_command']}")
         return
     print(f"fanroute capacity profile ({report['machine']['nproc']} × {report['machine']['cpu']}, {report['date']}, {report['seconds']:g} s)")
     for k, v in report["constants"].items():
         print(f"  {k:36} {v:>14,}")
+    print("  CPU µs per publication (fan-out, payload: gateways measured / fitted, routers above rest measured / fitted):")
+    for row in report["measurements"]["per_publication"]:
+        print(
+            f"    {row['subscribers']:>5} {row['payload']:>5} B {row['level'] or '':6}  {row['gateways_us']!s:>7} / {row['gateways_fitted_us']:<7}"
+            f"  {row['routers_above_rest_us']!s:>6} / {row['routers_fitted_us']}"
+        )
     print("  latency (fan-out per gateway, utilisation, p99 ms):")
     for pt in report["latency"]:
         print(f"    {pt['fanout_per_gateway']:>5} {pt['utilisation']!s:>6} {pt['p99_ms']:>8.2f}")
@@ -848,8 +1056,9 @@ def add_profile_command(sub: Any, flag: Any) -> None:
         "profile",
         help="measure the capacity model's per-process constants (--save-profile FILE)",
         description="CPU per delivery, publication, handshake and heartbeat, bytes per connection, "
-        "subscription and topic, and router publications/s per core, measured against real processes "
-        "on 127.0.0.1; --save-profile writes the file fanroute capacity reads.",
+        "subscription and topic, router publications/s per core, CPU per further copy and at rest, measured "
+        "against real processes on 127.0.0.1; --save-profile writes the file fanroute capacity reads. "
+        "--check compares the planner's ceiling of 2 gateways and 3 routers with a measured one.",
     )
     flag(p, "--connections", int, 8000, "idle connections of the connections part (enough that allocator start-up does not dominate the slope)")
     flag(p, "--steps", int, 4, "steps the connections are opened in (points of the RSS slope)")
@@ -867,5 +1076,10 @@ def add_profile_command(sub: Any, flag: Any) -> None:
     p.add_argument("--profile", metavar="FILE", help="with --check: the profile the planner uses (default ops/capacity-profile.json)")
     p.add_argument("--check", action="store_true", help="measure the 2-gateway, 3-router ceiling and compare it with the planner's")
     p.add_argument("--save-profile", metavar="FILE", help="write the profile (JSON) to FILE")
+    p.add_argument("--save-check", metavar="FILE", help="with --check: write its report (JSON) to FILE")
+    p.add_argument(
+        "--copies", type=int, default=setting("copies").default,
+        help="the routers' --copies in the cells and the check (default: the routers' own, %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(bench_main=profile_main)

@@ -38,7 +38,11 @@ CONSTANTS = {
     "router_base_bytes": 50 * 2**20,
     "router_bytes_per_topic": 1900.0,
     "router_rss_per_history_byte": 1.1,
+    # Measured since replicated streams: a further copy's CPU per publication, a router's at rest.
+    "router_us_per_copy": 30.0,
+    "router_idle_cores": 0.05,
 }
+BEFORE_REPLICATION = {k: v for k, v in CONSTANTS.items() if k not in capacity.OPTIONAL}
 LATENCY = [
     {"fanout_per_gateway": 1, "utilisation": 0.01, "p99_ms": 4.0},
     {"fanout_per_gateway": 1, "utilisation": 0.75, "p99_ms": 40.0},
@@ -47,9 +51,12 @@ LATENCY = [
 ]
 
 
-def profile(**constants: float) -> Profile:
+def profile(base: dict = CONSTANTS, **constants: float) -> Profile:
     return Profile.from_dict(
-        {"constants": {**CONSTANTS, **constants}, "latency": LATENCY, "machine": {"nproc": 2, "cpu": "test"}, "date": "2026-01-01", "command": "test"},
+        {
+            "constants": {**base, **constants}, "latency": LATENCY, "machine": {"nproc": 2, "cpu": "test"}, "date": "2026-01-01",
+            "command": "test", "router_copies": 2,
+        },
         "the test profile",
     )
 
@@ -198,7 +205,35 @@ def test_more_topics_at_the_same_rate_need_more_router_memory_and_no_more_than_t
 def test_copies_bound_the_routers_of_a_light_load():
     pl = capacity.plan(PROFILE, Load(connections=1000, publications=10, fanout=10, topics=100, copies=3))
     assert pl.routers.replicas == 3 and pl.routers.bottleneck.startswith("copies")
-    assert any("replication figure" in n for n in pl.notes)
+    assert any("30.0 µs per publication (measured with --copies 2)" in n for n in pl.notes), pl.notes
+
+
+def test_replicated_streams_need_three_routers_so_that_a_majority_survives_one_lost():
+    pl = capacity.plan(PROFILE, Load(connections=1000, publications=10, fanout=10, topics=100, copies=2))
+    assert pl.routers.replicas == 3 and pl.routers.bottleneck.startswith("views"), pl.routers.bottleneck
+    assert capacity.plan(PROFILE, Load(connections=1000, publications=10, fanout=10, topics=100)).routers.replicas == 1
+
+
+def test_each_further_copy_costs_the_measured_copy_figure_and_routers_spend_their_rest():
+    load = Load(connections=10_000, publications=20_000, fanout=1, topics=100_000, copies=2)
+    pl = capacity.plan(PROFILE, load)
+    leader = 1e6 / CONSTANTS["router_publications_per_core"]
+    assert pl.routers.terms["publications"] == pytest.approx(20_000 * (leader + 30.0))
+    # The CPU at rest is taken off each router's budget: (0.7 − 0.05) core for publications.
+    mean = pl.routers.terms["publications"] / (pl.routers.replicas - 1)  # with one lost
+    assert mean <= (0.7 - 0.05) * 1e6 < pl.routers.terms["publications"] / (pl.routers.replicas - 2)
+    assert pl.routers.figures["mean_utilisation"] == pytest.approx((pl.routers.terms["publications"] / pl.routers.replicas + 0.05e6) / 1e6)
+
+
+def test_a_profile_from_before_replication_costs_a_copy_as_a_publication():
+    old = profile(BEFORE_REPLICATION)
+    assert old.router_us_per_copy == pytest.approx(1e6 / CONSTANTS["router_publications_per_core"]) and old.router_idle_cores == 0
+    pl = capacity.plan(old, Load(connections=1000, publications=10, fanout=10, topics=100, copies=3))
+    assert any("no replication figure" in n for n in pl.notes), pl.notes
+    with pytest.raises(ConfigError, match="router_idle_cores"):
+        profile(router_idle_cores=1.0)
+    with pytest.raises(ConfigError, match="nothing for publications"):
+        capacity.plan(PROFILE, Load(connections=1000, publications=10, fanout=10), Pods(router_cpu=0.05))
 
 
 def test_one_hot_topic_is_named_instead_of_planning_routers_without_end():
@@ -214,6 +249,19 @@ def test_the_ceiling_of_two_gateways_is_what_their_cpu_and_memory_hold():
     assert c.deliveries_per_s == pytest.approx(100 * (2 * 0.5e6 - 100 * 2 / 25 * 90) / per_pub, rel=1e-6)
     assert c.connections == pytest.approx(2 * (256 * 2**20 - 50 * 2**20) / (28_000 + 420), rel=1e-6)
     assert c.connections_limited_by == "memory"
+
+
+def test_the_ceiling_of_pods_sharing_one_core_is_one_core_over_every_process_cost():
+    """What fanroute bench profile --check measures: every server process of 2
+    gateways and 3 routers pinned to one core, one topic held by 2 copies."""
+    c = capacity.ceiling(PROFILE, Shape(fanout=100, copies=2), gateways=2, routers=3, gateway_cpu=1, router_cpu=1, gateway_memory=256 * 2**20)
+    gateways = 100 + 2 * 45 + 100 * (1.5 + 64 / 1024)
+    routers = 1e6 / 12_000 + 50.0 + 30.0  # the leader (two interested gateways), one further copy
+    spare = 1e6 - 3 * 0.05e6 - 100 * 2 / 25 * 90  # the routers at rest, the subscribers' heartbeats
+    assert c.figures["deliveries_per_s_shared"] == pytest.approx(100 * spare / (gateways + routers), rel=1e-6)
+    # Each pod on its own core carries more than all of them on one.
+    assert c.deliveries_per_s > c.figures["deliveries_per_s_shared"]
+    assert c.figures["publications_per_s_by_routers"] == pytest.approx((1e6 - 0.05e6) / (1e6 / 12_000 + 50.0), rel=1e-6)
 
 
 # -- latency only where a figure supports it ----------------------------------------------
