@@ -1107,7 +1107,7 @@ def add_arguments(parser: argparse.ArgumentParser, flag: FlagFn) -> None:
     flag(parser, "--fanout", NUMBER, None, "mean subscribers per publication (required for a plan or a ceiling)")
     flag(parser, "--topics", int, None, f"topics (none: {DEFAULT_TOPICS:,} for a plan, 1 for a ceiling, {RESHARD_TOPICS:,} for a reshard)")
     flag(parser, "--payload", int, None, f"payload bytes (none: {DEFAULT_PAYLOAD} for a plan, 64 for a ceiling)")
-    flag(parser, "--copies", int, 1, "routers holding each topic's stream (1 until shards are replicated)")
+    flag(parser, "--copies", int, 2, "routers holding each topic's stream (the routers' --copies; 2 by default, as they run)")
     flag(parser, "--gateway-cpu", NUMBER, d.gateway_cpu, "cores per gateway pod")
     flag(parser, "--router-cpu", NUMBER, d.router_cpu, "cores per router pod")
     flag(parser, "--burst", NUMBER, 1.0, "peak publication rate over the mean")
@@ -1163,7 +1163,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "simulate_reshard", None):
         a, b = args.simulate_reshard
         s = simulate_reshard(
-            a, b, _get(args, "topics", RESHARD_TOPICS), _get(args, "copies", 1), pods=_pods(args),
+            a, b, _get(args, "topics", RESHARD_TOPICS), _get(args, "copies", 2), pods=_pods(args),
             payload=_get(args, "payload", DEFAULT_PAYLOAD), publications=getattr(args, "publications", None),
         )
         print(json.dumps(s.as_dict(), indent=2) if as_json else render_reshard(s), end="\n" if as_json else "")
@@ -1174,7 +1174,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--ceiling needs --fanout, the fan-out whose deliveries/s it computes")
         shape = Shape(
             fanout=args.fanout, payload=_get(args, "payload", 64), topics=_get(args, "topics", 1),
-            subscriptions_per_connection=_get(args, "subscriptions_per_connection", 1.0), copies=_get(args, "copies", 1),
+            subscriptions_per_connection=_get(args, "subscriptions_per_connection", 1.0), copies=_get(args, "copies", 2),
             churn=_get(args, "churn", 0.01),
         )
         prof = load_profile(getattr(args, "profile", None))
@@ -1189,7 +1189,7 @@ def run(args: argparse.Namespace) -> int:
     load = Load(
         connections=args.connections, publications=args.publications, fanout=args.fanout,
         topics=_get(args, "topics", DEFAULT_TOPICS), payload=_get(args, "payload", DEFAULT_PAYLOAD),
-        copies=_get(args, "copies", 1), burst=_get(args, "burst", 1.0), churn=_get(args, "churn", 0.01),
+        copies=_get(args, "copies", 2), burst=_get(args, "burst", 1.0), churn=_get(args, "churn", 0.01),
     )
     check(load, pods)  # before reading the profile: bad input is named first
     pl = plan(load_profile(getattr(args, "profile", None)), load, pods)
