@@ -94,32 +94,27 @@ async def _run_until_signal(serve: Callable[..., Any], describe: Callable[[Any],
                 log.info("received %s; stopping", signal.Signals(signum).name)
                 break
             if bound.gateway is not None:
-                with trio.CancelScope() as drain_scope:
-                    async with trio.open_nursery() as draining:
-
-                        async def second_signal() -> None:
-                            async for _ in signals:
-                                log.info("second signal: stopping now")
-                                drain_scope.cancel()
-
-                        draining.start_soon(second_signal)
-                        await bound.gateway.drain()
-                        draining.cancel_scope.cancel()
-            elif bound.routers and not bound.routers[0]._in_process:
+                await _unless_signalled_again(signals, bound.gateway.drain)
+            elif bound.routers and not bound.routers[0].in_process:
                 # A router hands the topics it leads to their other copies first.
-                with trio.CancelScope() as leave_scope:
-                    async with trio.open_nursery() as leaving:
-
-                        async def second_signal_leave() -> None:
-                            async for _ in signals:
-                                log.info("second signal: stopping now")
-                                leave_scope.cancel()
-
-                        leaving.start_soon(second_signal_leave)
-                        await bound.routers[0].leave()
-                        leaving.cancel_scope.cancel()
+                await _unless_signalled_again(signals, bound.routers[0].leave)
             nursery.cancel_scope.cancel()
 
+
+
+async def _unless_signalled_again(signals: Any, work: Callable[[], Any]) -> None:
+    """Run ``work`` (a drain, a hand-over) to its end, or until a second signal."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def second_signal() -> None:
+                async for _ in signals:
+                    log.info("second signal: stopping now")
+                    scope.cancel()
+
+            nursery.start_soon(second_signal)
+            await work()
+            nursery.cancel_scope.cancel()
 
 
 def _describe(kind: str) -> Callable[[Any], str]:

@@ -717,28 +717,24 @@ class Hub:
             return
         entry.resyncing = False
         if recovered and epoch == entry.epoch:
-            for m_seq, payload, _ts in missed:
-                if m_seq > entry.seq:
-                    entry.seq = m_seq
-                    if (event := self._message(topic, payload, m_seq)) is None:
-                        continue
-                    if entry.conflate:
-                        self._fan_out_conflated(topic, m_seq, entry.subscribers, FrameCache(event))
-                    else:
-                        self._fan_out(entry.subscribers, FrameCache(event))
+            self._fan_out_missed(topic, entry, [m for m in missed if m[0] > entry.seq])
         elif entry.subscribers:
             # A new epoch. When the shard could send it whole (``missed`` from seq
             # 1), subscribers are told where it starts and get every message of it.
             start = missed[0][0] - 1 if missed else seq
             self._epoch_changed(topic, entry, epoch, start)
-            for m_seq, payload, _ts in missed:
-                if (event := self._message(topic, payload, m_seq)) is None:
-                    continue
-                if entry.conflate:
-                    self._fan_out_conflated(topic, m_seq, entry.subscribers, FrameCache(event))
-                else:
-                    self._fan_out(entry.subscribers, FrameCache(event))
+            self._fan_out_missed(topic, entry, missed)
         entry.epoch, entry.seq, entry.synced = epoch, seq, True
+
+    def _fan_out_missed(self, topic: str, entry: TopicEntry, missed: list[list[Any]]) -> None:
+        """Send every subscriber of ``topic`` the messages a resynchronisation brought, in order."""
+        for m_seq, payload, _ts in missed:
+            if (event := self._message(topic, payload, m_seq)) is None:
+                continue
+            if entry.conflate:
+                self._fan_out_conflated(topic, m_seq, entry.subscribers, FrameCache(event))
+            else:
+                self._fan_out(entry.subscribers, FrameCache(event))
 
     def _epoch_changed(self, topic: str, entry: TopicEntry, epoch: str, seq: int) -> None:
         # The stream these subscribers followed is gone (the shard restarted or the

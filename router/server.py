@@ -138,6 +138,11 @@ class RouterServer:
             raise ConfigError(f"--listen {self.config.listen} cannot be listened on: {exc}") from None
         self._sock = sock
 
+    @property
+    def in_process(self) -> bool:
+        """Whether this shard serves a gateway in the same process (standalone)."""
+        return self._in_process
+
     def ready(self) -> tuple[bool, str]:
         ok = self._sock is not None or self._in_process
         if not ok:
