@@ -78,6 +78,10 @@ class Stream:
     # On the leader: entries assigned a seq but not yet held by every copy.
     pending: dict[int, Entry] = field(default_factory=dict)
     pending_idem: dict[str, int] = field(default_factory=dict)
+    # Whether every copy holds the stream (its epoch): a stream a leader starts is
+    # announced to its copies (an append of seq 0) and shown to no subscriber before
+    # they all hold it, so losing the leader right after cannot change its epoch.
+    created: bool = True
 
     def entry(self, seq: int, now: float) -> Entry | None:
         """Entry ``seq``, pending or still in history."""
@@ -148,6 +152,13 @@ class Refused:
 @dataclass(slots=True)
 class Ready:
     view: View
+
+
+@dataclass(slots=True)
+class Created:
+    """Every copy holds the new stream of ``topic``: its epoch may be shown to subscribers."""
+
+    topic: str
 
 
 @dataclass(slots=True)
@@ -246,6 +257,8 @@ class Replica:
         # the publications waiting for it.
         self._waiting: dict[str, dict[int, set[str]]] = {}
         self._tokens: dict[str, dict[int, list[Any]]] = {}
+        # Leader side: streams started here, and the copies that have not said they hold them.
+        self._creating: dict[str, set[str]] = {}
         # Tentative entries of streams this router was the source of at the last
         # install: committed once the view is ready.
         self._carried: list[tuple[str, Stream, list[tuple[int, list[Any]]], bool]] = []
@@ -347,7 +360,7 @@ class Replica:
         if p is not None and p.complete_at is not None and now >= p.complete_at:
             self._install_proposal(p, now)
         self._release_held(now)
-        if self._waiting and now - self._last_resend >= self.timeout:
+        if (self._waiting or self._creating) and now - self._last_resend >= self.timeout:
             self._last_resend = now
             self._resend(now)
 
@@ -380,6 +393,11 @@ class Replica:
         """
         if not self.serving(now) or self.view is None:
             return
+        for topic, copies in self._creating.items():
+            stream = self.streams.get(topic)
+            if stream is not None:
+                for r in copies:
+                    self._send(r, [APPEND, self.view.number, topic, stream.epoch, 0, b"", 0.0, None])
         for topic, waiting in self._waiting.items():
             stream = self.streams.get(topic)
             if stream is None:
@@ -599,6 +617,7 @@ class Replica:
         # Publications that were waiting here lose their place: either they ride
         # along with a stream this router is the source of, or their fate is unknown.
         tokens, self._tokens, self._waiting = self._tokens, {}, {}
+        self._creating = {}  # the view's syncs carry every stream to its copies
         for topic, _, carried_tokens, _ in self._carried:  # a view that never got ready
             for seq, ts in carried_tokens:
                 tokens.setdefault(topic, {}).setdefault(seq, []).extend(ts)
@@ -677,6 +696,10 @@ class Replica:
         for topic in [t for t in self.streams if t not in self._fresh or self.name not in self.copies_of(t)]:
             del self.streams[topic]
             self.events.append(StreamDropped(topic))
+        for topic, stream in self.streams.items():
+            if not stream.created:
+                stream.created = True
+                self.events.append(Created(topic))
         self.events.append(Ready(view))
         self._last_beat = now
         self._beat(now)  # a lease of the new view at once, not at the next beat
@@ -715,6 +738,12 @@ class Replica:
         stream = self.streams.get(topic)
         if stream is None:
             stream = self.streams[topic] = Stream(self.new_epoch(), self.new_history(topic))
+            others = [r for r in self.copies_of(topic) if r != self.name]
+            if others and self.view is not None:
+                stream.created = False
+                self._creating[topic] = set(others)
+                for r in others:
+                    self._send(r, [APPEND, self.view.number, topic, stream.epoch, 0, b"", 0.0, None])
         return stream
 
     def publish(self, topic: str, payload: bytes, ts: float, idem: str | None, token: Any, now: float) -> None:
@@ -790,6 +819,15 @@ class Replica:
             self.stats.stale_rejected += 1
             return
         stream = self.streams.get(topic)
+        if seq == 0:
+            # The leader started this stream: hold it (an empty one), and say so.
+            if stream is None or (stream.epoch != epoch and stream.seq == 0):
+                self.streams[topic] = Stream(epoch, self.new_history(topic))
+            elif stream.epoch != epoch:
+                self.stats.stale_rejected += 1
+                return
+            self._confirm(sender, number, topic, 0)
+            return
         if stream is None:
             if seq != 1:
                 self.stats.stale_rejected += 1
@@ -805,12 +843,16 @@ class Replica:
         elif seq > stream.seq:
             self.stats.stale_rejected += 1  # a gap: the leader's next view fixes it
             return
+        self._confirm(sender, number, topic, seq)
+
+    def _confirm(self, leader: str, number: int, topic: str, seq: int) -> None:
+        """Tell ``leader`` this copy holds ``topic`` up to ``seq`` (now, or at flush_acks)."""
         if self.batch_acks:
-            key = (sender, number, topic)
-            if self._acks.get(key, 0) < seq:
+            key = (leader, number, topic)
+            if self._acks.get(key, -1) < seq:
                 self._acks[key] = seq
         else:
-            self._send(sender, [APPENDED, number, topic, seq])
+            self._send(leader, [APPENDED, number, topic, seq])
 
     def flush_acks(self) -> None:
         """Send the confirmations held back with ``batch_acks``: one per topic, its highest seq.
@@ -827,6 +869,15 @@ class Replica:
     def _on_appended(self, sender: str, number: int, topic: str, seq: int, now: float) -> None:
         if self.view is None or number != self.view.number:
             return
+        creating = self._creating.get(topic)
+        if creating is not None:
+            creating.discard(sender)  # any confirmation says the copy holds the stream
+            if not creating:
+                del self._creating[topic]
+                stream = self.streams.get(topic)
+                if stream is not None and not stream.created:
+                    stream.created = True
+                    self.events.append(Created(topic))
         waiting = self._waiting.get(topic)
         if not waiting:
             return

@@ -40,7 +40,7 @@ from fanroute.history import Entry, History
 
 _kind = itemgetter(0)  # a frame's kind, for frames that need no check (see ``checked``)
 from fanroute.router.presence import ShardPresence
-from fanroute.router.replication import Committed, Ready, Refused, Replica
+from fanroute.router.replication import Committed, Created, Ready, Refused, Replica
 
 _REFUSALS = {  # the replica's reasons, as the error codes gateways pass on
     "moved": "unavailable",
@@ -141,6 +141,9 @@ class Shard:
         # there is none, and nothing is served.
         self.replicated = replicated
         self.replica: Replica | None = None
+        # Subscribes to streams started here and not yet held by every copy, per topic:
+        # (inbox, req, since epoch, since seq, last).
+        self._held_subs: dict[str, list[tuple[str, int, str | None, int, int]]] = {}
         self.router_list: list[tuple[str, str]] | None = None  # as a gateway sent it
         self.own_name = ""  # this router's name in that list (the gateway's reply_as)
 
@@ -324,6 +327,10 @@ class Shard:
                 self.outbound[gw.inbox].append([wire.NACK, req, "unavailable", f"router {self.name} does not serve {name!r} now"])
             self._send_view(gw.inbox)
             return
+        if self._unconfirmed(name):
+            # A stream this router just started: answered once every copy holds it.
+            self._held_subs.setdefault(name, []).append((gw.inbox, req, since_epoch, since_seq, last))
+            return
         recovered, missed = self._recover(epoch, head, history, since_epoch, since_seq, now, whole_new_epoch=not req)
         if not recovered and last > 0:
             missed = [[e.seq, e.payload, e.ts] for e in history.newest(last, now)]
@@ -356,10 +363,29 @@ class Shard:
                 t_epoch, head, history = self._stream(name, topic, now)
                 if history is None:
                     continue  # not served here now: the VIEW below sends the gateway on
+                if self._unconfirmed(name):
+                    self._held_subs.setdefault(name, []).append((gw.inbox, 0, epoch, seq, 0))
+                    continue
                 recovered, missed = self._recover(t_epoch, head, history, epoch, seq, now, whole_new_epoch=True)
                 out.append([wire.SUBOK, name, 0, t_epoch, head, recovered, missed])
         self.announce_routers(gw.inbox)
         self._send_view(gw.inbox)
+
+    def _unconfirmed(self, name: str) -> bool:
+        """Whether ``name``'s stream was started here and not every copy holds it yet."""
+        replica = self.replica
+        if replica is None:
+            return False
+        stream = replica.streams.get(name)
+        return stream is not None and not stream.created
+
+    def _answer_held(self, names: list[str], now: float) -> None:
+        """Answer the subscribes held for streams now held by every copy (or whose router changed)."""
+        for name in names:
+            for inbox, req, since_epoch, since_seq, last in self._held_subs.pop(name, ()):
+                gw = self.gateways.get(inbox)
+                if gw is not None:
+                    self.subscribe(gw, name, req, since_epoch, since_seq, now, last)
 
     def _stream(self, name: str, topic: Topic, now: float) -> tuple[str, int, History | None]:
         """``(epoch, last seq delivered, history)`` of the stream this shard serves for ``name``.
@@ -450,9 +476,12 @@ class Shard:
                 inbox, req = ev.token
                 where = f"; {ev.leader} leads it now" if ev.leader else ""
                 self._refuse(inbox, req, ev.reason, f"router {self.name} could not apply a publication to {ev.topic!r} ({ev.reason}{where})")
+            elif kind is Created:
+                self._answer_held([ev.topic], now)
             elif kind is Ready:
                 for inbox in self.gateways:
                     self._send_view(inbox)
+                self._answer_held(list(self._held_subs), now)  # served here or sent on
 
     # --- the server API -------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """Replicated topic streams with real processes and real signals (issue 12).
 
 Three routers (two copies of every stream) and two gateways carry continuous
-acknowledged publications to 20 topics while a router is killed (SIGKILL) and
-started again, then every router in turn is stopped (SIGTERM) and started again, as
-in a rolling upgrade. A subscriber on each gateway checks, per topic, that the
+acknowledged publications to 20 topics while each router in turn is killed (SIGKILL)
+and started again, then every router in turn is stopped (SIGTERM) and started again,
+as in a rolling upgrade; a longer run does the same at random for a minute and a half. A subscriber on each gateway checks, per topic, that the
 stream never changes epoch and never skips or repeats a seq, and that every
 acknowledged publication arrives exactly once. The publisher retries every
 publication answered ``unavailable`` or ``outcome_unknown`` with its ``idem`` key,
@@ -11,6 +11,8 @@ as the clients do (``tests/system/traffic.py``). Partitions: ``test_partitions.p
 """
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import trio
@@ -28,12 +30,13 @@ async def test_no_router_loss_or_restart_changes_a_stream():
             urls = [gw.url for gw in cluster.gateways]
             publisher, subs, stop = await start(nursery, urls, urls[1])
             await settle(publisher, 200)
-            # A crash (SIGKILL) under traffic, then the router comes back.
-            cluster.kill("router-0")
-            await settle(publisher, 200)
-            await trio.to_thread.run_sync(cluster.restart, "router-0")
-            await wait_for(cluster["router-0"].ready, "router-0 ready again")
-            await settle(publisher, 200)
+            # A crash (SIGKILL) of each router in turn under traffic; each comes back.
+            for r in cluster.routers:
+                cluster.kill(r.name)
+                await settle(publisher, 150)
+                await trio.to_thread.run_sync(cluster.restart, r.name)
+                await wait_for(r.ready, f"{r.name} ready again")
+                await settle(publisher, 150)
             # A rolling upgrade: every router in turn, SIGTERM then start.
             for r in cluster.routers:
                 await trio.to_thread.run_sync(cluster.restart, r.name)
@@ -74,3 +77,31 @@ async def test_a_fourth_router_takes_its_share_of_streams_with_their_epochs():
         assert led and metric(text, "fanroute_router_streams") >= len(led)
         for gw in cluster.gateways:
             assert metric(gw.metrics(), "fanroute_gateway_shard_link_up", f'shard="{added.name}"') == 1
+
+
+async def test_a_long_run_of_random_router_crashes_and_restarts():
+    """Ninety seconds of faults chosen at random (seeded: the log says which), one
+    router at a time: SIGKILL or SIGTERM, back after a random number of publications."""
+    import random
+
+    rng = random.Random(20261207)
+    with LocalCluster(gateways=2, routers=3, secret=CLUSTER_SECRET) as cluster:
+        async with trio.open_nursery() as nursery:
+            urls = [gw.url for gw in cluster.gateways]
+            publisher, subs, stop = await start(nursery, urls, urls[rng.randrange(2)])
+            faults = []
+            deadline = trio.current_time() + 90
+            while trio.current_time() < deadline:
+                r = rng.choice(cluster.routers)
+                sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+                faults.append(f"{r.name}:{sig.name}")
+                await trio.to_thread.run_sync(cluster.kill, r.name, sig)
+                await settle(publisher, rng.randrange(20, 200))
+                await trio.to_thread.run_sync(cluster.restart, r.name)
+                await wait_for(r.ready, f"{r.name} ready again")
+                await settle(publisher, rng.randrange(20, 200))
+            await finish(publisher, subs, stop)
+            nursery.cancel_scope.cancel()
+        print(f"faults {faults}; publications {publisher.count}, refused {publisher.refused}, unknown {publisher.unknown}, "
+              f"longest until acknowledged {publisher.longest_wait:.2f} s")
+        check_exactly_once(publisher, subs)

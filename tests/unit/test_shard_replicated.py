@@ -185,3 +185,22 @@ def test_a_leader_cut_off_with_unconfirmed_publications_answers_outcome_unknown(
         c.step()
         answered += [f for f in c.frames(leader) if f[0] in (wire.NACK, wire.PUBOK)]
     assert answered and answered[0][:3] == [wire.NACK, 9, "outcome_unknown"]
+
+
+def test_a_new_streams_epoch_is_shown_only_once_its_copy_holds_it():
+    """Subscribing to a topic nobody published to yet starts its stream: the epoch in
+    the answer is the one the other copy holds, so losing the leader right after
+    cannot change it."""
+    c = Cluster()
+    c.settle()
+    topic = "t.new"
+    leader, follower = c.leader(topic), c.follower(topic)
+    hello(leader, c.now)
+    c.frames(leader)
+    c.hold = True
+    leader.receive(GW, [[wire.SUB, topic, 3, None, 0]], c.now, leader.name)
+    c.carry()
+    assert [f for f in c.frames(leader) if f[0] == wire.SUBOK] == []  # held: the copy has not said it holds it
+    c.release()
+    (subok,) = [f for f in c.frames(leader) if f[0] == wire.SUBOK]
+    assert subok[2] == 3 and subok[3] == follower.replica.streams[topic].epoch
