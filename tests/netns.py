@@ -12,7 +12,7 @@ Needs root, ``ip`` (iproute2) and ``iptables``: ``ops/setup-netns.sh`` installs 
 
 from __future__ import annotations
 
-import os
+import secrets
 import subprocess
 from dataclasses import dataclass
 
@@ -33,11 +33,12 @@ class Host:
 
 
 class Hosts:
-    """``names`` hosts on one bridge; the subnet's third octet comes from this process's pid."""
+    """``names`` hosts on one bridge; names and the subnet's third octet are drawn at
+    random, so a run never meets what an earlier, killed run left behind."""
 
     def __init__(self, names: list[str]) -> None:
-        tag = f"{os.getpid() % 10000}"
-        octet = 100 + os.getpid() % 100
+        tag = secrets.token_hex(2)
+        octet = 100 + secrets.randbelow(100)
         self.subnet = f"10.213.{octet}"
         self.tag = tag
         self.switch = f"frsw{tag}"
