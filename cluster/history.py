@@ -38,13 +38,22 @@ class Entry:
 
 
 class History:
-    def __init__(self, size: int, ttl: float, on_evict: Callable[[Entry], None] = lambda e: None) -> None:
+    def __init__(
+        self,
+        size: int,
+        ttl: float,
+        on_evict: Callable[[Entry], None] = lambda e: None,
+        on_append: Callable[[Entry], None] = lambda e: None,
+    ) -> None:
+        """``on_evict`` and ``on_append`` are told of every entry that leaves or joins
+        (a router keeps its byte cap across all histories with them)."""
         if size < 0 or ttl < 0:
             raise ValueError("history size and ttl must be >= 0")
         self.size = size
         self.ttl = ttl
         self.bytes = 0
         self._on_evict = on_evict
+        self._on_append = on_append
         self._entries: deque[Entry] = deque()
         self._idem: dict[str, int] = {}
 
@@ -64,6 +73,7 @@ class History:
         self.bytes += entry.cost
         if entry.idem is not None:
             self._idem[entry.idem] = entry.seq
+        self._on_append(entry)
 
     def evict_oldest(self) -> Entry:
         entry = self._entries.popleft()

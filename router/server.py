@@ -172,7 +172,7 @@ class RouterServer:
             return
         shard.replica = Replica(
             name, names, Ring(names).order, copies=cfg.copies, timeout=cfg.peer_timeout,
-            beat_interval=cfg.peer_timeout / 6, history=shard.new_stream_history,
+            beat_interval=cfg.peer_timeout / 6, history=shard.new_history,
         )
         shard.replica.batch_acks = True  # flushed after each batch (_on_peer)
         self.metrics.watch_replica(shard)
@@ -228,7 +228,7 @@ class RouterServer:
                 shard.stats.frames_rejected += 1
                 continue
             listed = [(str(n), str(u)) for n, u in frame[1]]
-            if len(listed) != len(own) + 1 or listed[:-1] != own or listed[-1][0] != sender:
+            if len(listed) != len(own) + 1 or listed[:-1] != own or listed[-1][0] != sender or not is_nng_url(listed[-1][1]):
                 self.metrics.peer_lists_rejected.labels(shard.name).inc()
                 continue
             url = listed[-1][1]

@@ -49,20 +49,6 @@ _REFUSALS = {  # the replica's reasons, as the error codes gateways pass on
 }
 
 
-class _CountedHistory(History):
-    """A history that tells the shard of every entry it takes (for the byte cap)."""
-
-    def __init__(self, size: int, ttl: float, on_evict: Callable[[Entry], None], on_append: Callable[[Entry], None]) -> None:
-        super().__init__(size, ttl, on_evict)
-        self._on_append = on_append
-
-    def append(self, entry: Entry) -> None:
-        if not self.size:
-            return
-        super().append(entry)
-        self._on_append(entry)
-
-
 @dataclass(slots=True)
 class Topic:
     epoch: str
@@ -202,8 +188,11 @@ class Shard:
                     self.outbound[gw.inbox].append([wire.COUNTA, frame[1], frame[2], total, yours])
                 elif kind == wire.ROUTERS:
                     if self.router_list is None:
-                        self.router_list = [(str(n), str(u)) for n, u in frame[1]]
-                        self.own_name = gw.reply_as
+                        listed = [(n, u) for n, u in frame[1]]
+                        if all(is_nng_url(u) for _, u in listed):
+                            self.router_list, self.own_name = listed, gw.reply_as
+                        else:
+                            self.stats.frames_rejected += 1  # a list this router could never dial
             except Exception:
                 # One frame that trips a bug must not take the others (or the
                 # process) with it: it is counted, and the batch goes on.
@@ -222,24 +211,11 @@ class Shard:
             # A topic that was forgotten and comes back gets a new epoch: its seq
             # restarts, and cursors from before must not be taken for current ones.
             self._generation += 1
-            size, ttl = self.history_for(name)
-            history = History(
-                self.history_size if size is None else size,
-                self.history_ttl if ttl is None else ttl,
-                self._evicted,
-            )
-            topic = self.topics[name] = Topic(f"{self.epoch}-{self._generation}", history)
+            topic = self.topics[name] = Topic(f"{self.epoch}-{self._generation}", self.new_history(name))
         return topic
 
     def _evicted(self, entry: Entry) -> None:
         self.history_bytes -= entry.cost
-
-    def _store(self, name: str, topic: Topic, entry: Entry) -> None:
-        history = topic.history
-        if not history.size:
-            return
-        history.append(entry)
-        self._stored(name, entry)
 
     def _stored(self, name: str, entry: Entry) -> None:
         """Count an entry that joined ``name``'s history, and keep the byte cap."""
@@ -254,6 +230,12 @@ class Shard:
                 self.stats.history_evicted += 1
                 self.stats.history_evicted_bytes += gone.cost
 
+    def _histories(self) -> dict[str, History]:
+        """Every topic's history this shard holds: its topics', or its replicated streams'."""
+        if self.replica is not None:
+            return {name: st.history for name, st in self.replica.streams.items()}
+        return {name: t.history for name, t in self.topics.items()}
+
     def _history_of(self, name: str) -> History | None:
         if self.replica is not None:
             stream = self.replica.streams.get(name)
@@ -261,15 +243,16 @@ class Shard:
         topic = self.topics.get(name)
         return topic.history if topic is not None else None
 
-    def new_stream_history(self, name: str) -> History:
-        """A history for a replicated stream of ``name``, held to the shard-wide byte cap.
+    def new_history(self, name: str) -> History:
+        """A history for ``name`` (a topic's, or a replicated stream's), held to the
+        shard-wide byte cap.
 
-        Streams are replaced whole when views change (a sync), so the bytes of one
-        that was dropped are taken off at the next :meth:`sweep`, which counts them
-        again from the histories that are left.
+        Replicated streams are replaced whole when views change (a sync), so the bytes
+        of one that was dropped are taken off at the next :meth:`sweep`, which counts
+        them again from the histories that are left.
         """
         size, ttl = self.history_for(name)
-        return _CountedHistory(
+        return History(
             self.history_size if size is None else size,
             self.history_ttl if ttl is None else ttl,
             self._evicted,
@@ -295,7 +278,7 @@ class Shard:
                     self.outbound[gw.inbox].append([wire.PUBOK, name, req, seq])
                 return
         topic.seq += 1
-        self._store(name, topic, Entry(topic.seq, payload, ts, now, idem))
+        topic.history.append(Entry(topic.seq, payload, ts, now, idem))
         self.stats.publications += 1
         if topic.gateways:
             frame = [wire.MSG, name, topic.seq, payload, ts]
@@ -539,9 +522,10 @@ class Shard:
             del self.topics[name]
         self.stats.topics_evicted += len(idle)
         if self.replica is not None:
-            for stream in self.replica.streams.values():
-                stream.history.trim(now)
-            self.history_bytes = sum(st.history.bytes for st in self.replica.streams.values())
+            histories = self._histories().values()
+            for history in histories:
+                history.trim(now)
+            self.history_bytes = sum(h.bytes for h in histories)
         self._compact_order()
         return silent
 
@@ -555,10 +539,7 @@ class Shard:
         live = self.history_messages()
         if len(self._order) <= 2 * live + 1024:
             return
-        if self.replica is not None:
-            firsts = {name: st.history.first_seq for name, st in self.replica.streams.items()}
-        else:
-            firsts = {name: t.history.first_seq for name, t in self.topics.items()}
+        firsts = {name: h.first_seq for name, h in self._histories().items()}
         self._order = deque(
             (name, seq) for name, seq in self._order if (first := firsts.get(name)) is not None and seq >= first
         )
@@ -567,6 +548,4 @@ class Shard:
         return sum(len(t.gateways) for t in self.topics.values())
 
     def history_messages(self) -> int:
-        if self.replica is not None:
-            return sum(len(s.history) for s in self.replica.streams.values())
-        return sum(len(t.history) for t in self.topics.values())
+        return sum(len(h) for h in self._histories().values())

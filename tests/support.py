@@ -98,6 +98,14 @@ async def await_until(pred, timeout: float = DEADLINE, what: str = "condition") 
             await trio.sleep(0.05)
 
 
+async def until(pred, what: str = "condition", timeout: float = DEADLINE) -> None:
+    """Wait for ``pred()`` (cheap, in-process state, asked on the event loop) within
+    the generous deadline; :func:`await_until` is for predicates that block (HTTP)."""
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.02)
+
+
 # Processes are fanroute.localcluster's: one implementation for the command line, the
 # benchmarks and the tests. These are its names as the tests have always used them.
 Proc = Node

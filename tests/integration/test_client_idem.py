@@ -18,7 +18,7 @@ import trio
 
 from fanroute.client import Client, Message
 from fanroute.errors import RequestFailed
-from tests.support import DEADLINE, start_standalone, urls
+from tests.support import DEADLINE, start_standalone, until, urls
 
 
 class LosesAnAnswer(Client):
@@ -44,12 +44,6 @@ class LosesAnAnswer(Client):
             self.sent.append(frame)
         await super()._send(ws, frame)
 
-
-async def until(pred, what: str) -> None:
-    """Wait for ``pred()`` (cheap, in-process state) within the generous deadline."""
-    with trio.fail_after(DEADLINE):
-        while not pred():
-            await trio.sleep(0.02)
 
 
 @pytest.fixture

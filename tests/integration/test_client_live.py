@@ -18,7 +18,7 @@ import trio
 from fanroute.client import Client, Message, Presence, Unrecovered
 from fanroute.codes import TOKEN_EXPIRED_REASON
 from fanroute.errors import RequestFailed
-from tests.support import DEADLINE, start_standalone, urls
+from tests.support import DEADLINE, start_standalone, until, urls
 
 SECRET = "client-live-tests-secret-of-32-bytes!"
 
@@ -26,12 +26,6 @@ SECRET = "client-live-tests-secret-of-32-bytes!"
 def token(sub: str, ttl: float) -> str:
     return jwt.encode({"sub": sub, "exp": time.time() + ttl}, SECRET, algorithm="HS256")
 
-
-async def until(pred, what: str) -> None:
-    """Wait for ``pred()`` (cheap, in-process state) within the generous deadline."""
-    with trio.fail_after(DEADLINE):
-        while not pred():
-            await trio.sleep(0.02)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import trio
 
 from fanroute.config import RouterConfig
 from fanroute.router.server import RouterServer
-from tests.support import CLUSTER_SECRET, DEADLINE, free_port, metric
+from tests.support import CLUSTER_SECRET, free_port, metric, until
 from prometheus_client import generate_latest
 
 NAMESPACES = """
@@ -16,11 +16,6 @@ publish = "anyone"
 history_size = {size}
 """
 
-
-async def until(pred, what: str) -> None:
-    with trio.fail_after(DEADLINE):
-        while not pred():
-            await trio.sleep(0.02)
 
 
 async def test_an_edited_namespaces_file_is_reloaded_and_a_broken_one_is_not(nursery, tmp_path):

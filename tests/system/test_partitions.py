@@ -18,6 +18,7 @@ once, and what was refused is counted by the routers.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,8 +28,8 @@ import trio
 
 from fanroute.localcluster import FANROUTE, Node, metric
 from tests.netns import Hosts
-from tests.support import CLUSTER_SECRET, ROOT
-from tests.system.traffic import check_exactly_once, finish, settle, start, wait_for
+from tests.support import CLUSTER_SECRET, ROOT, await_until, until
+from tests.system.traffic import check_exactly_once, finish, settle, start
 
 pytestmark = pytest.mark.trio
 
@@ -46,7 +47,7 @@ def network():
 
 
 def start_nodes(hosts: Hosts, logdir: Path) -> dict[str, Node]:
-    env = {**__import__("os").environ, "FANROUTE_CLUSTER_SECRET": CLUSTER_SECRET, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FANROUTE_CLUSTER_SECRET": CLUSTER_SECRET, "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("FANROUTE_") or k == "FANROUTE_CLUSTER_SECRET"}
     routers = ",".join(f"{r}=tcp://{hosts[r].address}:7101" for r in ROUTERS)
     nodes: dict[str, Node] = {}
@@ -77,7 +78,7 @@ async def test_partitions_never_make_two_truths_nor_lose_an_acknowledged_publica
     logdir = Path(tempfile.mkdtemp(prefix="fanroute-partitions-"))
     nodes = start_nodes(network, logdir)
     try:
-        await wait_for(lambda: all(n.ready() for n in nodes.values()), "every process ready")
+        await await_until(lambda: all(n.ready() for n in nodes.values()), what="every process ready")
         async with trio.open_nursery() as nursery:
             urls = [nodes[g].url for g in GATEWAYS]
             publisher, subs, stop = await start(nursery, urls, urls[1])
@@ -86,10 +87,10 @@ async def test_partitions_never_make_two_truths_nor_lose_an_acknowledged_publica
             # 1. router-0 cut off from the other routers (the gateways still reach it).
             network.cut("router-0", "router-1")
             network.cut("router-0", "router-2")
-            await wait_for(lambda: not nodes["router-0"].ready(), "router-0 to stop serving")
+            await await_until(lambda: not nodes["router-0"].ready(), what="router-0 to stop serving")
             await settle(publisher, 300)
             network.heal()
-            await wait_for(nodes["router-0"].ready, "router-0 back in the view")
+            await await_until(nodes["router-0"].ready, what="router-0 back in the view")
             await settle(publisher, 150)
 
             # 2. the publishers' gateway cut off from router-1.
@@ -97,7 +98,7 @@ async def test_partitions_never_make_two_truths_nor_lose_an_acknowledged_publica
             network.cut("gateway-1", "router-1")
             # The publisher is held at the first topic router-1 leads: retried until the
             # gateway has said it is unavailable a few times.
-            await wait_for(lambda: publisher.refused + publisher.unknown >= answered + 3, "the cut to be answered")
+            await until(lambda: publisher.refused + publisher.unknown >= answered + 3, "the cut to be answered")
             network.heal()
             await settle(publisher, 300)
             await finish(publisher, subs, stop)

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from fanroute.ring import Ring
-from tests.support import CLUSTER_SECRET, LocalCluster, metric
-from tests.system.traffic import TOPICS, check_exactly_once, finish, settle, start, wait_for
+from tests.support import CLUSTER_SECRET, LocalCluster, await_until, metric
+from tests.system.traffic import TOPICS, check_exactly_once, finish, settle, start
 
 pytestmark = pytest.mark.trio
 
@@ -35,12 +35,12 @@ async def test_no_router_loss_or_restart_changes_a_stream():
                 cluster.kill(r.name)
                 await settle(publisher, 150)
                 await trio.to_thread.run_sync(cluster.restart, r.name)
-                await wait_for(r.ready, f"{r.name} ready again")
+                await await_until(r.ready, what=f"{r.name} ready again")
                 await settle(publisher, 150)
             # A rolling upgrade: every router in turn, SIGTERM then start.
             for r in cluster.routers:
                 await trio.to_thread.run_sync(cluster.restart, r.name)
-                await wait_for(r.ready, f"{r.name} ready again")
+                await await_until(r.ready, what=f"{r.name} ready again")
                 await settle(publisher, 150)
             await finish(publisher, subs, stop)
             nursery.cancel_scope.cancel()
@@ -64,7 +64,7 @@ async def test_a_fourth_router_takes_its_share_of_streams_with_their_epochs():
             await settle(publisher, 200)
             epochs = dict(subs[0].epochs)
             added = await trio.to_thread.run_sync(cluster.start_router)
-            await wait_for(added.ready, "router-3 ready in a view of four")
+            await await_until(added.ready, what="router-3 ready in a view of four")
             await settle(publisher, 300)
             await finish(publisher, subs, stop)
             nursery.cancel_scope.cancel()
@@ -98,7 +98,7 @@ async def test_a_long_run_of_random_router_crashes_and_restarts():
                 await trio.to_thread.run_sync(cluster.kill, r.name, sig)
                 await settle(publisher, rng.randrange(20, 200))
                 await trio.to_thread.run_sync(cluster.restart, r.name)
-                await wait_for(r.ready, f"{r.name} ready again")
+                await await_until(r.ready, what=f"{r.name} ready again")
                 await settle(publisher, rng.randrange(20, 200))
             await finish(publisher, subs, stop)
             nursery.cancel_scope.cancel()

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from tests.support import DEADLINE, ws_connect
+from tests.support import DEADLINE, until, ws_connect
 
 TOPICS = [f"rep.t{i}" for i in range(20)]
 
@@ -95,16 +95,10 @@ class Publisher:
             self.done = True
 
 
-async def wait_for(pred, what: str, timeout: float = DEADLINE) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.05)
-
-
 async def settle(publisher: Publisher, more: int) -> None:
     """Let ``more`` publications be acknowledged (the cluster carries traffic again)."""
     target = publisher.count + more
-    await wait_for(lambda: publisher.count >= target, f"{more} more publications")
+    await until(lambda: publisher.count >= target, f"{more} more publications")
 
 
 
@@ -129,10 +123,10 @@ async def finish(publisher: Publisher, subs: list[Subscriber], stop: trio.Event)
     """Stop publishing and wait until every subscriber has every acknowledged seq."""
     stop.set()
     count = publisher.count
-    await wait_for(lambda: publisher.count > count or publisher.done, "the last publication")
+    await until(lambda: publisher.count > count or publisher.done, "the last publication")
     last = {t: max(s) for t, s in publisher.acked.items()}
     for sub in subs:
-        await wait_for(lambda: all(sub.seqs.get(t, 0) >= s for t, s in last.items()), f"{sub.name} caught up")
+        await until(lambda: all(sub.seqs.get(t, 0) >= s for t, s in last.items()), f"{sub.name} caught up")
 
 
 def check_exactly_once(publisher: Publisher, subs: list[Subscriber]) -> None:

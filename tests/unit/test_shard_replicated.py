@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fanroute import wire
+from fanroute.errors import WireError
 from fanroute.ring import Ring
 from fanroute.router.replication import Replica
 from fanroute.router.shard import Shard
@@ -32,7 +36,7 @@ class Cluster:
         for name in self.names:
             sh = Shard(name, replicated=True, **shard)
             sh.replica = Replica(name, self.names, self.ring.order, copies=2, timeout=0.3, beat_interval=0.05,
-                                 history=sh.new_stream_history)
+                                 history=sh.new_history)
             self.shards[name] = sh
 
     def step(self, dt: float = 0.05) -> None:
@@ -204,3 +208,57 @@ def test_a_new_streams_epoch_is_shown_only_once_its_copy_holds_it():
     c.release()
     (subok,) = [f for f in c.frames(leader) if f[0] == wire.SUBOK]
     assert subok[2] == 3 and subok[3] == follower.replica.streams[topic].epoch
+
+
+# --- what a broken or hostile peer can send --------------------------------------------
+
+peer_fields = st.one_of(
+    st.integers(-3, 20000),
+    st.sampled_from(["r0", "r1", "r9", "", "t.1", "E", "tcp://127.0.0.1:1", "junk url"]),
+    st.binary(max_size=8),
+    st.floats(allow_nan=True),
+    st.none(),
+    st.booleans(),
+    st.lists(st.sampled_from(["r0", "r1", "r9", ""]), max_size=4),
+    st.lists(st.lists(st.one_of(st.integers(0, 5), st.binary(max_size=3), st.text(max_size=3), st.none()), max_size=5), max_size=3),
+)
+peer_frames = st.builds(lambda k, rest: [k, *rest], st.integers(58, 73), st.lists(peer_fields, max_size=8))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["r0", "r1"]), peer_frames), min_size=1, max_size=20))
+def test_any_peer_frames_leave_the_routers_serving(messages):
+    """Frames a peer could send (checked as the server checks them) never raise, and the
+    routers still acknowledge a publication afterwards."""
+    c = Cluster()
+    c.settle()
+    for sender, frame in messages:
+        try:
+            wire.check_peer_frame(frame)
+        except WireError as err:
+            assert err.reason == "malformed"
+            continue
+        to = "r1" if sender == "r0" else "r0"
+        c.shards[to].replica.receive(sender, frame, c.now)
+        c.shards[to].pump(c.now)
+    c.carry()
+    for _ in range(200):  # whatever the frames started (a new view, say), it settles
+        c.step()
+        leader = c.leader("t.after")
+        if leader.replica.serving(c.now) and all(sh.replica.serving(c.now) for sh in c.shards.values()):
+            break
+    hello(leader, c.now)
+    leader.receive(GW, [[wire.PUB, "t.after", b"\x01", 4, 1.0, None]], c.now, leader.name)
+    for _ in range(40):
+        c.step()
+        if [wire.PUBOK, "t.after", 4, 1] in (frames := c.frames(leader)):
+            break
+    assert [wire.PUBOK, "t.after", 4, 1] in frames
+
+
+def test_a_router_list_it_could_never_dial_is_refused():
+    sh = Shard("r0", replicated=True)
+    sh.receive(GW, [[wire.ROUTERS, [["r0", "tcp://127.0.0.1:7101"], ["r1", "not a url"]]]], 0.0, "r0")
+    assert sh.router_list is None and sh.stats.frames_rejected == 1
+    sh.receive(GW, [[wire.ROUTERS, [["r0", "tcp://127.0.0.1:7101"], ["r1", "tcp://127.0.0.1:7102"]]]], 0.0, "r0")
+    assert sh.router_list == [("r0", "tcp://127.0.0.1:7101"), ("r1", "tcp://127.0.0.1:7102")] and sh.own_name == "r0"
