@@ -65,30 +65,40 @@ _PORT_RETRIES = 3
 # --- ports ----------------------------------------------------------------------------
 
 
+_handed_out: set[int] = set()  # ports this process gave out, never given twice
+
+
 def free_port() -> int:
-    """A TCP port that is free on loopback now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on loopback now, below the ephemeral range.
+
+    The kernel's own pick (bind to port 0) comes from the ephemeral range, where an
+    outgoing connection of any process (a router dialling its peers, say) may take it
+    as a source port before the server that was given it binds it."""
+    return free_port_run(1)
 
 
 def free_port_run(n: int) -> int:
     """The first of ``n`` consecutive ports that are free on loopback now, below the
-    ephemeral range (so no outgoing connection takes one of them meanwhile)."""
+    ephemeral range (so no outgoing connection takes one of them meanwhile), and
+    that this process has not handed out before."""
     for _ in range(200):
         base = random.randrange(10000, 32000 - n)
+        run = range(base, base + n)
+        if _handed_out.intersection(run):
+            continue
         held = []
         try:
-            for port in range(base, base + n):
+            for port in run:
                 s = socket.socket()
                 held.append(s)
                 s.bind((LOOPBACK, port))
-            return base
         except OSError:
             continue
         finally:
             for s in held:
                 s.close()
+        _handed_out.update(run)
+        return base
     raise LocalClusterError(f"no run of {n} free loopback ports found")
 
 
