@@ -2,13 +2,18 @@
 
 * ``conflation`` — a price feed (``--symbols`` topics in a ``conflate = true``
   namespace, ``--rate`` updates per second each, published in batches over the HTTP
-  API) to ``--subscribers`` connections of one gateway, each subscribed to every
-  symbol; ``--stalled`` of them stop reading for ``--stall`` seconds (they keep
-  sending application pings, as a frozen tab's heartbeat would). Reported: slow
-  consumer closes (must be 0), the gateway's resident memory before, during and after
-  the stall (must stay flat), the messages conflated, how long each stalled subscriber
-  takes after reading again to hold the newest price of every symbol (goal: 1 s), and
-  whether every ``skipped`` it was sent accounts exactly for what it missed.
+  API) to ``--subscribers`` connections, each subscribed to every symbol, over
+  ``--gateways`` gateways (one by default; subscriber i on gateway i mod N);
+  ``--stalled`` of them (so spread the same way) stop reading for ``--stall``
+  seconds (they keep sending application pings, as a frozen tab's heartbeat would).
+  Reported: slow consumer closes (must be 0), each gateway's resident memory before,
+  during and after the stall (must stay flat: each within the bound its own stalled
+  subscribers allow), the messages conflated, how long each stalled subscriber takes
+  after reading again to hold the newest price of every symbol (goal: 1 s), and
+  whether every ``skipped`` it was sent accounts exactly for what it missed. The
+  feed's cost grows with subscribers × publications, so the issue's shape (5 million
+  messages a second) takes several gateways, and ``--client-procs`` processes to
+  read what the subscribers that keep reading are sent.
 * ``presence`` — ``--subscribers`` connections over 2 gateways join one topic and
   then leave it at ``--rate`` per second, while one watcher per gateway
   (``presence: true``) records the counts it is pushed. Reported: the largest lag
@@ -19,9 +24,11 @@
 
 Both start their cluster through :class:`fanroute.localcluster.LocalCluster`, are
 bounded in count and time, and drive the clients from one trio process over raw
-sockets (:class:`RawClient`), which costs far less than the servers measured. Each
+sockets (:class:`RawClient`). That is cheaper than the servers measured, but not by
+much on a fast feed (0.7 µs to split off a frame against a gateway's 0.9 µs to write
+it), so the conflation feed's readers can move to processes of their own. Each
 report ends with ``goals``: every criterion above, met or not. The conflation feed's
-offered rate is one of them: when the gateway cannot take it, the publisher sends
+offered rate is one of them: when the gateways cannot take it, the publisher sends
 back to back and ``publications_per_s`` gives the rate achieved.
 """
 
@@ -30,18 +37,22 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import os
 import socket
 import tempfile
 import time
 import urllib.request
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 
 from fanroute import localcluster
-from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, machine, split_frames
+from fanroute.bench.loadgen import client_frame, cpu_seconds, emit_report, expect, machine, split_frames
+from fanroute.config import ConfigError
 
 API_KEY = "bench-live-api-key"
 STALLED_RCVBUF = 4096  # SO_RCVBUF of a subscriber that will stall, until it reads again
@@ -118,7 +129,9 @@ class RawClient:
                     async with self.sending:
                         await self.stream.send_all(client_frame(bytes(self.buf[start:end]), 0xA))
             elif opcode == 0x1 and parse:
-                out.append(json.loads(self.buf[start:end]))
+                # orjson: about 0.7 µs a message where json takes 4.4, which matters
+                # for the stalled subscribers reading a full feed in this one process.
+                out.append(orjson.loads(self.buf[start:end]))
         del self.buf[:pos]
         return out
 
@@ -183,34 +196,159 @@ def _host_port(url: str) -> tuple[str, int]:
 # --- conflation ---------------------------------------------------------------------------
 
 
+async def _subscribe_all(c: RawClient, symbols: list[str]) -> None:
+    """Subscribe ``c`` to every symbol and wait for each ``subscribed``, so that the
+    feed starts only once every subscriber would be sent all of it."""
+    for j, sym in enumerate(symbols):
+        await c.send({"type": "subscribe", "topic": sym, "id": j + 1})
+    got = 0
+    while got < len(symbols):
+        got += sum(1 for m in await c.receive() if m.get("type") == "subscribed")
+
+
+def _reader_process(endpoints: list[tuple[str, int]], symbols: list[str], pipe: Connection) -> None:
+    """A process of subscribers that keep reading (``--client-procs``): each endpoint
+    is one subscriber's gateway. Reports ``("ready",)`` once all are subscribed, then
+    reads until told ``("stop",)`` and reports ``("done", closes)``.
+
+    At the issue's shape the subscribers that keep reading are sent 5 million messages
+    a second; splitting their frames costs about 0.7 µs each in Python, so one process
+    reads at most about a million a second, and a subscriber that falls behind would
+    be conflated, which the bench means to see only for the stalled ones.
+    """
+    try:
+        trio.run(_readers, endpoints, symbols, pipe)
+    except BaseException as exc:  # reported, so the bench stops with the reason
+        try:
+            pipe.send(("error", repr(exc)))
+        except OSError:
+            pass
+
+
+async def _readers(endpoints: list[tuple[str, int]], symbols: list[str], pipe: Connection) -> None:
+    closes: dict[int, int] = {}
+    subscribed = [0]
+    all_subscribed = trio.Event()
+
+    async def reader(host: str, port: int) -> None:
+        # As in the bench's process, a subscriber refused before it is subscribed
+        # stops the run (here through the "error" report).
+        c = await RawClient.connect(host, port)
+        await _subscribe_all(c, symbols)
+        subscribed[0] += 1
+        if subscribed[0] == len(endpoints):
+            all_subscribed.set()
+        try:
+            while True:
+                await c.receive(parse=False)
+        except Closed as closed:
+            closes[closed.code] = closes.get(closed.code, 0) + 1
+        finally:
+            await c.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for host, port in endpoints:
+            nursery.start_soon(reader, host, port)
+        with trio.fail_after(120):
+            await all_subscribed.wait()
+        pipe.send(("ready",))
+        try:
+            await trio.to_thread.run_sync(pipe.recv, abandon_on_cancel=True)  # ("stop",)
+        except EOFError:  # the bench is gone
+            pass
+        nursery.cancel_scope.cancel()
+    pipe.send(("done", closes))
+
+
+class _ReaderProcesses:
+    """The ``--client-procs`` processes and their pipes; :meth:`close` ends them all."""
+
+    def __init__(self, shares: list[list[tuple[str, int]]], symbols: list[str]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        try:
+            for share in shares:
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_reader_process, args=(share, symbols, there), daemon=True)
+                proc.start()
+                there.close()
+                self.pipes.append(here)
+                self.procs.append(proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def wait_ready(self, timeout: float) -> None:
+        for pipe in self.pipes:
+            expect(pipe, "ready", timeout, RuntimeError, "a subscriber process")
+
+    def stop(self, timeout: float) -> dict[int, int]:
+        """Stop reading; the closes the subscribers saw, by code."""
+        closes: dict[int, int] = {}
+        for pipe in self.pipes:
+            pipe.send(("stop",))
+        for pipe in self.pipes:
+            for code, n in expect(pipe, "done", timeout, RuntimeError, "a subscriber process")[1].items():
+                closes[code] = closes.get(code, 0) + n
+        return closes
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def _mb(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
 async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster, say: Any) -> dict[str, Any]:
-    gw = cluster.gateways[0]
-    host, port = _host_port(gw.url)
+    gws = cluster.gateways
+    endpoints = [_host_port(g.url) for g in gws]
+    # Subscriber i connects to gateway i mod N, and subscribers 0 .. stalled-1 stall:
+    # each gateway gets its share of both, so each pays only for its own.
+    home = [i % len(gws) for i in range(s.subscribers)]
+    subscribers_on = [home.count(g) for g in range(len(gws))]
+    stalled_on = [home[: s.stalled].count(g) for g in range(len(gws))]
+    # The subscribers that keep reading run here, or spread over --client-procs processes.
+    readers = list(range(s.stalled, s.subscribers))
+    local = list(range(s.subscribers)) if not s.client_procs else list(range(s.stalled))
+    shares = [[endpoints[home[i]] for i in readers[k :: s.client_procs]] for k in range(s.client_procs)]
+    shares = [share for share in shares if share]
     symbols = [f"px.S{i}" for i in range(s.symbols)]
     closes: dict[int, int] = {}
     newest: dict[str, int] = {}  # symbol -> newest seq acknowledged by the API
     published = {"ok": 0, "errors": 0, "first": 0.0, "last": 0.0}  # what the API acknowledged
-    rss: list[tuple[float, int]] = []
+    batches = [0] * len(gws)  # publish batches sent through each gateway's API
+    rss: list[tuple[float, list[int]]] = []  # (time, each gateway's RSS)
     stalled_results: dict[int, dict[str, Any]] = {}
-    phase = {"stall": trio.Event(), "resume": trio.Event(), "done": trio.Event()}
+    phase = {"stall": trio.Event(), "resume": trio.Event(), "done": trio.Event(), "published": trio.Event()}
     t0 = time.monotonic()
 
     async def subscriber(i: int, stalls: bool, ready: trio.Semaphore) -> None:
         # A stalled subscriber's tiny receive buffer makes its stall fill the gateway's
         # buffer (what conflation watches) rather than the kernel's.
-        c = await RawClient.connect(host, port, rcvbuf=STALLED_RCVBUF if stalls else None)
-        for j, sym in enumerate(symbols):
-            await c.send({"type": "subscribe", "topic": sym, "id": j + 1})
-        got = 0
-        while got < len(symbols):
-            got += sum(1 for m in await c.receive() if m.get("type") == "subscribed")
+        c = await RawClient.connect(*endpoints[home[i]], rcvbuf=STALLED_RCVBUF if stalls else None)
+        await _subscribe_all(c, symbols)
         ready.release()
         last: dict[str, int] = {}
         try:
             if not stalls:
-                while not phase["done"].is_set():
+                while True:
                     await c.receive(parse=False)
-                return
             while not phase["stall"].is_set():
                 with trio.move_on_after(0.2):
                     for m in await c.receive():
@@ -245,126 +383,202 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
             await c.aclose()
 
     async def publisher() -> None:
+        # One batch at a time, each through the next gateway's API in turn: taking
+        # the feed costs a gateway parsing and forwarding it, which spread evenly
+        # leaves every gateway the same work, so their figures compare. Each batch
+        # is answered before the next goes, so the seqs acknowledged come in order.
         seq_tick = 0
         interval = 1.0 / s.ticks
         per_tick = max(1, round(s.rate / s.ticks))
         pad = "x" * s.payload
         start = trio.current_time()
-        while not phase["done"].is_set():
-            seq_tick += 1
-            items = [
-                {"topic": sym, "payload": {"sym": sym, "price": seq_tick, "pad": pad}}
-                for _ in range(per_tick)
-                for sym in symbols
-            ]
-            sent_at = time.monotonic()
-            results = await trio.to_thread.run_sync(_publish_batch, gw.admin, items)
-            if not published["first"]:
-                published["first"] = sent_at
-            published["last"] = time.monotonic()
-            for r in results:
-                if "seq" in r:
-                    newest[r["topic"]] = max(newest.get(r["topic"], 0), r["seq"])
-                    published["ok"] += 1
-                else:
-                    published["errors"] += 1
-            await trio.sleep_until(start + seq_tick * interval)
+        try:
+            while not phase["done"].is_set():
+                via = seq_tick % len(gws)
+                seq_tick += 1
+                items = [
+                    {"topic": sym, "payload": {"sym": sym, "price": seq_tick, "pad": pad}}
+                    for _ in range(per_tick)
+                    for sym in symbols
+                ]
+                sent_at = time.monotonic()
+                results = await trio.to_thread.run_sync(_publish_batch, gws[via].admin, items)
+                batches[via] += 1
+                if not published["first"]:
+                    published["first"] = sent_at
+                published["last"] = time.monotonic()
+                for r in results:
+                    if "seq" in r:
+                        newest[r["topic"]] = max(newest.get(r["topic"], 0), r["seq"])
+                        published["ok"] += 1
+                    else:
+                        published["errors"] += 1
+                await trio.sleep_until(start + seq_tick * interval)
+        finally:
+            phase["published"].set()
 
     async def sampler() -> None:
         while not phase["done"].is_set():
-            rss.append((time.monotonic() - t0, rss_bytes(gw.pid)))
+            rss.append((time.monotonic() - t0, [rss_bytes(g.pid) for g in gws]))
             await trio.sleep(0.5)
 
-    def cpu() -> dict[str, float]:
+    def all_rss() -> list[int]:
+        return [rss_bytes(g.pid) for g in gws]
+
+    def all_metrics() -> list[str]:
+        return [g.metrics(timeout=5.0) for g in gws]
+
+    def cpu() -> dict[str, Any]:
         return {
-            "gateway": cpu_seconds(gw.pid),
+            "gateways": [cpu_seconds(g.pid) for g in gws],
             "routers": sum(cpu_seconds(r.pid) for r in cluster.routers),
-            "bench": time.process_time(),  # this process: the subscribers and the publisher
+            # This process and the --client-procs ones: the subscribers and the publisher.
+            "bench": time.process_time() + sum(cpu_seconds(pid) for pid in procs.pids()),
         }
 
-    async with trio.open_nursery() as nursery:
-        ready = trio.Semaphore(s.subscribers, max_value=s.subscribers)
-        for _ in range(s.subscribers):
-            await ready.acquire()
-        for i in range(s.subscribers):
-            nursery.start_soon(subscriber, i, i < s.stalled, ready)
-        with trio.fail_after(120):
-            for _ in range(s.subscribers):
+    procs = await trio.to_thread.run_sync(_ReaderProcesses, shares, symbols)
+    try:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Semaphore(len(local), max_value=max(1, len(local)))
+            for _ in local:
                 await ready.acquire()
-        say(f"{s.subscribers} subscribers on {len(symbols)} symbols")
-        text0 = await trio.to_thread.run_sync(lambda: gw.metrics(timeout=5.0))
-        cpu0, wall0 = cpu(), time.monotonic()
-        nursery.start_soon(sampler)
-        nursery.start_soon(publisher)
-        await trio.sleep(s.warmup)
-        rss_before = rss_bytes(gw.pid)
-        t_stall = time.monotonic() - t0
-        phase["stall"].set()
-        say(f"{s.stalled} subscribers stop reading for {s.stall:g} s")
-        await trio.sleep(s.stall)
-        rss_stalled = rss_bytes(gw.pid)
-        t_resume = time.monotonic() - t0
-        phase["resume"].set()
-        with trio.move_on_after(s.stall + 30):
-            while sum(r["caught_up_s"] is not None for r in stalled_results.values()) + sum(closes.values()) < s.stalled:
-                await trio.sleep(0.1)
-        await trio.sleep(s.after)
-        rss_after = rss_bytes(gw.pid)
-        cpu1, wall = cpu(), time.monotonic() - wall0
-        phase["done"].set()
-        nursery.cancel_scope.cancel()
-    text = gw.metrics(timeout=5.0)
+            for i in local:
+                nursery.start_soon(subscriber, i, i < s.stalled, ready)
+            with trio.fail_after(120):
+                for _ in local:
+                    await ready.acquire()
+            await trio.to_thread.run_sync(procs.wait_ready, 120.0)
+            say(f"{s.subscribers} subscribers on {len(symbols)} symbols over {len(gws)} gateway(s)")
+            texts0 = await trio.to_thread.run_sync(all_metrics)
+            cpu0, wall0 = cpu(), time.monotonic()
+            nursery.start_soon(sampler)
+            nursery.start_soon(publisher)
+            await trio.sleep(s.warmup)
+            rss_before = all_rss()
+            t_stall = time.monotonic() - t0
+            phase["stall"].set()
+            say(f"{s.stalled} subscribers stop reading for {s.stall:g} s")
+            await trio.sleep(s.stall)
+            rss_stalled = all_rss()
+            t_resume = time.monotonic() - t0
+            phase["resume"].set()
+            with trio.move_on_after(s.stall + 30):
+                while sum(r["caught_up_s"] is not None for r in stalled_results.values()) + sum(closes.values()) < s.stalled:
+                    await trio.sleep(0.1)
+            await trio.sleep(s.after)
+            rss_after = all_rss()
+            cpu1, wall = cpu(), time.monotonic() - wall0
+            phase["done"].set()
+            with trio.move_on_after(15):
+                await phase["published"].wait()
+            # A router sends each gateway a publication as it acknowledges it, each
+            # over its own link: wait (bounded) until every gateway has received what
+            # was acknowledged, so that its counters are of the same feed.
+            texts = await trio.to_thread.run_sync(all_metrics)
+            with trio.move_on_after(10):
+                while any(
+                    localcluster.metric(t1, "fanroute_gateway_deliveries_received_total", default=0.0)
+                    - localcluster.metric(t, "fanroute_gateway_deliveries_received_total", default=0.0)
+                    < published["ok"]
+                    for t, t1 in zip(texts0, texts)
+                ):
+                    await trio.sleep(0.1)
+                    texts = await trio.to_thread.run_sync(all_metrics)
+            for code, n in (await trio.to_thread.run_sync(procs.stop, 30.0)).items():
+                closes[code] = closes.get(code, 0) + n
+            nursery.cancel_scope.cancel()
+    finally:
+        procs.close()
 
-    def counted(name: str, labels: str | None = None) -> float:
-        """How much a gateway counter grew while the feed ran."""
-        return localcluster.metric(text, name, labels, default=0.0) - localcluster.metric(text0, name, labels, default=0.0)
+    def counted(g: int, name: str, labels: str | None = None) -> float:
+        """How much a counter of gateway ``g`` grew while the feed ran."""
+        return localcluster.metric(texts[g], name, labels, default=0.0) - localcluster.metric(texts0[g], name, labels, default=0.0)
+
+    spent = {"gateways": [b - a for a, b in zip(cpu0["gateways"], cpu1["gateways"])]}
+    spent.update({k: cpu1[k] - cpu0[k] for k in ("routers", "bench")})
+    per_gateway = []
+    for g in range(len(gws)):
+        during = [b[g] for t, b in rss if t_stall <= t <= t_resume]
+        growth = max(during or [rss_before[g]]) - rss_before[g]
+        # What conflation bounds this gateway's stalled subscribers to: each one's
+        # buffer up to the threshold plus one held message per symbol (counted at a
+        # generous 1 KiB), and 4 MiB for the allocator's own growth.
+        bound = stalled_on[g] * (s.threshold + s.symbols * 1024) + 4 * 2**20
+        written = counted(g, "fanroute_gateway_messages_out_total")
+        conflated = counted(g, "fanroute_gateway_conflated_total")
+        per_gateway.append({
+            "subscribers": subscribers_on[g],
+            "stalled": stalled_on[g],
+            "publish_batches": batches[g],
+            "received": counted(g, "fanroute_gateway_deliveries_received_total"),
+            "written": written,
+            "conflated": conflated,
+            "slow_consumer_closes": max(
+                counted(g, "fanroute_gateway_slow_consumer_closes_total"),
+                counted(g, "fanroute_gateway_connections_closed_total", 'code="4008"'),
+            ),
+            "rss_mb": {
+                "before_stall": _mb(rss_before[g]),
+                "peak_during_stall": _mb(max(during or [0])),
+                "end_of_stall": _mb(rss_stalled[g]),
+                "after": _mb(rss_after[g]),
+                "growth_during_stall": _mb(growth),
+                "conflation_bound": _mb(bound),
+            },
+            "memory_flat": growth <= bound,
+            "cpu_s": round(spent["gateways"][g], 2),
+            "cpu_us_per_subscriber_message": round(spent["gateways"][g] / max(1.0, written + conflated) * 1e6, 3),
+        })
 
     caught = sorted(r["caught_up_s"] for r in stalled_results.values() if r["caught_up_s"] is not None)
-    during = [b for t, b in rss if t_stall <= t <= t_resume]
+    # The gateways' RSS summed at each sample; per gateway in per_gateway.
+    during_all = [sum(b) for t, b in rss if t_stall <= t <= t_resume]
+    growth_all = max(during_all or [sum(rss_before)]) - sum(rss_before)
     offered = s.symbols * max(1, round(s.rate / s.ticks)) * s.ticks
     achieved = published["ok"] / max(1e-9, published["last"] - published["first"])
-    slow_closes = max(
-        counted("fanroute_gateway_slow_consumer_closes_total"),
-        counted("fanroute_gateway_connections_closed_total", 'code="4008"'),
-    )
-    messages_out = counted("fanroute_gateway_messages_out_total")
-    conflated = counted("fanroute_gateway_conflated_total")
-    spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
-    growth = max(during or [rss_before]) - rss_before
-    # What conflation bounds the stalled subscribers to: each one's buffer up to the
-    # threshold plus one held message per symbol (counted at a generous 1 KiB), and
-    # 4 MiB for the allocator's own growth.
-    bound = s.stalled * (s.threshold + s.symbols * 1024) + 4 * 2**20
+    slow_closes = sum(g["slow_consumer_closes"] for g in per_gateway)
+    messages_out = sum(g["written"] for g in per_gateway)
+    conflated = sum(g["conflated"] for g in per_gateway)
+    gateway_cpu = sum(spent["gateways"])
     skipped_violations = sum(r["violations"] for r in stalled_results.values())
     return {
         "subscribers": s.subscribers,
         "stalled": s.stalled,
         "symbols": s.symbols,
         "rate_per_symbol": s.rate,
+        "gateways": len(gws),
+        "routers": len(cluster.routers),
+        "client_procs": len(shares),
         "publications_per_s": {
             "offered": offered,
             # Acknowledged by the API, first request to last answer: below the offered
-            # rate when the gateway cannot take it (the publisher then sends back to back).
+            # rate when the gateways cannot take it (the publisher then sends back to back).
             "achieved": round(achieved),
             "acknowledged": published["ok"],
             "errors": published["errors"],
         },
+        # Summed over the gateways: each receives every publication once.
         "gateway_messages": {
-            "received": counted("fanroute_gateway_deliveries_received_total"),
+            "received": sum(g["received"] for g in per_gateway),
             "written": messages_out,
             "conflated": conflated,
         },
         "client_closes": closes,
         "slow_consumer_closes": slow_closes,
         "conflated": conflated,
+        # The gateways' RSS summed (one gateway: its own), beside the sum of their
+        # bounds; the goal is judged on each gateway against its own bound.
         "rss_mb": {
-            "before_stall": round(rss_before / 2**20, 1),
-            "peak_during_stall": round(max(during or [0]) / 2**20, 1),
-            "end_of_stall": round(rss_stalled / 2**20, 1),
-            "after": round(rss_after / 2**20, 1),
-            "growth_during_stall": round(growth / 2**20, 1),
-            "conflation_bound": round(bound / 2**20, 1),
+            "before_stall": _mb(sum(rss_before)),
+            "peak_during_stall": _mb(max(during_all or [0])),
+            "end_of_stall": _mb(sum(rss_stalled)),
+            "after": _mb(sum(rss_after)),
+            "growth_during_stall": _mb(growth_all),
+            "conflation_bound": _mb(sum(
+                stalled_on[g] * (s.threshold + s.symbols * 1024) + 4 * 2**20 for g in range(len(gws))
+            )),
         },
+        "per_gateway": per_gateway,
         "caught_up_s": {
             "stalled_measured": len(caught),
             "p50": round(caught[len(caught) // 2], 3) if caught else None,
@@ -372,16 +586,19 @@ async def _conflation(s: argparse.Namespace, cluster: localcluster.LocalCluster,
         },
         "skipped_violations": skipped_violations,
         "skipped_total": sum(r["skipped"] for r in stalled_results.values()),
-        # CPU seconds over the feed (warm-up to the end); the bench's own process runs
-        # every subscriber, so on a small machine it competes with the gateway.
+        # CPU seconds over the feed (warm-up to the end), summed over every gateway;
+        # the bench's processes run every subscriber, so on a small machine they
+        # compete with the gateways.
         "cpu": {
             "wall_s": round(wall, 2),
-            **{f"{k}_s": round(v, 2) for k, v in spent.items()},
-            "gateway_us_per_subscriber_message": round(spent["gateway"] / max(1.0, messages_out + conflated) * 1e6, 3),
+            "gateway_s": round(gateway_cpu, 2),
+            "routers_s": round(spent["routers"], 2),
+            "bench_s": round(spent["bench"], 2),
+            "gateway_us_per_subscriber_message": round(gateway_cpu / max(1.0, messages_out + conflated) * 1e6, 3),
         },
         "goals": {
             "no_slow_consumer_close": slow_closes == 0 and not closes,
-            "memory_flat": growth <= bound,
+            "memory_flat": all(g["memory_flat"] for g in per_gateway),
             "newest_within_1s": len(caught) == s.stalled and bool(caught) and caught[-1] <= 1.0,
             "skipped_exact": skipped_violations == 0,
             "offered_rate_reached": published["errors"] == 0 and achieved >= 0.95 * offered,
@@ -543,11 +760,11 @@ def _run(s: argparse.Namespace, which: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"fanroute-bench-{which}-") as tmp:
         logdir = Path(s.logs) if s.logs else Path(tmp)
         logdir.mkdir(parents=True, exist_ok=True)
-        gateways = 1 if which == "conflation" else 2
+        gateways, routers = (s.gateways, s.routers) if which == "conflation" else (2, 2)
         extra = ["--conflate-threshold", str(s.threshold)] if which == "conflation" else []
-        cluster = _cluster(gateways, 2, logdir, extra)
+        cluster = _cluster(gateways, routers, logdir, extra)
         try:
-            say(f"cluster up: {gateways} gateway(s), 2 routers")
+            say(f"cluster up: {gateways} gateway(s), {routers} router(s)")
             run = _conflation if which == "conflation" else _presence
             result = trio.run(_bounded, run, s, cluster, say)
         finally:
@@ -560,7 +777,23 @@ async def _bounded(run: Any, s: argparse.Namespace, cluster: Any, say: Any) -> d
         return await run(s, cluster, say)
 
 
+def _check(s: argparse.Namespace) -> None:
+    """Refuse a conflation shape the report could not describe: a gateway without
+    subscribers would receive no feed, and more stalled than subscribers cannot be."""
+    if s.bench != "conflation":
+        return
+    if s.gateways < 1 or s.routers < 1 or s.client_procs < 0:
+        raise ConfigError("--gateways and --routers must be at least 1, --client-procs at least 0")
+    if s.subscribers < s.gateways:
+        raise ConfigError(f"--subscribers ({s.subscribers}) must be at least --gateways ({s.gateways}): each gateway needs one")
+    if not 0 <= s.stalled <= s.subscribers:
+        raise ConfigError(f"--stalled must be between 0 and --subscribers ({s.subscribers})")
+    if s.symbols < 1 or s.rate <= 0 or s.ticks < 1:
+        raise ConfigError("--symbols, --rate and --ticks must be positive")
+
+
 def bench_main(args: argparse.Namespace) -> int:
+    _check(args)
     report = _run(args, args.bench)
 
     def render() -> None:
@@ -588,6 +821,9 @@ def add_live_commands(subparsers: Any, flag: Any) -> None:
     flag(p, "--warmup", float, 3.0, "seconds of feed before the stall")
     flag(p, "--after", float, 3.0, "seconds of feed after the stalled ones caught up")
     flag(p, "--threshold", int, 64 * 1024, "the gateway's --conflate-threshold")
+    flag(p, "--gateways", int, 1, "gateways of the local cluster; subscribers, stalled ones too, go to them in turn")
+    flag(p, "--routers", int, 2, "routers of the local cluster")
+    flag(p, "--client-procs", int, 0, "processes running the subscribers that keep reading (0: the bench's own)")
     _common(p, flag, "conflation")
     p = subparsers.add_parser(
         "presence",
