@@ -16,6 +16,11 @@ A gateway's counts leave the totals as soon as it has been silent for
 :attr:`ShardPresence.timeout` (gateways beat every second), well before the shard
 forgets it altogether: a gateway that died takes its subscribers with it within
 about two seconds. If it was only slow, its counts come back with its next frame.
+Such a change is pushed at the next tick whatever the pacing: it is found
+``timeout`` after the gateway's last frame, and waiting out the interval of a push
+made meanwhile (one that carried a change from before the gateway went silent)
+would put it past the two seconds. It is rare, and the gateways still send each
+watcher one count a second at most.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ShardPresence:
         self.topics: dict[str, TopicCount] = {}
         self._by_gateway: dict[str, set[str]] = {}  # inbox -> topics it reports on
         self._dirty: set[str] = set()  # topics whose total changed since their last push
+        self._urgent: set[str] = set()  # dirty topics not to hold back: a gateway fell silent or came back
         self._silent: set[str] = set()  # gateways whose counts are left out for now
         self._fresh: set[str] = set()  # topics with a watcher not yet sent any total
         self.reports = 0  # counters for the metrics collector
@@ -122,17 +128,20 @@ class ShardPresence:
                     self._silent.add(inbox)
                 else:
                     self._silent.discard(inbox)
-                self._dirty.update(t for t in topics if (e := self.topics.get(t)) is not None and inbox in e.by_gateway)
+                changed = [t for t in topics if (e := self.topics.get(t)) is not None and inbox in e.by_gateway]
+                self._dirty.update(changed)
+                self._urgent.update(changed)
 
     def due(self, now: float) -> dict[str, list[list[object]]]:
         """The pushes to send now, per gateway inbox: ``[topic, total, yours]`` items."""
         out: dict[str, list[list[object]]] = {}
         held: set[str] = set()
+        urgent, self._urgent = self._urgent, set()
         for topic in self._dirty:
             entry = self.topics.get(topic)
             if entry is None:
                 continue
-            if now - entry.pushed < self.interval:
+            if now - entry.pushed < self.interval and topic not in urgent:
                 held.add(topic)
                 continue
             entry.pushed = now

@@ -179,6 +179,25 @@ def test_a_silent_gateway_leaves_the_totals_and_comes_back():
     assert pr.total("t") == (3, 0)
 
 
+def test_a_gateway_falling_silent_is_pushed_at_once_not_after_the_interval():
+    # What a cluster did: GW2 reports its 3 subscribers (its last frame) and dies
+    # right after GW, whose watcher came second, was sent the total of 4.
+    pr = ShardPresence(interval=1.0, timeout=1.5)
+    pr.report(GW2, "t", 3, False)
+    assert pr.due(0.0) == {}  # nobody watches yet, but the interval starts
+    pr.report(GW, "t", 1, True)
+    assert pr.due(0.1) == {GW: [["t", 4, 1]]}  # a new watcher is sent the total at once
+    assert pr.due(1.0) == {GW: [["t", 4, 1]]}  # the paced push of GW's join
+    pr.liveness({GW: 1.6, GW2: 0.0}, 1.6)
+    # GW2 is left out 1.6 s after its last frame. Held by the interval until 2.0
+    # (and in a cluster to the tick after, then a hop), the count would be right
+    # only about 2 s after the death: it goes out at once.
+    assert pr.due(1.6) == {GW: [["t", 1, 1]]}
+    pr.report(GW, "t", 2, True)
+    assert pr.due(2.0) == {}  # ordinary changes are paced from there again
+    assert pr.due(2.6) == {GW: [["t", 2, 2]]}
+
+
 def test_forgetting_a_gateway_drops_its_counts_and_memory():
     pr = ShardPresence()
     pr.report(GW, "t", 1, False)
