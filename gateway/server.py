@@ -88,6 +88,7 @@ _COMMAND_NAMES = {
 _PRESENCE_TICK = 0.1  # seconds between presence reports and pushes
 _CLOSE_TIMEOUT = 5.0  # for the close frame to get through to a client that is slow
 _READ_SIZE = 65536  # bytes taken from a client socket per read
+_REST_AFTER = 1.0  # seconds a connection is quiet before its protocol engine is let go
 _HEAD_TIMEOUT = 10.0
 _FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and files
 _SHED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -481,6 +482,8 @@ class GatewayServer:
             for conn in list(self.conns.values()):
                 due = sweep(conn.state, now, wall, conn.last_rx, conn.ws.in_progress)
                 if due is None:
+                    if now - conn.last_rx > _REST_AFTER:
+                        conn.ws.rest()  # quiet: its protocol engine is made again by the next bytes
                     continue
                 if due is SEND_PING:
                     conn.outbox.push(PING_FRAME)

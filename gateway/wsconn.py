@@ -15,9 +15,12 @@ protocol must send (pongs, the echo of a close) are taken out and written by the
 connection's outbox, the only writer of its socket, so they never land inside a
 frame that is partly written.
 
-Per connection the engine keeps only the lean ``Protocol`` (about 1 KB); the
-handshake parser is dropped once the handshake is answered, and fragments are held
-only while a fragmented message is arriving.
+Per connection the engine keeps only the lean ``Protocol`` (about 1 KB), and only
+while it has work: it is made at the first bytes after the handshake and let go
+(:meth:`WsConn.rest`) once the connection has been quiet for a while between two
+messages, to be made again by the next bytes. The handshake parser is dropped once
+the handshake is answered, and fragments are held only while a fragmented message
+is arriving. An idle connection, the most common kind, so keeps no parser at all.
 """
 
 from __future__ import annotations
@@ -182,15 +185,40 @@ class WsConn:
     violation with 1002; :attr:`done` is then true and :meth:`replies` holds the close.
     """
 
-    __slots__ = ("_proto", "_parts", "_text")
+    __slots__ = ("_proto", "_max_size", "_parts", "_text")
 
     def __init__(self, max_size: int) -> None:
-        self._proto = Protocol(SERVER, state=OPEN, max_size=max_size, logger=_log)
+        self._proto: Protocol | None = None  # made when bytes arrive, let go at rest
+        self._max_size = max_size
         self._parts: list[bytes] | None = None  # fragments of the message arriving now
         self._text = False
 
-    def receive(self, data: bytes) -> list[str | bytes]:
+    def _engine(self) -> Protocol:
         proto = self._proto
+        if proto is None:
+            proto = self._proto = Protocol(SERVER, state=OPEN, max_size=self._max_size, logger=_log)
+        return proto
+
+    def rest(self) -> None:
+        """Let go of the protocol engine if it holds nothing: between two messages, open, nothing owed.
+
+        A fresh engine in the open state is all a connection needs to go on from
+        there (the gateway sends its pings itself, so the engine tracks none).
+        """
+        proto = self._proto
+        if proto is not None and proto.state is OPEN and self._parts is None and not proto.reader.buffer and not proto.writes:
+            # Its parser is a generator holding the engine: closed, the engine is
+            # freed at once rather than by the next full garbage collection.
+            proto.parser.close()
+            self._proto = None
+
+    @property
+    def engine_held(self) -> bool:
+        """Whether the connection holds a protocol engine now (it does not at rest)."""
+        return self._proto is not None
+
+    def receive(self, data: bytes) -> list[str | bytes]:
+        proto = self._engine()
         proto.receive_data(data)
         messages: list[str | bytes] = []
         for frame in proto.events_received():
@@ -228,18 +256,18 @@ class WsConn:
         return messages
 
     def receive_eof(self) -> None:
-        self._proto.receive_eof()
+        self._engine().receive_eof()
 
     def replies(self) -> list[bytes]:
         """Frames the protocol owes the peer (pongs, close): for the outbox to write."""
         proto = self._proto
-        if not proto.writes:
+        if proto is None or not proto.writes:
             return []
         return [c for c in proto.data_to_send() if c is not _SEND_EOF]
 
     def close_frame(self, code: int, reason: str = "") -> bytes:
         """Start the closing handshake with ``code``; the frame to write (none if it is under way)."""
-        proto = self._proto
+        proto = self._engine()
         if proto.state is OPEN:
             proto.send_close(code, reason)
         return _joined(proto.data_to_send())
@@ -247,23 +275,27 @@ class WsConn:
     @property
     def done(self) -> bool:
         """The peer closed, or the protocol failed: nothing more is read."""
-        return self._proto.state is not OPEN
+        proto = self._proto
+        return proto is not None and proto.state is not OPEN
 
     @property
     def close_received(self) -> bool:
         """The peer's close frame has arrived (or the stream ended)."""
         proto = self._proto
-        return proto.close_rcvd is not None or proto.state is CLOSED
+        return proto is not None and (proto.close_rcvd is not None or proto.state is CLOSED)
 
     @property
     def in_progress(self) -> bool:
         """Whether part of a message has arrived and the rest has not yet (for ``--message-timeout``)."""
-        return self._parts is not None or bool(self._proto.reader.buffer)
+        proto = self._proto
+        return self._parts is not None or (proto is not None and bool(proto.reader.buffer))
 
     @property
     def close_code(self) -> int:
         """The code the connection closed with: the peer's, or the one this side sent; 1006 if none."""
         proto = self._proto
+        if proto is None:
+            return _ABNORMAL
         close: Close | None = proto.close_rcvd or proto.close_sent
         return close.code if close is not None else _ABNORMAL
 
@@ -271,5 +303,5 @@ class WsConn:
     def failed(self) -> bool:
         """This side closed for a protocol reason (1002, 1007, 1009), not the peer."""
         proto = self._proto
-        return proto.close_rcvd is None and proto.close_sent is not None
+        return proto is not None and proto.close_rcvd is None and proto.close_sent is not None
 

@@ -5,10 +5,11 @@ Both run fanroute standalone beside the two yardsticks of ``bench fanout`` (the
 run, each target in turn; ``--server-cpus`` pins the servers as ``bench fanout`` does.
 
 ``memory`` opens ``--connections`` idle WebSocket connections (each answers one
-application ping, so the server has set each up completely), reads the server's
-resident set size (``VmRSS``), then subscribes every connection to
+application ping, so the server has set each up completely), leaves them quiet for
+``--quiet-for`` seconds as idle connections are, reads the server's resident set
+size (``VmRSS``), then subscribes every connection to
 ``--subscriptions`` topics (drawn from ``--topics`` shared topics) and reads it
-again. The figures are the growth over the server's RSS before the first
+again, as long after. The figures are the growth over the server's RSS before the first
 connection, divided by the connections: KB per idle connection and KB per
 connection with its subscriptions. Kernel socket buffers are not in RSS, for any
 target alike.
@@ -106,7 +107,7 @@ def _read_until(sock: socket.socket, buf: bytes, count: int, marker: bytes, time
 # --- memory ---------------------------------------------------------------------------
 
 
-def measure_memory(target: Target, connections: int, subscriptions: int, topics: int) -> dict[str, Any]:
+def measure_memory(target: Target, connections: int, subscriptions: int, topics: int, quiet: float = 0.0) -> dict[str, Any]:
     host, port = target.endpoints[0]
     pid = _server_pid(target)
     before = rss_kb(pid)
@@ -117,6 +118,7 @@ def measure_memory(target: Target, connections: int, subscriptions: int, topics:
             sock.sendall(client_frame(b'{"type":"ping","ts":1}'))
             _read_until(sock, rest, 1, b'"pong"', 30)
             socks.append(sock)
+        time.sleep(quiet)  # idle connections are quiet ones: read RSS once they have been
         idle = rss_kb(pid)
         for i, sock in enumerate(socks):
             frames = b"".join(
@@ -126,6 +128,7 @@ def measure_memory(target: Target, connections: int, subscriptions: int, topics:
             sock.sendall(frames)
         for sock in socks:
             _read_until(sock, b"", subscriptions, b'"subscribed"', 60)
+        time.sleep(quiet)
         subscribed = rss_kb(pid)
     finally:
         for sock in socks:
@@ -134,6 +137,7 @@ def measure_memory(target: Target, connections: int, subscriptions: int, topics:
         "target": target.name,
         "connections": connections,
         "subscriptions": subscriptions,
+        "quiet_s": quiet,
         "rss_before_kb": before,
         "rss_idle_kb": idle,
         "rss_subscribed_kb": subscribed,
@@ -143,8 +147,8 @@ def measure_memory(target: Target, connections: int, subscriptions: int, topics:
 
 
 def memory_main(args: argparse.Namespace) -> int:
-    if args.connections < 1 or args.subscriptions < 0 or args.topics < 1:
-        print("fanroute: --connections and --topics must be positive, --subscriptions at least 0", file=sys.stderr)
+    if args.connections < 1 or args.subscriptions < 0 or args.topics < 1 or args.quiet_for < 0:
+        print("fanroute: --connections and --topics must be positive, --subscriptions and --quiet-for at least 0", file=sys.stderr)
         return 2
     _raise_nofile()
     results = []
@@ -157,7 +161,7 @@ def memory_main(args: argparse.Namespace) -> int:
                 print(f"fanroute: {exc}", file=sys.stderr)
                 return 1
             try:
-                results.append(measure_memory(target, args.connections, args.subscriptions, args.topics))
+                results.append(measure_memory(target, args.connections, args.subscriptions, args.topics, args.quiet_for))
             except (BenchError, OSError) as exc:
                 print(f"fanroute: {name}: {exc}", file=sys.stderr)
                 return 1
@@ -473,6 +477,7 @@ def add_connection_commands(sub: Any, flag: Any) -> None:
     flag(p, "--connections", int, 5000, "idle connections opened")
     flag(p, "--subscriptions", int, 10, "subscriptions per connection in the second measurement")
     flag(p, "--topics", int, 1000, "topics the subscriptions are drawn from")
+    flag(p, "--quiet-for", float, 3.0, "seconds the connections stay quiet before each RSS reading, every target alike (0: at once)")
     flag(p, "--server-cpus", cpu_set, None, "pin the servers to these CPUs (e.g. 0)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")

@@ -10,7 +10,7 @@ import trio
 from websockets.frames import Close, Frame, Opcode
 
 from fanroute.gateway import wsconn
-from tests.support import metric, start_standalone, urls, ws_connect, http_get
+from tests.support import await_until, metric, start_standalone, urls, ws_connect, http_get
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -84,6 +84,45 @@ def test_messages_fragments_and_control_frames():
     assert ws.replies() == []
     ws.receive(client_frame(Opcode.TEXT, b"half", fin=False))
     assert ws.in_progress  # a fragmented message has begun
+
+
+def test_the_engine_is_let_go_only_between_messages_and_made_again_by_the_next_bytes():
+    ws = wsconn.WsConn(max_size=1024)
+    assert ws.engine_held is False and not ws.done and not ws.in_progress  # nothing arrived yet
+    whole = client_frame(Opcode.TEXT, b"x" * 40)
+    assert ws.receive(whole[:10]) == []
+    ws.rest()
+    assert ws.engine_held  # a frame has begun: its bytes stay
+    assert ws.receive(whole[10:]) == ["x" * 40]
+    ws.receive(client_frame(Opcode.PING, b"p"))
+    ws.rest()
+    assert ws.engine_held  # a pong is owed
+    assert [server_frames(f) for f in ws.replies()] == [[(Opcode.PONG, b"p")]]
+    ws.receive(client_frame(Opcode.TEXT, b"frag", fin=False))
+    ws.rest()
+    assert ws.engine_held  # a fragmented message is arriving
+    assert ws.receive(client_frame(Opcode.CONT, b"ment")) == ["fragment"]
+    ws.rest()
+    assert not ws.engine_held and not ws.done and not ws.close_received and not ws.failed
+    # A fresh engine goes on from there, with every rule: the size limit, 1007, the close.
+    assert ws.receive(client_frame(Opcode.TEXT, b"again")) == ["again"]
+    ws.rest()
+    assert ws.receive(client_frame(Opcode.TEXT, b"y" * 2000)) == [] and ws.close_code == 1009
+    ws.rest()
+    assert ws.engine_held and ws.done  # a closing connection keeps its engine
+
+
+def test_a_connection_at_rest_still_closes_and_ends_as_an_engine_would():
+    ws = wsconn.WsConn(max_size=1024)
+    ws.receive(client_frame(Opcode.TEXT, b"hi"))
+    ws.rest()
+    ((op, payload),) = server_frames(ws.close_frame(4008, "slow"))
+    assert op == Opcode.CLOSE and Close.parse(payload).code == 4008 and ws.close_code == 4008
+    eof = wsconn.WsConn(max_size=1024)
+    eof.receive(client_frame(Opcode.TEXT, b"hi"))
+    eof.rest()
+    eof.receive_eof()
+    assert eof.done and eof.close_received and eof.close_code == 1006
 
 
 def test_too_big_invalid_utf8_and_protocol_errors_close_with_their_codes():
@@ -176,6 +215,9 @@ async def test_an_idle_connection_holds_no_buffer_and_no_writer(nursery):
         (conn,) = bound.gateway.conns.values()
         assert conn.outbox.size == 0 and conn.outbox._chunks is None and not conn.outbox._writing  # noqa: SLF001
         assert not conn.ws.in_progress
+        # Quiet for a while, it lets go of its protocol engine too; the next command makes one.
+        await await_until(lambda: not conn.ws.engine_held, what="the idle connection's engine let go")
+        await c.subscribe("x.z")
 
 
 async def test_a_client_that_stops_reading_is_closed_4008_with_a_whole_close_frame(nursery):
