@@ -28,6 +28,7 @@ import os
 from functools import partial
 import resource
 import secrets
+import socket
 import time
 from time import perf_counter
 from urllib.parse import parse_qs
@@ -94,6 +95,15 @@ _FD_RESERVE = 256  # descriptors kept free for the admin port, nng links and fil
 _SHED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_BACKOFF = 0.1
+_ACCEPT_BATCH = 256  # connections taken from the listen queue per wakeup, at most
+# What trio's own accept passes over: one connection's trouble (reset or aborted while
+# it waited in the queue, refused by a firewall rule, its network gone), not the listener's.
+_ACCEPT_PEER_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                 "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
+    if hasattr(errno, name)
+)
 STATIC_DIR = Path(__file__).parent / "static"
 
 
@@ -497,35 +507,54 @@ class GatewayServer:
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         """Accept client connections; out of descriptors or memory, back off and count.
 
+        Each wakeup takes every connection waiting in the listen queue (up to
+        ``_ACCEPT_BATCH``), not one: trio's ``accept`` yields to the scheduler after
+        each connection, so on a gateway whose tasks are busy (thousands of
+        heartbeats a second) a reconnect storm was taken at one connection per
+        scheduler pass, about a hundred a second, while the kernel's queue
+        overflowed and clients timed out in it. The queue is read through a
+        duplicate of the listening descriptor (same socket, same queue), whose
+        ``accept`` returns at once when the queue is empty.
+
         A connection past the cap by more than the slack is closed at once, before
         anything is read: the cheapest answer there is.
         """
         last_logged = -1e9
         async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    self.metrics.accept_errors.inc()
-                    now = trio.current_time()
-                    if now - last_logged > 10:
-                        last_logged = now
-                        log.error("accept failed: %s; backing off (counted in fanroute_gateway_accept_errors_total)", exc.strerror)
-                    await trio.sleep(_ACCEPT_BACKOFF)
-                    continue
-                if (refused := self.admission.shed(self.client_sockets)) is not None:
-                    self.count(refused.counts)
-                    try:
-                        stream.socket.send(_SHED_RESPONSE)
-                    except OSError:
-                        pass
-                    stream.socket.close()
-                    continue
-                # Counted here, not in the task: a burst of accepts must see itself.
-                self.client_sockets += 1
-                nursery.start_soon(self._accept, stream)
+            fd = listener.socket.fileno()
+            with socket.socket(fileno=os.dup(fd)) as queue:
+                queue.setblocking(False)
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    for _ in range(_ACCEPT_BATCH):
+                        try:
+                            sock, _ = queue.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                                if exc.errno in _ACCEPT_PEER_ERRNOS:
+                                    continue  # that connection was gone before it was taken
+                                raise
+                            self.metrics.accept_errors.inc()
+                            now = trio.current_time()
+                            if now - last_logged > 10:
+                                last_logged = now
+                                log.error("accept failed: %s; backing off (counted in fanroute_gateway_accept_errors_total)", exc.strerror)
+                            await trio.sleep(_ACCEPT_BACKOFF)
+                            break
+                        if (refused := self.admission.shed(self.client_sockets)) is not None:
+                            self.count(refused.counts)
+                            try:
+                                sock.setblocking(False)
+                                sock.send(_SHED_RESPONSE)
+                            except OSError:
+                                pass
+                            sock.close()
+                            continue
+                        # Counted here, not in the task: a burst of accepts must see itself.
+                        self.client_sockets += 1
+                        nursery.start_soon(self._accept, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         """The client port's front door: WebSocket upgrades, or plain HTTP.
