@@ -597,7 +597,7 @@ class GatewayServer:
         """
         shake = wsconn.Handshake(head)
         del head
-        if shake.request is None:
+        if not shake.parsed:
             await stream.send_all(wsconn.BAD_REQUEST)
             return
         now = trio.current_time()
