@@ -307,6 +307,40 @@ async def test_http_keep_alive_connections_count_against_max_connections(nursery
         await c.subscribe("t")
 
 
+async def test_past_the_connection_rate_new_connections_are_closed_1013_and_counted(nursery):
+    """A storm beyond --connection-rate is answered at once with 1013 ("try again
+    later"), counted, rather than queued; once the rate allows, connections open again."""
+    bound = await start_standalone(nursery, connection_rate=2)
+    url, admin = urls(bound)
+    codes = []
+    for _ in range(12):
+        try:
+            async with ws_connect(url) as c:
+                await c.send({"type": "ping", "ts": 1})
+                await c.recv_type("pong")
+                codes.append(None)
+        except ConnectionClosed as closed:
+            codes.append((closed.reason.code, closed.reason.reason))
+    refused = [c for c in codes if c is not None]
+    assert refused and {code for code, _ in refused} == {1013}, codes
+    text = (await trio.to_thread.run_sync(http_get, admin + "/metrics"))[1]
+    assert metric(text, "fanroute_gateway_connections_rejected_total", 'reason="connection_rate"') == len(refused)
+
+    async def opens() -> bool:
+        try:
+            async with ws_connect(url) as c:
+                await c.send({"type": "ping", "ts": 1})
+                await c.recv_type("pong")
+                return True
+        except ConnectionClosed:
+            return False
+
+    deadline = trio.current_time() + DEADLINE
+    while not await opens():  # each try is a connection: the bucket refills at 2 a second
+        assert trio.current_time() < deadline, "no connection let in again"
+        await trio.sleep(0.5)  # pacing the retries, as a client's backoff would
+
+
 async def _raw_ws(port: int) -> tuple[trio.SocketStream, wsproto.WSConnection]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
