@@ -190,7 +190,8 @@ class GatewayServer:
         # Per-command metric children, bound once: a labels() lookup takes a lock.
         metrics = self.metrics
         self._counted = {kind: metrics.commands.labels(name) for kind, name in _COMMAND_NAMES.items()}
-        self._command_times = metrics.watch_commands(_COMMAND_NAMES.values())
+        times = metrics.watch_commands(_COMMAND_NAMES.values())
+        self._command_times = {kind: times.labels(name) for kind, name in _COMMAND_NAMES.items()}
         self._invalid = metrics.commands.labels("invalid")
         self._failed = metrics.internal_errors.labels("command")
         # Plain HTTP on the client port: the browser client and the demo pages.
@@ -823,7 +824,7 @@ class GatewayServer:
             self._failed.inc()
             self.hub.reject(session, p.ProtocolError(ErrorCode.INTERNAL, "the command failed inside the gateway", cmd.id))
             shard = None
-        self._command_times.observe(_COMMAND_NAMES[kind], perf_counter() - started)
+        self._command_times[kind].observe(perf_counter() - started)
         return shard
 
     # What each admitted command does (a table: ``_COMMAND_NAMES`` maps a command type
