@@ -307,9 +307,10 @@ def _joined(chunks: list[bytes]) -> bytes:
     return b"".join(c for c in chunks if c is not _SEND_EOF)
 
 
-def _whole_frames(data: bytes, max_size: int) -> tuple[list[str | bytes], int]:
+def _whole_frames(data: bytes, max_size: int) -> tuple[list[str | bytes], int, bool]:
     """The messages of the complete, unfragmented, masked text and binary frames at the
-    start of ``data``, and how many bytes they took; it stops at the first other frame.
+    start of ``data``; how many bytes they took; and whether what is left is the start
+    of one more such frame (to wait for) rather than a frame for the engine.
 
     Only frames every rule allows are taken: FIN set, no RSV bit, a 7- or 16-bit
     length within ``max_size``, masked, text that is UTF-8. Anything else is left
@@ -318,31 +319,40 @@ def _whole_frames(data: bytes, max_size: int) -> tuple[list[str | bytes], int]:
     """
     out: list[str | bytes] = []
     pos, end = 0, len(data)
-    while end - pos >= 6:
-        first, second = data[pos], data[pos + 1]
-        if (first != 0x81 and first != 0x82) or not second & 0x80:
-            break
+    while pos < end:
+        first = data[pos]
+        if first != 0x81 and first != 0x82:
+            return out, pos, False
+        if end - pos < 2:
+            return out, pos, True
+        second = data[pos + 1]
+        if not second & 0x80:
+            return out, pos, False
         length = second & 0x7F
         if length < 126:
             head = pos + 6
-        elif length == 126 and end - pos >= 8:
+        elif length == 126:
+            if end - pos < 4:
+                return out, pos, True
             length = (data[pos + 2] << 8) | data[pos + 3]
             head = pos + 8
         else:
-            break
+            return out, pos, False
+        if length > max_size:
+            return out, pos, False
         stop = head + length
-        if length > max_size or stop > end:
-            break
+        if stop > end:
+            return out, pos, True
         payload = _apply_mask(data[head:stop], data[head - 4 : head])
         if first == 0x81:
             try:
                 out.append(payload.decode())
             except UnicodeDecodeError:
-                break
+                return out, pos, False
         else:
             out.append(payload)
         pos = stop
-    return out, pos
+    return out, pos, False
 
 
 class WsConn:
@@ -364,11 +374,16 @@ class WsConn:
     sends everything to the engine: the reference the property tests compare with.
     """
 
-    __slots__ = ("_proto", "_max_size", "_parts", "_text", "_whole_frames")
+    __slots__ = ("_proto", "_max_size", "_parts", "_text", "_whole_frames", "_tail", "_skip", "_head")
 
     def __init__(self, max_size: int, *, whole_frames: bool = True) -> None:
         self._proto: Protocol | None = None  # made when bytes arrive, let go at rest
         self._whole_frames = whole_frames
+        self._tail = b""  # the start of a whole frame not all arrived yet (read here, not by the engine)
+        # Where the engine is in the frames it was given (:meth:`_follow`): bytes of
+        # the current frame still to come, and a frame header begun but not complete.
+        self._skip = 0
+        self._head = b""
         self._max_size = max_size
         self._parts: list[bytes] | None = None  # fragments of the message arriving now
         self._text = False
@@ -379,6 +394,36 @@ class WsConn:
             proto = self._proto = Protocol(SERVER, state=OPEN, max_size=self._max_size, logger=_log)
         return proto
 
+    def _follow(self, data: bytes) -> None:
+        """Walk the frame headers of the bytes the engine was given, to know whether it
+        stands between two frames (its parser may hold a header it has read in full, so
+        its buffer alone cannot tell)."""
+        skip, head, pos, end = self._skip, self._head, 0, len(data)
+        while True:
+            if skip:
+                taken = min(skip, end - pos)
+                skip -= taken
+                pos += taken
+            if pos >= end:
+                break
+            header = head + data[pos : pos + 14]
+            size = 2
+            if len(header) >= 2:
+                second = header[1]
+                size += (4 if second & 0x80 else 0) + {126: 2, 127: 8}.get(second & 0x7F, 0)
+            if len(header) < size:
+                head, pos = header, end
+                break
+            second = header[1]
+            length = second & 0x7F
+            if length == 126:
+                length = int.from_bytes(header[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(header[2:10], "big")
+            pos += size - len(head)
+            head, skip = b"", length
+        self._skip, self._head = skip, head
+
     def rest(self) -> None:
         """Let go of the protocol engine if it holds nothing: between two messages, open, nothing owed.
 
@@ -386,7 +431,8 @@ class WsConn:
         there (the gateway sends its pings itself, so the engine tracks none).
         """
         proto = self._proto
-        if proto is not None and proto.state is OPEN and self._parts is None and not proto.reader.buffer and not proto.writes:
+        between = not self._skip and not self._head and self._parts is None
+        if proto is not None and proto.state is OPEN and between and not proto.reader.buffer and not proto.writes:
             # Its parser is a generator holding the engine: closed, the engine is
             # freed at once rather than by the next full garbage collection.
             proto.parser.close()
@@ -399,16 +445,22 @@ class WsConn:
 
     def receive(self, data: bytes) -> list[str | bytes]:
         messages: list[str | bytes] = []
+        if self._tail:
+            data, self._tail = self._tail + data, b""
         proto = self._proto
-        if self._whole_frames and self._parts is None and (
-            proto is None or (proto.state is OPEN and not proto.reader.buffer)
+        if self._whole_frames and self._parts is None and not self._skip and not self._head and (
+            proto is None or proto.state is OPEN
         ):
-            messages, used = _whole_frames(data, self._max_size)
+            messages, used, waiting = _whole_frames(data, self._max_size)
+            if waiting:
+                self._tail = data[used:]
+                return messages
             if used == len(data):
                 return messages
             data = data[used:]
         proto = self._engine()
         proto.receive_data(data)
+        self._follow(data)
         for frame in proto.events_received():
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY:
@@ -444,7 +496,11 @@ class WsConn:
         return messages
 
     def receive_eof(self) -> None:
-        self._engine().receive_eof()
+        proto = self._engine()
+        if self._tail:  # a frame cut short: the engine ends it as it would have
+            proto.receive_data(self._tail)
+            self._tail = b""
+        proto.receive_eof()
 
     def replies(self) -> list[bytes]:
         """Frames the protocol owes the peer (pongs, close): for the outbox to write."""
@@ -476,7 +532,9 @@ class WsConn:
     def in_progress(self) -> bool:
         """Whether part of a message has arrived and the rest has not yet (for ``--message-timeout``)."""
         proto = self._proto
-        return self._parts is not None or (proto is not None and bool(proto.reader.buffer))
+        return self._parts is not None or bool(self._tail or self._skip or self._head) or (
+            proto is not None and bool(proto.reader.buffer)
+        )
 
     @property
     def close_code(self) -> int:

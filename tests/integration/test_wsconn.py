@@ -92,8 +92,14 @@ def test_the_engine_is_let_go_only_between_messages_and_made_again_by_the_next_b
     whole = client_frame(Opcode.TEXT, b"x" * 40)
     assert ws.receive(whole[:10]) == []
     ws.rest()
-    assert ws.engine_held  # a frame has begun: its bytes stay
+    assert ws.in_progress  # a frame has begun: its bytes stay
     assert ws.receive(whole[10:]) == ["x" * 40]
+    ping = client_frame(Opcode.PING, b"p")
+    ws.receive(ping[:3])  # a control frame begun: the engine has read its header
+    ws.rest()
+    assert ws.engine_held and ws.in_progress
+    ws.receive(ping[3:])
+    assert [server_frames(f) for f in ws.replies()] == [[(Opcode.PONG, b"p")]]
     ws.receive(client_frame(Opcode.PING, b"p"))
     ws.rest()
     assert ws.engine_held  # a pong is owed
