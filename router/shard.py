@@ -533,13 +533,22 @@ class Shard:
         """Drop the byte cap's records of entries that already left history.
 
         Entries leave by count and age without touching the order (that would cost
-        a search each); the records are dropped here, in one pass, once they
-        outnumber the live ones, so the order stays proportional to what is stored.
+        a search each); the records are dropped here: those at the front at each
+        sweep, and the rest in one pass once they outnumber the live ones, so the
+        order stays proportional to what is stored.
         """
-        live = self.history_messages()
-        if len(self._order) <= 2 * live + 1024:
+        order, histories = self._order, self._histories()
+        # Records leave history oldest first, mostly: those at the front go cheaply.
+        while order:
+            name, seq = order[0]
+            history = histories.get(name)
+            if history is not None and seq >= history.first_seq:
+                break
+            order.popleft()
+        live = sum(len(h) for h in histories.values())
+        if len(order) <= 2 * live + 1024:
             return
-        firsts = {name: h.first_seq for name, h in self._histories().items()}
+        firsts = {name: h.first_seq for name, h in histories.items()}
         self._order = deque(
             (name, seq) for name, seq in self._order if (first := firsts.get(name)) is not None and seq >= first
         )

@@ -186,6 +186,26 @@ def test_the_cap_order_is_compacted_when_entries_leave_by_count():
     assert sh.history_bytes == sum(t.history.bytes for t in sh.topics.values())
 
 
+def test_records_that_left_history_are_dropped_from_the_front_at_each_sweep():
+    sh = shard(history_size=1)
+    for i in range(100):
+        sh.receive(GW_A, [pub("t", i)], 0)
+    sh.sweep(now=0)
+    assert list(sh._order) == [("t", sh.topics["t"].history.first_seq)]  # well below the full pass's threshold
+    # A live record in front stops the cheap drop; the full pass still bounds the order.
+    sh = shard(history_size=1)
+    sh.receive(GW_A, [pub("slow", 0)], 0)
+    for i in range(100):
+        sh.receive(GW_A, [pub("fast", i)], 0)
+    sh.sweep(now=0)
+    assert len(sh._order) == 101
+    for i in range(100, 5000):
+        sh.receive(GW_A, [pub("fast", i)], 0)
+    sh.sweep(now=0)
+    assert sorted(sh._order) == [("fast", sh.topics["fast"].history.first_seq), ("slow", 1)]
+    assert sh.history_bytes == sum(t.history.bytes for t in sh.topics.values())
+
+
 def test_a_sender_that_is_not_an_inbox_address_is_ignored_and_never_dialed():
     sh = shard()
     sh.receive("x", [[wire.BEAT]], 0)
