@@ -7,20 +7,22 @@ puts the head back in front) or runs the WebSocket protocol itself (:class:`WsCo
 
 The protocol engine is the ``websockets`` package's sans-I/O layer: its
 ``ServerProtocol`` checks the handshake and builds the 101 response, and a plain
-``Protocol`` parses the client's frames after it (frame parsing and unmasking in C
-where ``websockets.speedups`` is built; about 3.5x faster than wsproto per frame, see
-``ops/bench/wsengine.py``). Nothing here does I/O: the gateway's connection task feeds
-the bytes it read and gets back the complete messages, and control frames the
-protocol must send (pongs, the echo of a close) are taken out and written by the
-connection's outbox, the only writer of its socket, so they never land inside a
-frame that is partly written.
+``Protocol`` parses the client's frames after it (about 3.5x faster than wsproto per
+frame, see ``ops/bench/wsengine.py``). Two fast paths stand in front of it for what
+nearly every client sends, each checked against it by a property test: the plain
+upgrade request (:class:`Handshake`) and complete unfragmented data frames between
+messages (:class:`WsConn`); everything else is websockets'. Nothing here does I/O:
+the gateway's connection task feeds the bytes it read and gets back the complete
+messages, and control frames the protocol must send (pongs, the echo of a close)
+are taken out and written by the connection's outbox, the only writer of its
+socket, so they never land inside a frame that is partly written.
 
-Per connection the engine keeps only the lean ``Protocol`` (about 1 KB), and only
-while it has work: it is made at the first bytes after the handshake and let go
-(:meth:`WsConn.rest`) once the connection has been quiet for a while between two
-messages, to be made again by the next bytes. The handshake parser is dropped once
-the handshake is answered, and fragments are held only while a fragmented message
-is arriving. An idle connection, the most common kind, so keeps no parser at all.
+A connection holds the engine (about 1 KB) only while it has work: it is made by the
+first frame the fast path leaves to it and let go (:meth:`WsConn.rest`) once the
+connection has been quiet for a while between two frames, to be made again when
+needed. The handshake parser is dropped once the handshake is answered, and
+fragments are held only while a fragmented message is arriving. An idle connection,
+the most common kind, so keeps no parser at all.
 """
 
 from __future__ import annotations
@@ -307,6 +309,9 @@ def _joined(chunks: list[bytes]) -> bytes:
     return b"".join(c for c in chunks if c is not _SEND_EOF)
 
 
+_EXTENDED_LENGTH = {126: 2, 127: 8}  # bytes of a frame's extended payload length, by its 7-bit length
+
+
 def _whole_frames(data: bytes, max_size: int) -> tuple[list[str | bytes], int, bool]:
     """The messages of the complete, unfragmented, masked text and binary frames at the
     start of ``data``; how many bytes they took; and whether what is left is the start
@@ -410,7 +415,7 @@ class WsConn:
             size = 2
             if len(header) >= 2:
                 second = header[1]
-                size += (4 if second & 0x80 else 0) + {126: 2, 127: 8}.get(second & 0x7F, 0)
+                size += (4 if second & 0x80 else 0) + _EXTENDED_LENGTH.get(second & 0x7F, 0)
             if len(header) < size:
                 head, pos = header, end
                 break

@@ -213,6 +213,42 @@ async def test_frames_sent_with_the_handshake_are_all_answered_and_a_client_clos
     assert metric(text, "fanroute_gateway_connections_closed_total", 'code="1000"') == 1
 
 
+async def test_hostile_bytes_on_the_fast_paths_get_their_answers_and_the_gateway_serves_on(nursery):
+    """What the gateway's own handshake and frame reading see first: a malformed
+    subprotocol list (400), frames cut one byte at a time with a ping between them
+    (each message and the pong), a frame over --max-frame (1009), a frame with a RSV
+    bit (1002). Other clients are served throughout."""
+    bound = await start_standalone(nursery, max_frame=1024)
+    url, _ = urls(bound)
+    port = bound.gateway.port
+    stream, response = await raw_connect(port, upgrade("Sec-WebSocket-Protocol: \r\n"))
+    assert response.startswith(b"HTTP/1.1 400 ")
+    await stream.aclose()
+
+    stream, response = await raw_connect(port, upgrade())
+    assert response.startswith(b"HTTP/1.1 101 ")
+    data = (
+        client_frame(Opcode.TEXT, orjson.dumps({"type": "ping", "ts": 1}))
+        + client_frame(Opcode.PING, b"hb")
+        + client_frame(Opcode.TEXT, orjson.dumps({"type": "ping", "ts": 2}) + b" " * 200)
+    )
+    for i in range(len(data)):
+        await stream.send_all(data[i : i + 1])
+    got = await read_frames(stream, response.partition(b"\r\n\r\n")[2], 3)
+    assert [orjson.loads(d)["ts"] for op, d in got if op == Opcode.TEXT] == [1, 2] and (Opcode.PONG, b"hb") in got
+    await stream.aclose()
+
+    too_big = client_frame(Opcode.TEXT, b"x" * 2000)
+    rsv = client_frame(Opcode.BINARY, b"y")
+    for frame, code in ((too_big, 1009), (bytes([rsv[0] | 0x40]) + rsv[1:], 1002)):
+        stream, response = await raw_connect(port, upgrade() + frame)
+        got = await read_frames(stream, response.partition(b"\r\n\r\n")[2], 1)
+        assert got[-1][0] == Opcode.CLOSE and Close.parse(got[-1][1]).code == code
+        await stream.aclose()
+    async with ws_connect(url) as c:
+        await c.subscribe("still.serving")
+
+
 async def test_an_idle_connection_holds_no_buffer_and_no_writer(nursery):
     bound = await start_standalone(nursery)
     url, _ = urls(bound)
