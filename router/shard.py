@@ -542,7 +542,8 @@ class Shard:
         while order:
             name, seq = order[0]
             history = histories.get(name)
-            if history is not None and seq >= history.first_seq:
+            first = history.first_seq if history is not None else None  # None: nothing left in it
+            if first is not None and seq >= first:
                 break
             order.popleft()
         live = sum(len(h) for h in histories.values())
